@@ -1,0 +1,117 @@
+"""Command line of the CML emulator: ``ray-cml emulator`` / ``python -m ray_cml_provider.emulator``.
+
+Its first line on stdout is always ``CML emulator listening on http://HOST:PORT``, so a
+script can start it with ``--port 0`` and read the address back. It runs until killed; on
+SIGTERM, SIGINT or SIGHUP it ends every application process group it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from ray_cml_provider.emulator.http_api import EmulatorAPI, Faults, make_http_server
+from ray_cml_provider.emulator.project_files import ProjectFiles
+from ray_cml_provider.emulator.state import EmulatorConfig, Quota, WorkspaceState
+
+API_KEY_ENV = "CML_EMULATOR_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray-cml emulator",
+        description="A local CML API v2 server whose applications are local processes.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
+    parser.add_argument(
+        "--project-dir", help="folder that plays the project filesystem /home/cdsw "
+        "(default: a new temporary folder)"
+    )
+    parser.add_argument("--log-dir", help="where each application's output goes "
+                        "(default: a new temporary folder)")
+    parser.add_argument(
+        "--api-key",
+        help=f"the bearer key the API accepts (default: ${API_KEY_ENV}, else a generated "
+        "one, printed at start)",
+    )
+    parser.add_argument("--project-id", default="emul-ator-proj-0001")
+    parser.add_argument("--project-name", default="ray-on-cml")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter that runs application scripts")
+    parser.add_argument("--start-delay-s", type=float, default=0.0,
+                        help="seconds an application's process runs before it is RUNNING")
+    parser.add_argument("--stop-grace-s", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL on stop or delete")
+    parser.add_argument("--shared-memory-mb", type=int, default=64,
+                        help="the project's shared_memory_limit (CML's default is 64)")
+    parser.add_argument("--max-cpu", type=float, help="workspace quota of vCPUs")
+    parser.add_argument("--max-memory", type=float, help="workspace quota of memory, GB")
+    parser.add_argument("--max-gpus", type=int, help="workspace quota of GPUs")
+    parser.add_argument("--fault-rate", type=float, default=0.0,
+                        help="share of API requests answered 429 or 503 (0..1)")
+    parser.add_argument("--fault-seed", type=int, help="seed for reproducible faults")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay added to every API request")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0.0 <= args.fault_rate <= 1.0:
+        print("ray-cml emulator: --fault-rate must be between 0 and 1", file=sys.stderr)
+        return 2
+    project_dir = Path(args.project_dir or tempfile.mkdtemp(prefix="cml-project-")).resolve()
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="cml-emulator-logs-")).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    generated_key = not api_key
+    api_key = api_key or secrets.token_urlsafe(24)
+
+    config = EmulatorConfig(
+        project_dir=project_dir,
+        log_dir=log_dir,
+        api_url="",  # known once the socket is bound
+        project_id=args.project_id,
+        project_name=args.project_name,
+        python=args.python,
+        start_delay_s=args.start_delay_s,
+        stop_grace_s=args.stop_grace_s,
+        shared_memory_mb=args.shared_memory_mb,
+        quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
+    )
+    faults = Faults(rate=args.fault_rate, latency_ms=args.latency_ms, seed=args.fault_seed)
+    api: EmulatorAPI | None = None
+    state = WorkspaceState(config, on_engine_key=lambda key, ok: api.set_engine_key(key, ok))
+    api = EmulatorAPI(state, ProjectFiles(project_dir), api_key, faults)
+    server = make_http_server(api, args.host, args.port, verbose=args.verbose)
+    host, port = server.server_address[:2]
+    config.api_url = f"http://{host}:{port}"
+
+    print(f"CML emulator listening on {config.api_url}", flush=True)
+    print(f"  project id:  {config.project_id}", flush=True)
+    print(f"  project dir: {project_dir}", flush=True)
+    print(f"  app logs:    {log_dir}", flush=True)
+    if generated_key:
+        print(f"  API key (generated): {api_key}", flush=True)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    state.start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except SystemExit:
+        pass
+    finally:
+        state.shutdown()
+        server.server_close()
+    return 0

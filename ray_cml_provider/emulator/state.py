@@ -1,0 +1,582 @@
+"""The emulator's model of a CML workspace: one project, its applications, their quota.
+
+This module knows nothing about HTTP (see ``http_api``); it takes validated-or-rejected
+requests as Python values and answers with CML-shaped dicts. A reconciler thread moves
+applications through CML's states by watching their real processes:
+
+    STARTING (waits here, with no process, while over quota)
+      -> process started; after ``start_delay_s`` alive -> RUNNING
+    RUNNING -> process exits non-zero -> FAILED; exits 0 -> STOPPED
+    :stop -> STOPPING (SIGTERM to the group, SIGKILL after the grace) -> STOPPED
+    :restart -> (stop as above) -> STARTING
+    delete -> forgotten at once; its processes are killed in the background
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import string
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ray_cml_provider.emulator.errors import ApiError, invalid, not_found
+from ray_cml_provider.emulator.processes import (
+    EngineProcess,
+    LoopbackAllocator,
+    Resources,
+    base_environment,
+    start_engine,
+)
+
+STARTING = "APPLICATION_STARTING"
+RUNNING = "APPLICATION_RUNNING"
+STOPPING = "APPLICATION_STOPPING"
+STOPPED = "APPLICATION_STOPPED"
+FAILED = "APPLICATION_FAILED"
+
+SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+FILTER_KEYS = {
+    "name",
+    "description",
+    "script",
+    "subdomain",
+    "status",
+    "kernel",
+    "bypass_authentication",
+    "creator.username",
+    "creator.name",
+    "creator.email",
+}
+SORT_KEYS = {"name", "created_at", "updated_at", "status", "subdomain"}
+UPDATABLE = {
+    "name",
+    "subdomain",
+    "description",
+    "script",
+    "cpu",
+    "memory",
+    "nvidia_gpu",
+    "environment",
+    "kernel",
+    "runtime_identifier",
+    "runtime_addon_identifiers",
+    "bypass_authentication",
+    "accelerator_label_id",
+    "resource_profile_id",
+    "resource_group_id",
+}
+
+DEFAULT_RUNTIMES = [
+    {
+        "image_identifier": "docker.repository.cloudera.com/cloudera/cdsw/"
+        f"ml-runtime-pbj-workbench-python{version}-standard:2025.09.1-b5",
+        "editor": "PBJ Workbench",
+        "kernel": f"Python {version}",
+        "edition": "Standard",
+        "full_version": "2025.09.1-b5",
+        "status": "ENABLED",
+    }
+    for version in ("3.10", "3.11", "3.12")
+] + [
+    {
+        "image_identifier": "docker.repository.cloudera.com/cloudera/cdsw/"
+        "ml-runtime-pbj-workbench-python3.11-cuda:2025.09.1-b5",
+        "editor": "PBJ Workbench",
+        "kernel": "Python 3.11",
+        "edition": "Nvidia GPU",
+        "full_version": "2025.09.1-b5",
+        "status": "ENABLED",
+    }
+]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_cml_id() -> str:
+    """An id in CML's style: four groups of four lower-case letters and digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(4))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits over every engine of the workspace; ``None`` is unlimited."""
+
+    max_cpu: float | None = None
+    max_memory: float | None = None
+    max_gpus: int | None = None
+
+    def admits(self, used: Resources, extra: Resources) -> bool:
+        total = used + extra
+        return (
+            (self.max_cpu is None or total.cpu <= self.max_cpu + 1e-9)
+            and (self.max_memory is None or total.memory <= self.max_memory + 1e-9)
+            and (self.max_gpus is None or total.gpus <= self.max_gpus)
+        )
+
+
+@dataclass
+class EmulatorConfig:
+    project_dir: Path
+    log_dir: Path
+    api_url: str  # e.g. http://127.0.0.1:PORT, what engines use to call back
+    project_id: str = "emul-ator-proj-0001"
+    project_name: str = "ray-on-cml"
+    python: str = ""
+    start_delay_s: float = 0.0
+    stop_grace_s: float = 5.0
+    shared_memory_mb: int = 64
+    quota: Quota = field(default_factory=Quota)
+    username: str = "emulator-user"
+
+
+@dataclass
+class Application:
+    seq: int
+    fields: dict[str, Any]
+    process: EngineProcess | None = None
+    restart_requested: bool = False
+    engine_key: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.fields["id"]
+
+    @property
+    def status(self) -> str:
+        return self.fields["status"]
+
+    def set_status(self, status: str) -> None:
+        stamp = now_rfc3339()
+        self.fields["status"] = status
+        self.fields["updated_at"] = stamp
+        timestamp_field = {
+            STARTING: "starting_at",
+            RUNNING: "running_at",
+            STOPPED: "stopped_at",
+            FAILED: "stopped_at",
+        }.get(status)
+        if timestamp_field:
+            self.fields[timestamp_field] = stamp
+
+    def requested(self) -> Resources:
+        return Resources(
+            float(self.fields["cpu"]), float(self.fields["memory"]), int(self.fields["nvidia_gpu"])
+        )
+
+    def to_api(self) -> dict[str, Any]:
+        out = dict(self.fields)
+        out["environment"] = json.dumps(self.fields["environment"])
+        for int64_field in ("accelerator_label_id", "resource_profile_id", "resource_group_id"):
+            if int64_field in out:
+                out[int64_field] = str(out[int64_field])
+        return out
+
+
+class WorkspaceState:
+    """Applications of one project, their processes and the workspace quota. Thread-safe."""
+
+    def __init__(self, config: EmulatorConfig, on_engine_key: Callable[[str, bool], None]):
+        self.config = config
+        self.runtimes = list(DEFAULT_RUNTIMES)
+        self._apps: dict[str, Application] = {}
+        self._deleted_processes: list[EngineProcess] = []
+        self._seq = 0
+        self._lock = threading.RLock()
+        self._ips = LoopbackAllocator()
+        self._on_engine_key = on_engine_key  # (key, valid) -> registers/revokes an engine key
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.created_at = now_rfc3339()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, interval_s: float = 0.1) -> None:
+        self._thread = threading.Thread(
+            target=self._run_reconciler, args=(interval_s,), name="reconciler", daemon=True
+        )
+        self._thread.start()
+
+    def shutdown(self, grace_s: float = 3.0) -> None:
+        """Stop reconciling and end every process group this emulator started."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        with self._lock:
+            processes = [a.process for a in self._apps.values() if a.process]
+            processes += self._deleted_processes
+            for process in processes:
+                process.terminate(grace_s)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(p.group_alive() for p in processes):
+                time.sleep(0.05)
+            for process in processes:
+                process.kill()
+
+    # ------------------------------------------------------------------ project
+
+    def check_project(self, project_id: str) -> None:
+        if project_id != self.config.project_id:
+            raise not_found(f"project {project_id!r} not found")
+
+    def project(self) -> dict[str, Any]:
+        return {
+            "id": self.config.project_id,
+            "name": self.config.project_name,
+            "summary": "Project emulated by ray-cml-provider",
+            "owner": {"username": self.config.username},
+            "created_at": self.created_at,
+            "updated_at": self.created_at,
+            "shared_memory_limit": self.config.shared_memory_mb,
+            "default_engine_type": "ml_runtime",
+        }
+
+    # ------------------------------------------------------------------ applications
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        fields = self._validated(body, creating=True)
+        with self._lock:
+            self._check_subdomain_free(fields["subdomain"], except_id=None)
+            self._seq += 1
+            stamp = now_rfc3339()
+            fields.update(
+                id=new_cml_id(),
+                status=STARTING,
+                creator={
+                    "username": self.config.username,
+                    "name": "Emulator User",
+                    "email": f"{self.config.username}@example.com",
+                },
+                created_at=stamp,
+                updated_at=stamp,
+                starting_at=stamp,
+            )
+            app = Application(self._seq, fields)
+            self._apps[app.id] = app
+            return app.to_api()
+
+    def get(self, app_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._app(app_id).to_api()
+
+    def list(
+        self, search_filter: dict[str, Any], sort: str, page_size: int, page_token: str
+    ) -> dict[str, Any]:
+        for key in search_filter:
+            if key not in FILTER_KEYS:
+                raise invalid(f"search_filter: unknown key {key!r}")
+        with self._lock:
+            apps = [a.to_api() for a in sorted(self._apps.values(), key=lambda a: a.seq)]
+        apps = [a for a in apps if _matches(a, search_filter)]
+        for sort_key in reversed([k.strip() for k in sort.split(",") if k.strip()]):
+            descending = sort_key.startswith("-")
+            name = sort_key.lstrip("+-")
+            if name not in SORT_KEYS:
+                raise invalid(f"sort: unknown field {name!r}")
+            apps.sort(key=lambda a, n=name: str(a.get(n, "")), reverse=descending)
+        offset = _decode_page_token(page_token)
+        page = apps[offset : offset + page_size]
+        more = offset + page_size < len(apps)
+        return {
+            "applications": page,
+            "next_page_token": _encode_page_token(offset + page_size) if more else "",
+        }
+
+    def update(self, app_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        changes = self._validated(body, creating=False)
+        with self._lock:
+            app = self._app(app_id)
+            if "subdomain" in changes:
+                self._check_subdomain_free(changes["subdomain"], except_id=app_id)
+            app.fields.update(changes)
+            app.fields["updated_at"] = now_rfc3339()
+            return app.to_api()
+
+    def delete(self, app_id: str) -> None:
+        with self._lock:
+            app = self._app(app_id)
+            del self._apps[app_id]
+            if app.process:
+                app.process.terminate(self.config.stop_grace_s)
+                self._deleted_processes.append(app.process)
+            self._revoke_engine_key(app)
+
+    def stop(self, app_id: str) -> dict[str, Any]:
+        with self._lock:
+            app = self._app(app_id)
+            app.restart_requested = False
+            if app.process:
+                app.process.terminate(self.config.stop_grace_s)
+                app.set_status(STOPPING)
+            elif app.status in (STARTING, STOPPING):
+                app.set_status(STOPPED)
+            return app.to_api()
+
+    def restart(self, app_id: str) -> dict[str, Any]:
+        with self._lock:
+            app = self._app(app_id)
+            if app.process:
+                app.process.terminate(self.config.stop_grace_s)
+                app.restart_requested = True
+                app.set_status(STOPPING)
+            elif app.status != STARTING:
+                app.set_status(STARTING)
+            return app.to_api()
+
+    def crash(self, app_id: str) -> dict[str, Any]:
+        """Kill every process of the application at once, as a node failure would."""
+        with self._lock:
+            app = self._app(app_id)
+            if not app.process:
+                raise invalid(f"application {app_id!r} has no running process to crash")
+            app.process.kill()
+            return app.to_api()
+
+    def process_info(self) -> list[dict[str, Any]]:
+        """For tests: the local process behind each application (not part of CML's API)."""
+        with self._lock:
+            return [
+                {
+                    "id": app.id,
+                    "name": app.fields["name"],
+                    "status": app.status,
+                    "pgid": app.process.pgid if app.process else None,
+                    "ip_address": app.process.ip_address if app.process else None,
+                    "app_port": app.process.app_port if app.process else None,
+                    "log_path": str(self.config.log_dir / f"{app.id}.log"),
+                }
+                for app in sorted(self._apps.values(), key=lambda a: a.seq)
+            ] + [
+                {"id": None, "status": "DELETED", "pgid": p.pgid, "ip_address": p.ip_address}
+                for p in self._deleted_processes
+            ]
+
+    # ------------------------------------------------------------------ reconciler
+
+    def _run_reconciler(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.reconcile()
+            except Exception as exc:  # keep the emulator alive; show what went wrong
+                print(f"emulator: reconcile error: {exc!r}", flush=True)
+
+    def reconcile(self) -> None:
+        with self._lock:
+            for process in list(self._deleted_processes):
+                process.enforce_deadline()
+                if not process.group_alive():
+                    self._deleted_processes.remove(process)
+            for app in sorted(self._apps.values(), key=lambda a: a.seq):
+                self._reconcile_app(app)
+
+    def _reconcile_app(self, app: Application) -> None:
+        process = app.process
+        if process is None:
+            if app.status == STARTING and self.config.quota.admits(
+                self._reserved(), app.requested()
+            ):
+                self._start_process(app)
+            return
+        if app.status == STOPPING:
+            process.enforce_deadline()
+            if not process.group_alive():
+                app.process = None
+                self._revoke_engine_key(app)
+                app.set_status(STARTING if app.restart_requested else STOPPED)
+                app.restart_requested = False
+            return
+        exit_code = process.leader_exit_code()
+        if exit_code is not None:
+            # The engine's main process ended: like a pod, everything in it goes too.
+            process.kill()
+            app.process = None
+            self._revoke_engine_key(app)
+            app.set_status(STOPPED if exit_code == 0 else FAILED)
+            return
+        if app.status == STARTING and (
+            time.monotonic() - process.started_monotonic >= self.config.start_delay_s
+        ):
+            app.set_status(RUNNING)
+
+    def _reserved(self) -> Resources:
+        total = Resources()
+        for app in self._apps.values():
+            if app.process:
+                total = total + app.process.reserved
+        for process in self._deleted_processes:
+            total = total + process.reserved
+        return total
+
+    def _start_process(self, app: Application) -> None:
+        cfg = self.config
+        ip_address = self._ips.allocate()
+        app_port = free_port()
+        app.engine_key = "engine-" + secrets.token_urlsafe(24)
+        self._on_engine_key(app.engine_key, True)
+        host_port = cfg.api_url.split("://", 1)[-1]
+        env = base_environment(cfg.python)
+        env.update(app.fields["environment"])
+        env.update(
+            {
+                "HOME": str(cfg.project_dir),
+                "PYTHONUNBUFFERED": "1",
+                "CDSW_PROJECT": cfg.project_name,
+                "CDSW_PROJECT_ID": cfg.project_id,
+                "CDSW_ENGINE_ID": new_cml_id().replace("-", "")[:12],
+                "CDSW_APP_ID": app.id,
+                "CDSW_DOMAIN": host_port,
+                "CDSW_API_URL": cfg.api_url + "/api/v1",
+                "CDSW_APIV2_KEY": app.engine_key,
+                "CDSW_IP_ADDRESS": ip_address,
+                "CDSW_APP_PORT": str(app_port),
+                "CDSW_READONLY_PORT": str(free_port()),
+                "CDSW_CPU_MILLICORES": str(int(float(app.fields["cpu"]) * 1000)),
+                "CDSW_MEMORY_MB": str(int(float(app.fields["memory"]) * 1024)),
+                "CDSW_NVIDIA_GPU": str(app.fields["nvidia_gpu"]),
+            }
+        )
+        log_path = cfg.log_dir / f"{app.id}.log"
+        try:
+            app.process = start_engine(
+                script_path=cfg.project_dir / app.fields["script"],
+                python=cfg.python,
+                cwd=cfg.project_dir,
+                env=env,
+                log_path=log_path,
+                ip_address=ip_address,
+                app_port=app_port,
+                reserved=app.requested(),
+            )
+        except OSError as exc:
+            with open(log_path, "a") as log:
+                log.write(f"emulator: could not start the engine: {exc}\n")
+            self._revoke_engine_key(app)
+            app.set_status(FAILED)
+
+    def _revoke_engine_key(self, app: Application) -> None:
+        if app.engine_key:
+            self._on_engine_key(app.engine_key, False)
+            app.engine_key = None
+
+    # ------------------------------------------------------------------ validation
+
+    def _app(self, app_id: str) -> Application:
+        try:
+            return self._apps[app_id]
+        except KeyError:
+            raise not_found(f"application {app_id!r} not found") from None
+
+    def _check_subdomain_free(self, subdomain: str, except_id: str | None) -> None:
+        for other in self._apps.values():
+            if other.fields["subdomain"] == subdomain and other.id != except_id:
+                raise ApiError(409, f"subdomain {subdomain!r} is already in use")
+
+    def _validated(self, body: dict[str, Any], creating: bool) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise invalid("request body must be a JSON object")
+        unknown = set(body) - UPDATABLE - ({"id"} if not creating else set())
+        if unknown:
+            raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}")
+        fields: dict[str, Any] = {}
+        if creating:
+            fields = {
+                "name": "",
+                "subdomain": "",
+                "description": "",
+                "script": "",
+                "cpu": 1.0,
+                "memory": 2.0,
+                "nvidia_gpu": 0,
+                "environment": {},
+                "kernel": "",
+                "runtime_identifier": "",
+                "runtime_addon_identifiers": [],
+                "bypass_authentication": False,
+            }
+        fields.update({k: v for k, v in body.items() if k != "id"})
+        required = ("name", "subdomain", "script", "runtime_identifier") if creating else ()
+        for key in required:
+            if not isinstance(fields.get(key), str) or not fields[key].strip():
+                raise invalid(f"{key} is required")
+        if "subdomain" in fields:
+            sub = fields["subdomain"]
+            if not isinstance(sub, str) or len(sub) > 63 or not SUBDOMAIN_PATTERN.match(sub):
+                raise invalid(
+                    f"subdomain {sub!r} is invalid: use lower-case letters, digits and "
+                    "single hyphens, at most 63 characters"
+                )
+        for key in ("cpu", "memory"):
+            if key in fields:
+                value = fields[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise invalid(f"{key} must be a positive number, got {value!r}")
+        if "nvidia_gpu" in fields:
+            gpus = fields["nvidia_gpu"]
+            if isinstance(gpus, str) and gpus.isdigit():
+                gpus = fields["nvidia_gpu"] = int(gpus)
+            if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+                raise invalid(f"nvidia_gpu must be a non-negative integer, got {gpus!r}")
+        if "environment" in fields:
+            env = fields["environment"]
+            if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+            ):
+                raise invalid("environment must be a map of strings to strings")
+        if "script" in fields and fields["script"].startswith("/"):
+            raise invalid("script must be a path relative to the project root")
+        if fields.get("runtime_identifier"):
+            known = {r["image_identifier"] for r in self.runtimes}
+            if fields["runtime_identifier"] not in known:
+                raise invalid(
+                    f"runtime_identifier {fields['runtime_identifier']!r} is not an enabled "
+                    "runtime of this workspace (see GET /api/v2/runtimes)"
+                )
+        return fields
+
+
+def _matches(app: dict[str, Any], search_filter: dict[str, Any]) -> bool:
+    """CML's search_filter: case-insensitive SUBSTRING match; status takes lower case."""
+    for key, wanted in search_filter.items():
+        if key.startswith("creator."):
+            actual = app.get("creator", {}).get(key.split(".", 1)[1], "")
+        elif key == "status":
+            actual = str(app["status"]).removeprefix("APPLICATION_").lower()
+            if str(wanted) not in actual:
+                return False
+            continue
+        else:
+            actual = app.get(key, "")
+        if isinstance(wanted, bool) or isinstance(actual, bool):
+            if str(wanted).lower() != str(actual).lower():
+                return False
+        elif str(wanted).lower() not in str(actual).lower():
+            return False
+    return True
+
+
+def _encode_page_token(offset: int) -> str:
+    return f"o{offset}"
+
+
+def _decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not (token.startswith("o") and token[1:].isdigit()):
+        raise invalid(f"invalid page_token {token!r}")
+    return int(token[1:])

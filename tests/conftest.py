@@ -1,0 +1,114 @@
+"""Shared fixtures: real emulators on free ports, cleaned up with a leak check."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ray_cml_provider.cml import CMLClient, RetryPolicy
+from ray_cml_provider.emulator.launcher import RunningEmulator
+
+# A test engine: dumps its environment and cwd, then behaves as MODE says.
+ENGINE_SCRIPT = r'''
+import json, os, signal, subprocess, sys, time
+app_id = os.environ["CDSW_APP_ID"]
+with open(f"engine-{app_id}-{os.getpid()}.json", "w") as f:
+    json.dump({"env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}, f)
+mode = os.environ.get("MODE", "sleep")
+print(f"engine {app_id} up in mode {mode}", flush=True)
+if mode == "exit":
+    sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+if mode == "ignore_term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if mode == "spawn_child":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(f"child-{app_id}.pid", "w") as f:
+        f.write(str(child.pid))
+time.sleep(600)
+'''
+
+FAST_RETRY = RetryPolicy(max_attempts=8, backoff_base_s=0.01, backoff_cap_s=0.05)
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 20, what: str = "") -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def engine_dump(project_dir: Path, app_id: str) -> dict:
+    """The environment dump of the newest engine process of ``app_id``."""
+    dumps = sorted(project_dir.glob(f"engine-{app_id}-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(dumps[-1].read_text()) if dumps else {}
+
+
+@pytest.fixture
+def start_emulator(tmp_path: Path) -> Callable[..., RunningEmulator]:
+    """Start emulators with extra flags; on teardown stop them and fail on leftovers."""
+    started: list[RunningEmulator] = []
+
+    def start(*extra_args: str, api_key: str | None = None) -> RunningEmulator:
+        n = len(started)
+        project_dir = tmp_path / f"project{n}"
+        project_dir.mkdir()
+        (project_dir / "engine.py").write_text(ENGINE_SCRIPT)
+        emulator = RunningEmulator(
+            project_dir=project_dir,
+            log_dir=tmp_path / f"logs{n}",
+            api_key=api_key,
+            extra_args=["--stop-grace-s", "1", *extra_args],
+        )
+        started.append(emulator)
+        return emulator
+
+    yield start
+    survivors = [pid for emulator in started for pid in emulator.stop()]
+    assert not survivors, f"application processes outlived the emulator: {survivors}"
+
+
+@pytest.fixture
+def emulator(start_emulator) -> RunningEmulator:
+    return start_emulator()
+
+
+@pytest.fixture
+def client(emulator: RunningEmulator) -> CMLClient:
+    with CMLClient(**emulator.client_settings(), retry=FAST_RETRY) as cml:
+        yield cml
+
+
+@pytest.fixture
+def runtime(client: CMLClient) -> str:
+    return client.list_runtimes()[0]["image_identifier"]
+
+
+@pytest.fixture
+def make_app(client: CMLClient, runtime: str):
+    """Create an application running tests' engine.py; keyword arguments override fields."""
+    counter = iter(range(1000))
+
+    def make(name: str | None = None, mode: str = "sleep", **fields):
+        name = name or f"app-{next(counter)}"
+        env = {"MODE": mode, **fields.pop("environment", {})}
+        spec = {
+            "name": name,
+            "subdomain": name,
+            "script": "engine.py",
+            "cpu": 1,
+            "memory": 1,
+            "runtime_identifier": runtime,
+            "environment": env,
+            **fields,
+        }
+        return client.create_application(spec)
+
+    return make
