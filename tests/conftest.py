@@ -13,7 +13,7 @@ from ray_cml_provider.cml import CMLClient, RetryPolicy
 from ray_cml_provider.emulator.launcher import RunningEmulator
 
 # A test engine: dumps its environment and cwd, then behaves as MODE says.
-ENGINE_SCRIPT = r'''
+ENGINE_SCRIPT = r"""
 import json, os, signal, subprocess, sys, time
 app_id = os.environ["CDSW_APP_ID"]
 with open(f"engine-{app_id}-{os.getpid()}.json", "w") as f:
@@ -29,7 +29,7 @@ if mode == "spawn_child":
     with open(f"child-{app_id}.pid", "w") as f:
         f.write(str(child.pid))
 time.sleep(600)
-'''
+"""
 
 FAST_RETRY = RetryPolicy(max_attempts=8, backoff_base_s=0.01, backoff_cap_s=0.05)
 

@@ -31,9 +31,16 @@ FILES = f"{HOST}/api/v2/projects/proj-1/files"
 
 
 def app_body(app_id: str, name: str, **extra) -> dict:
-    body = {"id": app_id, "name": name, "status": "APPLICATION_RUNNING", "cpu": 1, "memory": 2,
-            "nvidia_gpu": "1", "environment": json.dumps({"A": "token-xyz"}),
-            "created_at": f"2026-01-01T00:00:0{app_id[-1]}Z"}
+    body = {
+        "id": app_id,
+        "name": name,
+        "status": "APPLICATION_RUNNING",
+        "cpu": 1,
+        "memory": 2,
+        "nvidia_gpu": "1",
+        "environment": json.dumps({"A": "token-xyz"}),
+        "created_at": f"2026-01-01T00:00:0{app_id[-1]}Z",
+    }
     body.update(extra)
     return body
 
@@ -49,9 +56,14 @@ def sleeps() -> list[float]:
 
 @pytest.fixture
 def client(sleeps):
-    c = CMLClient(host=HOST, project_id="proj-1", api_key=KEY,
-                  retry=RetryPolicy(max_attempts=4, backoff_base_s=1, backoff_cap_s=8),
-                  sleep=sleeps.append, rng=random.Random(7))
+    c = CMLClient(
+        host=HOST,
+        project_id="proj-1",
+        api_key=KEY,
+        retry=RetryPolicy(max_attempts=4, backoff_base_s=1, backoff_cap_s=8),
+        sleep=sleeps.append,
+        rng=random.Random(7),
+    )
     yield c
     c.close()
 
@@ -114,8 +126,9 @@ def test_a_repeating_page_token_is_an_error_not_an_endless_loop(client):
 
 @responses.activate
 def test_find_by_name_rechecks_the_substring_filter_exactly(client):
-    responses.get(APPS, json={"applications": [app_body("a1", "worker-1"),
-                                               app_body("a2", "worker-10")]})
+    responses.get(
+        APPS, json={"applications": [app_body("a1", "worker-1"), app_body("a2", "worker-10")]}
+    )
     assert [a.id for a in client.find_applications_by_name("worker-1")] == ["a1"]
 
 
@@ -138,8 +151,9 @@ def test_transient_statuses_are_retried_with_growing_backoff(client, sleeps, sta
 
 @responses.activate
 def test_retry_after_is_honoured(client, sleeps):
-    responses.get(f"{APPS}/a1", status=429, headers={"Retry-After": "3"},
-                  json={"message": "slow down"})
+    responses.get(
+        f"{APPS}/a1", status=429, headers={"Retry-After": "3"}, json={"message": "slow down"}
+    )
     responses.get(f"{APPS}/a1", json=app_body("a1", "n"))
     client.get_application("a1")
     assert sleeps == [3.0]
@@ -205,10 +219,12 @@ def test_create_is_retried_when_the_server_refused_before_working(client, sleeps
 @responses.activate
 @pytest.mark.parametrize(
     "failure",
-    [{"body": requests.exceptions.ReadTimeout("read timed out")},
-     {"body": requests.ConnectionError("connection reset")},
-     cml_error(502, "bad gateway"),
-     cml_error(504, "gateway timeout")],
+    [
+        {"body": requests.exceptions.ReadTimeout("read timed out")},
+        {"body": requests.ConnectionError("connection reset")},
+        cml_error(502, "bad gateway"),
+        cml_error(504, "gateway timeout"),
+    ],
 )
 def test_create_with_a_lost_answer_is_not_resent_blindly(client, failure):
     responses.post(APPS, **failure)
@@ -265,9 +281,16 @@ def test_delete_of_a_missing_application(client):
 @responses.activate
 @pytest.mark.parametrize(
     ("status", "error_class"),
-    [(400, CMLInvalidRequestError), (401, CMLAuthenticationError), (403, CMLPermissionError),
-     (404, CMLNotFoundError), (409, CMLInvalidRequestError), (429, CMLRateLimitedError),
-     (500, CMLServerError), (503, CMLServerError)],
+    [
+        (400, CMLInvalidRequestError),
+        (401, CMLAuthenticationError),
+        (403, CMLPermissionError),
+        (404, CMLNotFoundError),
+        (409, CMLInvalidRequestError),
+        (429, CMLRateLimitedError),
+        (500, CMLServerError),
+        (503, CMLServerError),
+    ],
 )
 def test_errors_are_typed_and_name_method_path_and_message(client, status, error_class):
     for _ in range(4):
@@ -325,9 +348,17 @@ def test_download_returns_raw_bytes(client):
 
 @responses.activate
 def test_list_files_parses_string_sizes(client):
-    responses.get(f"{FILES}/data", json={"files": [
-        {"path": "data/a", "is_dir": False, "file_size": "12"},
-        {"path": "data/sub", "is_dir": True}]})
+    responses.get(
+        f"{FILES}/data",
+        json={
+            "files": [
+                {"path": "data/a", "is_dir": False, "file_size": "12"},
+                {"path": "data/sub", "is_dir": True},
+            ]
+        },
+    )
     files = client.list_files("data")
     assert [(f.path, f.is_dir, f.file_size) for f in files] == [
-        ("data/a", False, 12), ("data/sub", True, 0)]
+        ("data/a", False, 12),
+        ("data/sub", True, 0),
+    ]

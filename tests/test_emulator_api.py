@@ -20,13 +20,18 @@ PROJECT = "/api/v2/projects/{project_id}"
 
 
 def raw_get(emulator, path: str, **params) -> requests.Response:
-    return requests.get(emulator.url + path, params=params, timeout=10,
-                        headers={"Authorization": f"Bearer {emulator.api_key}"})
+    return requests.get(
+        emulator.url + path,
+        params=params,
+        timeout=10,
+        headers={"Authorization": f"Bearer {emulator.api_key}"},
+    )
 
 
 def test_wrong_key_gets_401_in_cmls_error_shape(emulator):
-    answer = requests.get(f"{emulator.url}/api/v2/runtimes", timeout=10,
-                          headers={"Authorization": "Bearer wrong"})
+    answer = requests.get(
+        f"{emulator.url}/api/v2/runtimes", timeout=10, headers={"Authorization": "Bearer wrong"}
+    )
     assert answer.status_code == 401
     assert set(answer.json()) == {"error", "code", "message", "details"}
     assert answer.json()["code"] == 16
@@ -49,8 +54,13 @@ def test_project_and_runtimes(client, emulator):
 
 
 def test_create_and_get_use_cmls_shapes(client, emulator, make_app):
-    app = make_app("shape-1", environment={"RAY_NODE": "worker"}, accelerator_label_id="7",
-                   nvidia_gpu=0, description="a test")
+    app = make_app(
+        "shape-1",
+        environment={"RAY_NODE": "worker"},
+        accelerator_label_id="7",
+        nvidia_gpu=0,
+        description="a test",
+    )
     assert app.status == ApplicationStatus.STARTING
     raw = raw_get(emulator, f"/api/v2/projects/{emulator.project_id}/applications/{app.id}")
     body = raw.json()
@@ -113,8 +123,7 @@ def test_paging_search_and_sort(client, emulator, make_app):
     assert substring == ["worker-1", "worker-10"], "CML matches names as substrings"
     assert [a.name for a in client.find_applications_by_name("worker-1")] == ["worker-1"]
 
-    assert [a.name for a in client.list_applications(sort="-name")][:2] == ["worker-3",
-                                                                            "worker-2"]
+    assert [a.name for a in client.list_applications(sort="-name")][:2] == ["worker-3", "worker-2"]
     with pytest.raises(CMLInvalidRequestError, match="unknown field 'colour'"):
         client.list_applications(sort="colour")
     with pytest.raises(CMLInvalidRequestError, match="unknown key"):
@@ -141,16 +150,23 @@ def test_update_stop_restart_delete_endpoints(client, emulator, make_app):
         client.get_application(app.id)
     counts = emulator.stats()["requests"]
     app_path = PROJECT + "/applications/{application_id}"
-    for key in (f"PATCH {app_path}", f"POST {app_path}:stop", f"POST {app_path}:restart",
-                f"DELETE {app_path}", f"GET {app_path}"):
+    for key in (
+        f"PATCH {app_path}",
+        f"POST {app_path}:stop",
+        f"POST {app_path}:restart",
+        f"DELETE {app_path}",
+        f"GET {app_path}",
+    ):
         assert counts[key] == 1, key
 
 
 def test_project_files(client, emulator):
     client.upload_file("ray/cluster.yaml", b"first\n")
     client.upload_file("ray/cluster.yaml", b"second\n")  # CML never overwrites
-    assert sorted(f.path for f in client.list_files("ray")) == ["ray/cluster(1).yaml",
-                                                              "ray/cluster.yaml"]
+    assert sorted(f.path for f in client.list_files("ray")) == [
+        "ray/cluster(1).yaml",
+        "ray/cluster.yaml",
+    ]
     assert client.download_file("ray/cluster.yaml") == b"first\n"
     assert client.download_file("ray/cluster(1).yaml") == b"second\n"
     assert (emulator.project_dir / "ray" / "cluster(1).yaml").read_bytes() == b"second\n"
@@ -174,7 +190,10 @@ def test_project_files(client, emulator):
     client.delete_file("ray", missing_ok=True)
     escape = requests.post(
         f"{emulator.url}/api/v2/projects/{emulator.project_id}/files/..%2F..%2Fetc%2Fpasswd"
-        ":download", headers={"Authorization": f"Bearer {emulator.api_key}"}, timeout=10)
+        ":download",
+        headers={"Authorization": f"Bearer {emulator.api_key}"},
+        timeout=10,
+    )
     assert escape.status_code == 400 and "outside the project" in escape.json()["message"]
     with pytest.raises(CMLInvalidRequestError, match="is a directory"):
         client.download_file("data")
@@ -199,8 +218,10 @@ def test_injected_faults_are_retried_by_the_client(start_emulator):
     assert stats["faults_injected"] > 0
     assert set(stats["statuses"]) <= {"200", "429", "503"}
     assert stats["statuses"]["200"] == 25
-    assert stats["statuses"].get("429", 0) + stats["statuses"].get("503", 0) == stats[
-        "faults_injected"]
+    assert (
+        stats["statuses"].get("429", 0) + stats["statuses"].get("503", 0)
+        == stats["faults_injected"]
+    )
 
     emulator.set_faults(fault_rate=1.0)
     with pytest.raises(Exception, match="injected by the emulator"):

@@ -140,7 +140,9 @@ class CMLClient:
     def update_application(self, application_id: str, changes: dict[str, Any]) -> Application:
         """PATCH the given fields; CML applies most of them at the next restart."""
         data = self._transport.request("PATCH", self._app_path(application_id), json_body=changes)
-        return Application.from_api(data) if data.get("id") else self.get_application(application_id)
+        return (
+            Application.from_api(data) if data.get("id") else self.get_application(application_id)
+        )
 
     def delete_application(self, application_id: str, missing_ok: bool = False) -> None:
         """Delete an application (stopping it first if it runs)."""

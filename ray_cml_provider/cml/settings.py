@@ -90,7 +90,7 @@ class CMLSettings:
 
 
 def normalize_host(host: str) -> str:
-    """``ml.example.com`` -> ``https://ml.example.com``; drop a trailing ``/api/v1|v2`` and ``/``."""
+    """Make a base URL: add ``https://`` if no scheme, drop ``/api/v1``, ``/api/v2``, ``/``."""
     host = host.strip().rstrip("/")
     if "://" not in host:
         host = "https://" + host

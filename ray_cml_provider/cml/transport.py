@@ -161,7 +161,12 @@ class Transport:
         delay = self.retry.delay_s(attempt, retry_after_s, self._rng)
         logger.warning(
             "%s %s: %s; retrying in %.1f s (attempt %d of %d)",
-            method, path, reason, delay, attempt + 1, self.retry.max_attempts,
+            method,
+            path,
+            reason,
+            delay,
+            attempt + 1,
+            self.retry.max_attempts,
         )
         self._sleep(delay)
 
@@ -225,7 +230,9 @@ def _never_reached_server(exc: requests.RequestException) -> bool:
         if isinstance(reason, BaseException):
             current = reason
             continue
-        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        nested = (
+            current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        )
         current = nested or current.__cause__ or current.__context__
     return False
 

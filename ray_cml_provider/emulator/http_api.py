@@ -113,9 +113,7 @@ Handler = Callable[[Request], Response]
 class EmulatorAPI:
     """Routes requests to the workspace model and renders CML-shaped answers."""
 
-    def __init__(
-        self, state: WorkspaceState, files: ProjectFiles, api_key: str, faults: Faults
-    ):
+    def __init__(self, state: WorkspaceState, files: ProjectFiles, api_key: str, faults: Faults):
         self.state = state
         self.files = files
         self.faults = faults
@@ -204,8 +202,11 @@ class EmulatorAPI:
     def list_runtimes(self, request: Request) -> Response:
         runtimes = self.state.runtimes
         search = _search_filter(request)
-        runtimes = [r for r in runtimes if all(str(v).lower() in str(r.get(k, "")).lower()
-                                               for k, v in search.items())]
+        runtimes = [
+            r
+            for r in runtimes
+            if all(str(v).lower() in str(r.get(k, "")).lower() for k, v in search.items())
+        ]
         return Response(body={"runtimes": runtimes, "next_page_token": ""})
 
     def get_project(self, request: Request) -> Response:
@@ -340,7 +341,9 @@ def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     return parts
 
 
-def make_http_server(api: EmulatorAPI, host: str, port: int, verbose: bool = False) -> ThreadingHTTPServer:
+def make_http_server(
+    api: EmulatorAPI, host: str, port: int, verbose: bool = False
+) -> ThreadingHTTPServer:
     class CMLRequestHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body go out in separate writes

@@ -7,6 +7,7 @@ process outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -51,19 +52,28 @@ class RunningEmulator:
         self.output_path = self.log_dir / "emulator.out"
         self._survivors: list[int] | None = None
         command = [
-            python, "-m", "ray_cml_provider.emulator",
-            "--port", "0",
-            "--project-dir", str(self.project_dir),
-            "--log-dir", str(self.log_dir),
-            "--project-id", self.project_id,
+            python,
+            "-m",
+            "ray_cml_provider.emulator",
+            "--port",
+            "0",
+            "--project-dir",
+            str(self.project_dir),
+            "--log-dir",
+            str(self.log_dir),
+            "--project-id",
+            self.project_id,
             *(extra_args or []),
         ]
         env = dict(os.environ)
         env["CML_EMULATOR_API_KEY"] = self.api_key  # not on the command line, not in ps
         env["PYTHONUNBUFFERED"] = "1"
-        self._output = open(self.output_path, "w+")
+        self._output = open(self.output_path, "w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, stdout=self._output, stderr=subprocess.STDOUT, env=env,
+            command,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
         self.url = self._wait_for_address(startup_timeout_s)
@@ -73,7 +83,7 @@ class RunningEmulator:
         while time.monotonic() < deadline:
             first_line = self.output_path.read_text().split("\n", 1)[0]
             if first_line.startswith(READY_PREFIX) and "\n" in self.output_path.read_text():
-                return first_line[len(READY_PREFIX):].strip()
+                return first_line[len(READY_PREFIX) :].strip()
             if self.process.poll() is not None:
                 break
             time.sleep(0.05)
@@ -93,15 +103,16 @@ class RunningEmulator:
         requests.post(f"{self.url}/_emulator/stats:reset", timeout=10).raise_for_status()
 
     def set_faults(self, fault_rate: float | None = None, latency_ms: float | None = None) -> None:
-        body = {k: v for k, v in (("fault_rate", fault_rate), ("latency_ms", latency_ms))
-                if v is not None}
+        body = {
+            k: v
+            for k, v in (("fault_rate", fault_rate), ("latency_ms", latency_ms))
+            if v is not None
+        }
         requests.post(f"{self.url}/_emulator/faults", json=body, timeout=10).raise_for_status()
 
     def processes(self) -> list[dict[str, Any]]:
         """The local process group behind each application (and deleted ones still dying)."""
-        return requests.get(f"{self.url}/_emulator/applications", timeout=10).json()[
-            "applications"
-        ]
+        return requests.get(f"{self.url}/_emulator/applications", timeout=10).json()["applications"]
 
     def crash(self, application_id: str) -> None:
         requests.post(
@@ -124,10 +135,8 @@ class RunningEmulator:
             groups = []
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
         survivors = [pid for pgid in groups for pid in live_group_members(pgid)]

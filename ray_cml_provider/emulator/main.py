@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
     parser.add_argument(
-        "--project-dir", help="folder that plays the project filesystem /home/cdsw "
-        "(default: a new temporary folder)"
+        "--project-dir",
+        help="folder that plays the project filesystem /home/cdsw "
+        "(default: a new temporary folder)",
     )
-    parser.add_argument("--log-dir", help="where each application's output goes "
-                        "(default: a new temporary folder)")
+    parser.add_argument(
+        "--log-dir", help="where each application's output goes (default: a new temporary folder)"
+    )
     parser.add_argument(
         "--api-key",
         help=f"the bearer key the API accepts (default: ${API_KEY_ENV}, else a generated "
@@ -42,22 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--project-id", default="emul-ator-proj-0001")
     parser.add_argument("--project-name", default="ray-on-cml")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter that runs application scripts")
-    parser.add_argument("--start-delay-s", type=float, default=0.0,
-                        help="seconds an application's process runs before it is RUNNING")
-    parser.add_argument("--stop-grace-s", type=float, default=5.0,
-                        help="seconds between SIGTERM and SIGKILL on stop or delete")
-    parser.add_argument("--shared-memory-mb", type=int, default=64,
-                        help="the project's shared_memory_limit (CML's default is 64)")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter that runs application scripts"
+    )
+    parser.add_argument(
+        "--start-delay-s",
+        type=float,
+        default=0.0,
+        help="seconds an application's process runs before it is RUNNING",
+    )
+    parser.add_argument(
+        "--stop-grace-s",
+        type=float,
+        default=5.0,
+        help="seconds between SIGTERM and SIGKILL on stop or delete",
+    )
+    parser.add_argument(
+        "--shared-memory-mb",
+        type=int,
+        default=64,
+        help="the project's shared_memory_limit (CML's default is 64)",
+    )
     parser.add_argument("--max-cpu", type=float, help="workspace quota of vCPUs")
     parser.add_argument("--max-memory", type=float, help="workspace quota of memory, GB")
     parser.add_argument("--max-gpus", type=int, help="workspace quota of GPUs")
-    parser.add_argument("--fault-rate", type=float, default=0.0,
-                        help="share of API requests answered 429 or 503 (0..1)")
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        help="share of API requests answered 429 or 503 (0..1)",
+    )
     parser.add_argument("--fault-seed", type=int, help="seed for reproducible faults")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="delay added to every API request")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="delay added to every API request"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return parser
 

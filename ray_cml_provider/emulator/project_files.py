@@ -57,8 +57,10 @@ class ProjectFiles:
     def read(self, relative: str) -> bytes:
         target = self.resolve(relative)
         if not target.is_file():
-            raise not_found(f"file {relative!r} not found") if not target.exists() else invalid(
-                f"{relative!r} is a directory"
+            raise (
+                not_found(f"file {relative!r} not found")
+                if not target.exists()
+                else invalid(f"{relative!r} is a directory")
             )
         return target.read_bytes()
 

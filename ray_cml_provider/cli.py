@@ -1,0 +1,35 @@
+"""``ray-cml``: the project's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="ray-cml", description="Ray clusters on Cloudera Machine Learning."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "emulator",
+        help="run the local CML API v2 emulator (see 'ray-cml emulator --help')",
+        add_help=False,
+    )
+    commands.add_parser("demo", help="the offline demo on the emulator")
+    if argv and argv[0] == "emulator":
+        from ray_cml_provider.emulator.main import main as emulator_main
+
+        return emulator_main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ray_cml_provider.demo import main as demo_main
+
+        return demo_main()
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

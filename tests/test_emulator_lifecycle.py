@@ -1,0 +1,226 @@
+"""Applications as real process groups: start, fail, stop, restart, delete, quota, crash."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ray_cml_provider.cml import ApplicationStatus, CMLAuthenticationError, CMLClient
+from ray_cml_provider.emulator.processes import live_group_members
+from tests.conftest import engine_dump, wait_until
+
+RUNNING = ApplicationStatus.RUNNING
+STARTING = ApplicationStatus.STARTING
+STOPPED = ApplicationStatus.STOPPED
+FAILED = ApplicationStatus.FAILED
+
+
+def status_of(client: CMLClient, app_id: str) -> str:
+    return client.get_application(app_id).status
+
+
+def wait_status(client: CMLClient, app_id: str, status: str, timeout_s: float = 20) -> None:
+    wait_until(lambda: status_of(client, app_id) == status, timeout_s, f"{app_id} {status}")
+
+
+def engine_of(emulator, app_id: str) -> dict:
+    return next(p for p in emulator.processes() if p["id"] == app_id)
+
+
+def group_gone(pgid: int) -> bool:
+    return not live_group_members(pgid)
+
+
+def test_running_application_gets_cmls_environment(client, emulator, make_app, monkeypatch):
+    first = make_app("env-1", environment={"USER_VAR": "hello"})
+    second = make_app("env-2")
+    for app in (first, second):
+        wait_status(client, app.id, RUNNING)
+    dump = wait_until(lambda: engine_dump(emulator.project_dir, first.id), what="engine dump")
+    env = dump["env"]
+    assert dump["cwd"] == str(emulator.project_dir)
+    assert env["HOME"] == str(emulator.project_dir)
+    assert env["USER_VAR"] == "hello"
+    assert env["CDSW_PROJECT_ID"] == emulator.project_id
+    assert env["CDSW_APP_ID"] == first.id
+    assert env["CDSW_API_URL"] == emulator.url + "/api/v1"
+    assert env["CDSW_DOMAIN"] == emulator.url.removeprefix("http://")
+    assert env["CDSW_CPU_MILLICORES"] == "1000" and env["CDSW_MEMORY_MB"] == "1024"
+    assert int(env["CDSW_APP_PORT"]) > 0 and env["CDSW_ENGINE_ID"]
+    second_env = wait_until(lambda: engine_dump(emulator.project_dir, second.id))["env"]
+    ips = {env["CDSW_IP_ADDRESS"], second_env["CDSW_IP_ADDRESS"]}
+    assert len(ips) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips)
+    assert engine_of(emulator, first.id)["ip_address"] == env["CDSW_IP_ADDRESS"]
+
+
+def test_engine_key_is_its_own_and_dies_with_the_application(client, emulator, make_app):
+    app = make_app("key-1")
+    wait_status(client, app.id, RUNNING)
+    env = wait_until(lambda: engine_dump(emulator.project_dir, app.id))["env"]
+    engine_key = env["CDSW_APIV2_KEY"]
+    assert engine_key != emulator.api_key
+    assert emulator.api_key not in str(env), "the user's key never reaches an engine"
+    # Inside the engine the CDSW_* variables alone are enough to use the API.
+    inside = CMLClient(
+        host=env["CDSW_API_URL"], project_id=env["CDSW_PROJECT_ID"], api_key=engine_key
+    )
+    assert [a.id for a in inside.list_applications()] == [app.id]
+    client.delete_application(app.id)
+    with pytest.raises(CMLAuthenticationError):
+        inside.get_project()
+
+
+def test_start_delay_keeps_a_live_process_in_starting(start_emulator, make_app, runtime):
+    emulator = start_emulator("--start-delay-s", "1.5")
+    client = CMLClient(**emulator.client_settings())
+    app = client.create_application(
+        {"name": "slow", "subdomain": "slow", "script": "engine.py", "runtime_identifier": runtime}
+    )
+    pgid = wait_until(lambda: engine_of(emulator, app.id)["pgid"], what="a process")
+    assert status_of(client, app.id) == STARTING and not group_gone(pgid)
+    started = time.monotonic()
+    wait_status(client, app.id, RUNNING)
+    assert time.monotonic() - started > 0.5
+
+
+def test_non_zero_exit_fails_and_zero_exit_stops(client, emulator, make_app):
+    failing = make_app("fails", mode="exit", environment={"EXIT_CODE": "3"})
+    clean = make_app("finishes", mode="exit", environment={"EXIT_CODE": "0"})
+    wait_status(client, failing.id, FAILED)
+    wait_status(client, clean.id, STOPPED)
+    log = (emulator.log_dir / f"{failing.id}.log").read_text()
+    assert f"engine {failing.id} up in mode exit" in log
+    assert engine_of(emulator, failing.id)["pgid"] is None
+
+
+def test_missing_script_fails(client, make_app):
+    app = make_app("no-script", script="does/not/exist.py")
+    wait_status(client, app.id, FAILED)
+
+
+def test_stop_ends_the_whole_group_including_grandchildren(client, emulator, make_app):
+    app = make_app("parent", mode="spawn_child")
+    wait_status(client, app.id, RUNNING)
+    child_file = emulator.project_dir / f"child-{app.id}.pid"
+    child_pid = int(wait_until(lambda: child_file.exists() and child_file.read_text()))
+    pgid = engine_of(emulator, app.id)["pgid"]
+    assert child_pid in live_group_members(pgid)
+    client.stop_application(app.id)
+    assert status_of(client, app.id) in (ApplicationStatus.STOPPING, STOPPED)
+    wait_status(client, app.id, STOPPED)
+    assert group_gone(pgid)
+
+
+def test_stop_kills_what_ignores_sigterm_after_the_grace(client, emulator, make_app):
+    app = make_app("stubborn", mode="ignore_term")
+    wait_status(client, app.id, RUNNING)
+    wait_until(lambda: engine_dump(emulator.project_dir, app.id))  # handler installed by now
+    time.sleep(0.2)
+    pgid = engine_of(emulator, app.id)["pgid"]
+    started = time.monotonic()
+    client.stop_application(app.id)
+    wait_status(client, app.id, STOPPED)
+    assert time.monotonic() - started >= 0.9, "SIGKILL waited for the 1 s grace"
+    assert group_gone(pgid)
+
+
+def test_restart_starts_a_fresh_engine(client, emulator, make_app):
+    app = make_app("restarts")
+    wait_status(client, app.id, RUNNING)
+    before = engine_of(emulator, app.id)
+    client.restart_application(app.id)
+    wait_until(lambda: engine_of(emulator, app.id)["pgid"] not in (None, before["pgid"]))
+    wait_status(client, app.id, RUNNING)
+    after = engine_of(emulator, app.id)
+    assert after["ip_address"] != before["ip_address"]
+    assert group_gone(before["pgid"])
+    client.stop_application(app.id)
+    wait_status(client, app.id, STOPPED)
+    client.restart_application(app.id)  # a stopped application starts again
+    wait_status(client, app.id, RUNNING)
+
+
+def test_delete_forgets_at_once_and_kills_the_group(client, emulator, make_app):
+    app = make_app("doomed")
+    wait_status(client, app.id, RUNNING)
+    pgid = engine_of(emulator, app.id)["pgid"]
+    client.delete_application(app.id)
+    assert client.list_applications() == []
+    wait_until(lambda: group_gone(pgid), what="the group to die")
+    wait_until(lambda: emulator.processes() == [], what="the emulator to forget it")
+
+
+def test_over_quota_waits_in_starting_without_a_process(start_emulator, runtime):
+    emulator = start_emulator("--max-gpus", "1", "--max-cpu", "8")
+    client = CMLClient(**emulator.client_settings())
+
+    def gpu_app(name):
+        return client.create_application(
+            {
+                "name": name,
+                "subdomain": name,
+                "script": "engine.py",
+                "runtime_identifier": runtime,
+                "cpu": 1,
+                "memory": 1,
+                "nvidia_gpu": 1,
+            }
+        )
+
+    first, second = gpu_app("gpu-1"), gpu_app("gpu-2")
+    wait_status(client, first.id, RUNNING)
+    time.sleep(1.0)
+    assert status_of(client, second.id) == STARTING
+    assert engine_of(emulator, second.id)["pgid"] is None, "no process while over quota"
+    too_big = client.create_application(
+        {
+            "name": "cpu-9",
+            "subdomain": "cpu-9",
+            "script": "engine.py",
+            "runtime_identifier": runtime,
+            "cpu": 9,
+            "memory": 1,
+        }
+    )
+    client.delete_application(first.id)
+    wait_status(client, second.id, RUNNING)
+    assert status_of(client, too_big.id) == STARTING
+
+
+def test_crash_kills_the_engine_and_fails_the_application(client, emulator, make_app):
+    app = make_app("crashes", mode="spawn_child")
+    wait_status(client, app.id, RUNNING)
+    pgid = engine_of(emulator, app.id)["pgid"]
+    emulator.crash(app.id)
+    wait_status(client, app.id, FAILED)
+    assert group_gone(pgid)
+
+
+def test_emulator_exit_ends_every_application(start_emulator, runtime):
+    emulator = start_emulator()
+    client = CMLClient(**emulator.client_settings())
+    for name in ("left-1", "left-2"):
+        client.create_application(
+            {
+                "name": name,
+                "subdomain": name,
+                "script": "engine.py",
+                "runtime_identifier": runtime,
+                "environment": {"MODE": "spawn_child"},
+            }
+        )
+    pgids = wait_until(
+        lambda: (
+            [p["pgid"] for p in emulator.processes() if p["pgid"]]
+            if all(p["pgid"] for p in emulator.processes())
+            else None
+        )
+    )
+    assert len(pgids) == 2
+    assert emulator.stop() == []
+    assert all(group_gone(pgid) for pgid in pgids)
+    assert emulator.process.returncode is not None
+    with pytest.raises(OSError):
+        os.kill(emulator.process.pid, 0)
