@@ -1,0 +1,305 @@
+"""What runs inside every CML application of a Ray cluster: the node launcher.
+
+Standard library only: it starts before anything is installed (it is the application's
+``script``, copied into the project by the provider). It
+
+- publishes the node's address (``nodes/<id>/node.json`` in the cluster's folder of the
+  shared project filesystem), so the provider can answer ``internal_ip``;
+- runs the commands the laptop's ``ray up``/``exec``/``submit``/``down`` post into
+  ``nodes/<id>/inbox/`` and writes their output and exit status to ``outbox/`` (CML has no
+  SSH: the project filesystem is the channel);
+- on a worker, runs the cluster's setup and ``worker_start_ray_commands`` itself (the
+  autoscaler's updaters are disabled) with the type's exact resources;
+- keeps the application alive, and on a worker exits (deleting its own application) once
+  the head has been unreachable for ``RAY_CML_HEAD_LOST_TIMEOUT_S``, so a dead head never
+  leaves GPU applications running.
+
+Every command runs with ``HOME`` set to the cluster's own folder (so ``~/ray_bootstrap_config
+.yaml`` of two clusters in one project never collide), its own ``RAY_TMPDIR``, and a ``ray``
+shim first on PATH whose ``ray stop`` stops only this node's Ray processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+POLL_S = 0.2
+HEAD_CHECK_S = 2.0
+
+
+def log(message: str) -> None:
+    print(f"[ray-cml launcher {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def port_or_free(preferred: int) -> int:
+    """``preferred`` if nothing listens on it here, else a free port (several nodes may share
+    one host in the emulator; on CML each engine has its own)."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+class NodeLauncher:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.project_dir = Path.cwd()
+        self.cluster = env["RAY_CML_CLUSTER"]
+        self.node_id = env["RAY_CML_NODE_ID"]
+        self.kind = env.get("RAY_CML_NODE_KIND", "worker")
+        self.cluster_dir = self.project_dir / env["RAY_CML_DIR"]
+        self.node_dir = self.cluster_dir / "nodes" / self.node_id
+        self.inbox = self.node_dir / "inbox"
+        self.outbox = self.node_dir / "outbox"
+        self.home = self.cluster_dir / "home"
+        self.ip = env.get("CDSW_IP_ADDRESS") or socket.gethostbyname(socket.gethostname())
+        self.gcs_port = port_or_free(int(env.get("RAY_CML_GCS_PORT_PREFERRED", "6379")))
+        self.client_port = port_or_free(10001)
+        self.agent_port = port_or_free(52365)
+        self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
+        self.tmp_dir = f"/tmp/rcml-{self.node_id}"
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(self) -> None:
+        for folder in (self.inbox, self.outbox, self.home, self.node_dir / "bin"):
+            folder.mkdir(parents=True, exist_ok=True)
+        real_ray = shutil.which("ray", path=self.env.get("PATH")) or "ray"
+        shim = self.node_dir / "bin" / "ray"
+        shim.write_text(
+            "#!/bin/bash\n"
+            "# ray-cml: 'ray stop' stops only this node's Ray, never other processes here.\n"
+            'if [ "$1" = "stop" ]; then\n'
+            f'  exec "{sys.executable}" "{Path(__file__).resolve()}" stop-ray\n'
+            "fi\n"
+            f'exec "{real_ray}" "$@"\n'
+        )
+        shim.chmod(0o755)
+        info = {
+            "node_id": self.node_id,
+            "kind": self.kind,
+            "ip": self.ip,
+            "gcs_port": self.gcs_port,
+            "pid": os.getpid(),
+            "started_at": time.time(),
+        }
+        tmp = self.node_dir / "node.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.node_dir / "node.json")
+        log(f"{self.kind} node {self.node_id} of cluster {self.cluster} on {self.ip}")
+
+    def command_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(self.env)
+        env.update(
+            {
+                "HOME": str(self.home),
+                "RAY_TMPDIR": self.tmp_dir,
+                "RAY_CML_GCS_PORT": str(self.gcs_port),
+                "RAY_CML_CLIENT_PORT": str(self.client_port),
+                "RAY_CML_AGENT_PORT": str(self.agent_port),
+                "RAY_CML_PROJECT_DIR": str(self.project_dir),
+                "RAY_CML_LAUNCHER_PGID": str(os.getpgrp()),
+                "RAY_CML_LAUNCHER_PID": str(os.getpid()),
+                "PATH": f"{self.node_dir / 'bin'}{os.pathsep}{self.env.get('PATH', '')}",
+            }
+        )
+        env.update(extra or {})
+        return env
+
+    # ------------------------------------------------------------------ commands
+
+    def run_command(self, command: str, extra_env: dict[str, str], output: Path) -> int:
+        with open(output, "ab") as out:
+            process = subprocess.run(
+                ["/bin/bash", "-c", command],
+                cwd=str(self.project_dir),
+                env=self.command_env(extra_env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return process.returncode
+
+    def serve_inbox_once(self) -> None:
+        for request in sorted(self.inbox.glob("*.json")):
+            name = request.stem
+            try:
+                spec = json.loads(request.read_text())
+            except (OSError, ValueError):
+                continue  # still being written
+            request.unlink(missing_ok=True)
+            out = self.outbox / f"{name}.out"
+            log(f"running command {name}")
+            code = self.run_command(spec["cmd"], spec.get("env") or {}, out)
+            (self.outbox / f"{name}.rc").write_text(str(code))
+            log(f"command {name} exited with {code}")
+
+    # ------------------------------------------------------------------ worker
+
+    def start_worker_ray(self) -> bool:
+        ray_env = {
+            "RAY_HEAD_IP": self.env.get("RAY_HEAD_IP", ""),
+            "RAY_CLOUD_INSTANCE_ID": self.node_id,
+        }
+        commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
+        commands += json.loads(self.env.get("RAY_CML_START_COMMANDS", "[]"))
+        log_path = self.node_dir / "setup.log"
+        for command in commands:
+            log(f"$ {command}")
+            code = self.run_command(command, ray_env, log_path)
+            if code != 0:
+                log(f"command failed with exit status {code}; see {log_path}")
+                return False
+        return True
+
+    def head_reachable(self) -> bool:
+        head_ip = self.env.get("RAY_HEAD_IP", "")
+        port = int(self.env.get("RAY_HEAD_GCS_PORT", "6379"))
+        try:
+            with socket.create_connection((head_ip, port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def delete_own_application(self) -> None:
+        """Remove this worker's application, so a lost cluster leaves nothing billing."""
+        api = self.env.get("CDSW_API_URL", "").rsplit("/api/", 1)[0] or (
+            "https://" + self.env.get("CDSW_DOMAIN", "")
+        )
+        key = self.env.get("CDSW_APIV2_KEY", "")
+        project = self.env.get("CDSW_PROJECT_ID", "")
+        name = self.env.get("RAY_CML_APP_NAME", "")
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        base = f"{api}/api/v2/projects/{project}/applications"
+        query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
+        for _ in range(5):
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(f"{base}?{query}", headers=headers), timeout=30
+                ) as answer:
+                    apps = json.load(answer).get("applications", [])
+                for app in apps:
+                    if app.get("name") == name:
+                        log(f"deleting my application {app['id']}")
+                        urllib.request.urlopen(
+                            urllib.request.Request(
+                                f"{base}/{app['id']}", headers=headers, method="DELETE"
+                            ),
+                            timeout=30,
+                        ).close()
+                return
+            except OSError as exc:
+                log(f"could not delete my application yet: {exc}")
+                time.sleep(3)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        self.prepare()
+        if self.kind == "worker" and not self.start_worker_ray():
+            stop_ray_of_this_node()
+            return 1
+        head_lost_since: float | None = None
+        next_head_check = 0.0
+        while True:
+            self.serve_inbox_once()
+            now = time.monotonic()
+            if self.kind == "worker" and now >= next_head_check:
+                next_head_check = now + HEAD_CHECK_S
+                if self.head_reachable():
+                    head_lost_since = None
+                elif head_lost_since is None:
+                    head_lost_since = now
+                    log("the head is unreachable")
+                elif now - head_lost_since > self.head_lost_timeout_s:
+                    log(f"the head has been gone {self.head_lost_timeout_s:.0f} s: leaving")
+                    stop_ray_of_this_node()
+                    self.delete_own_application()
+                    return 0
+            time.sleep(POLL_S)
+
+
+def _ancestors(pid: int) -> set[int]:
+    chain = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return chain
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def stop_ray_of_this_node(grace_s: float = 10.0) -> None:
+    """``ray stop`` for one node: end the Ray processes of this launcher's process group.
+
+    Ray's own ``ray stop`` kills every Ray process on the machine, which in the emulator
+    means other nodes and other clusters. Here everything Ray started for this node shares
+    the launcher's process group, so that group (minus the launcher and the caller) is it.
+    """
+    pgid = int(os.environ.get("RAY_CML_LAUNCHER_PGID", os.getpgrp()))
+    keep = _ancestors(os.getpid()) | {int(os.environ.get("RAY_CML_LAUNCHER_PID", "0"))}
+    targets = [pid for pid in _group_members(pgid) if pid not in keep]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2)
+        while time.monotonic() < deadline:
+            targets = [pid for pid in _group_members(pgid) if pid in targets]
+            if not targets:
+                break
+            time.sleep(0.1)
+    print("Stopped Ray on this node." if not targets else f"Could not stop pids {targets}.")
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:2] == ["stop-ray"]:
+        stop_ray_of_this_node()
+        return 0
+
+    launcher = NodeLauncher(dict(os.environ))
+
+    def leave(signum: int, _frame: object) -> None:
+        stop_ray_of_this_node(grace_s=3)
+        shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    code = launcher.run()
+    shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,1 @@
+"""The Ray side: node provider, command runner and cluster config validation."""

@@ -1,0 +1,172 @@
+"""Running commands on a CML application without SSH: a mailbox in the project filesystem.
+
+``ray up``, ``ray exec``, ``ray submit`` and ``ray down`` drive nodes through a command
+runner. CML engines have no SSH, but every engine of a project mounts the same filesystem,
+which the API can write and read from anywhere. So a command is a JSON file posted to
+``<cluster dir>/nodes/<node id>/inbox/``; the node's launcher runs it and writes
+``outbox/<name>.out`` and ``outbox/<name>.rc``, which this runner polls for and prints.
+File mounts travel the same way: uploaded to a staging folder, then copied into place by a
+command on the node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.autoscaler._private.command_runner import ProcessRunnerError
+from ray.autoscaler.command_runner import CommandRunnerInterface
+
+from ray_cml_provider.cml import CMLError, CMLNotFoundError
+
+ATTACH_HINT = (
+    "ray attach is not available on CML (applications have no SSH). Use "
+    "'ray exec CONFIG \"COMMAND\"' for one command, 'ray submit CONFIG script.py' for a "
+    "script, or open a terminal in a CML session of the same project."
+)
+MAX_COMMAND_WAIT_S = 3600.0
+
+
+class CMLCommandRunner(CommandRunnerInterface):
+    def __init__(self, provider: Any, node_id: str, log_prefix: str = ""):
+        self.provider = provider
+        self.client = provider.client
+        self.node_id = node_id
+        self.log_prefix = log_prefix
+        self.node_dir = f"{provider.dir}/nodes/{node_id}"
+
+    # ------------------------------------------------------------------ commands
+
+    def run(
+        self,
+        cmd: str | None = None,
+        timeout: int = 120,
+        exit_on_fail: bool = False,
+        port_forward: Any = None,
+        with_output: bool = False,
+        environment_variables: dict[str, object] | None = None,
+        run_env: str = "auto",
+        ssh_options_override_ssh_key: str = "",
+        shutdown_after_run: bool = False,
+    ) -> str:
+        if cmd is None:  # ray attach
+            print(ATTACH_HINT, file=sys.stderr)
+            sys.exit(2)
+        self._wait_for_launcher()
+        name = f"{time.time_ns()}-{secrets.token_hex(3)}"
+        env = {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in (environment_variables or {}).items()
+        }
+        request = json.dumps({"cmd": cmd, "env": env})
+        self.client.upload_file(f"{self.node_dir}/inbox/{name}.json", request)
+        code = self._wait_for_exit_code(name)
+        try:
+            output = self.client.download_file(f"{self.node_dir}/outbox/{name}.out")
+        except CMLNotFoundError:
+            output = b""  # the command printed nothing
+        text = output.decode("utf-8", "replace")
+        for suffix in (".out", ".rc"):
+            self.client.delete_file(f"{self.node_dir}/outbox/{name}{suffix}", missing_ok=True)
+        if not with_output and text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        if code != 0:
+            if exit_on_fail:
+                if with_output and text:
+                    sys.stdout.write(text)
+                sys.exit(code)
+            raise ProcessRunnerError(
+                f"Command failed with exit status {code}",
+                "ssh_command_failed",
+                code=code,
+                command=cmd,
+            )
+        return text if with_output else ""
+
+    def _wait_for_launcher(self) -> None:
+        """Like waiting for SSH: until the node's launcher has published itself."""
+        deadline = time.monotonic() + self.provider.launch_timeout_s
+        while True:
+            try:
+                self.client.list_files(f"{self.node_dir}/node.json")
+                return
+            except CMLError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
+
+    def _wait_for_exit_code(self, name: str) -> int:
+        """Poll the outbox (one list call per poll, backing off to 2 s) for ``name.rc``."""
+        delay, started = 0.2, time.monotonic()
+        next_liveness_check = started + 10
+        outbox = f"{self.node_dir}/outbox"
+        while time.monotonic() - started < MAX_COMMAND_WAIT_S:
+            if any(f.path.endswith(f"/{name}.rc") for f in self.client.list_files(outbox)):
+                return int(self.client.download_file(f"{outbox}/{name}.rc").strip() or 1)
+            if time.monotonic() > next_liveness_check:
+                next_liveness_check = time.monotonic() + 10
+                if self.node_id not in self.provider.non_terminated_nodes({}):
+                    raise ProcessRunnerError("the node went away", "node_terminated", code=255)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+        raise ProcessRunnerError("command timed out", "command_timeout", code=124)
+
+    # ------------------------------------------------------------------ files
+
+    def run_rsync_up(self, source: str, target: str, options: Any = None) -> None:
+        staging = f"{self.provider.dir}/staging/{secrets.token_hex(6)}"
+        source_path = Path(os.path.expanduser(source))
+        if source_path.is_dir():
+            for path in sorted(p for p in source_path.rglob("*") if p.is_file()):
+                relative = path.relative_to(source_path).as_posix()
+                self.client.upload_file(f"{staging}/{relative}", path.read_bytes())
+            copy = (
+                f'mkdir -p {_remote(target)} && cp -a "$RAY_CML_PROJECT_DIR"/{staging}/. '
+                f"{_remote(target)}/"
+            )
+        else:
+            self.client.upload_file(f"{staging}/{source_path.name}", source_path.read_bytes())
+            copy = (
+                f"mkdir -p $(dirname {_remote(target)}) && cp "
+                f'"$RAY_CML_PROJECT_DIR"/{staging}/{shlex.quote(source_path.name)} '
+                f"{_remote(target)}"
+            )
+        try:
+            self.run(copy)
+        finally:
+            self.client.delete_file(staging, missing_ok=True)
+
+    def run_rsync_down(self, source: str, target: str, options: Any = None) -> None:
+        staging = f"{self.provider.dir}/staging/{secrets.token_hex(6)}"
+        self.run(
+            f'mkdir -p "$RAY_CML_PROJECT_DIR"/{staging} && cp {_remote(source)} '
+            f'"$RAY_CML_PROJECT_DIR"/{staging}/file'
+        )
+        try:
+            data = self.client.download_file(f"{staging}/file")
+        finally:
+            self.client.delete_file(staging, missing_ok=True)
+        target_path = Path(os.path.expanduser(target))
+        if target_path.is_dir():
+            target_path = target_path / Path(source).name
+        target_path.write_bytes(data)
+
+    def remote_shell_command_str(self) -> str:
+        return f"echo {shlex.quote(ATTACH_HINT)}"
+
+    def run_init(self, *, as_head: bool, file_mounts: dict[str, str], sync_run_yet: bool):
+        return None
+
+
+def _remote(path: str) -> str:
+    """Quote a remote path but keep a leading ``~`` for the node's shell to expand."""
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)

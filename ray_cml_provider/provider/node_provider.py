@@ -1,0 +1,472 @@
+"""``CMLNodeProvider``: Ray's node provider interface on top of CML applications.
+
+- A node is one CML application named ``ray-<cluster>-<head|worker>-<node id>``; the node id
+  (8 hex digits) is chosen before the create, so it can be the raylet's
+  ``RAY_CLOUD_INSTANCE_ID`` and a lost create answer can be checked by name.
+- Ray's tags live in the application's ``description`` (JSON), so the provider on the laptop
+  (``ray up``/``down``) and the one in the head's autoscaler see the same thing.
+- Everything is scoped by cluster name: listing filters by name prefix and then re-checks the
+  ``ray-cluster-name`` tag exactly (CML's filter matches substrings).
+- One application list call per autoscaler update: ``non_terminated_nodes`` refreshes a cache
+  that every other query reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ray.autoscaler.node_launch_exception import NodeLaunchException
+from ray.autoscaler.node_provider import NodeProvider
+from ray.autoscaler.tags import (
+    NODE_KIND_HEAD,
+    NODE_KIND_WORKER,
+    TAG_RAY_CLUSTER_NAME,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_USER_NODE_TYPE,
+)
+
+from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
+from ray_cml_provider.provider.config import (
+    node_type_resources,
+    validate_cluster_config,
+    validate_cluster_name,
+    validate_provider_config,
+)
+
+logger = logging.getLogger(__name__)
+
+LAUNCHER_SOURCE = Path(__file__).resolve().parent.parent / "node_launcher.py"
+TAGS_PREFIX = "ray-cml node "
+DEFAULT_LAUNCH_TIMEOUT_S = 900.0
+DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
+MAX_PARALLEL_CALLS = 8
+LIVE_STATUSES = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
+
+
+def cluster_dir(cluster_name: str) -> str:
+    """The cluster's folder in the project filesystem, relative to the project root."""
+    return f".ray-cml/{cluster_name}"
+
+
+def encode_tags(tags: dict[str, str]) -> str:
+    return TAGS_PREFIX + json.dumps(tags, sort_keys=True, separators=(",", ":"))
+
+
+def decode_tags(description: str) -> dict[str, str] | None:
+    if not description.startswith(TAGS_PREFIX):
+        return None
+    try:
+        tags = json.loads(description[len(TAGS_PREFIX) :])
+    except ValueError:
+        return None
+    return tags if isinstance(tags, dict) else None
+
+
+def _age_s(created_at: str) -> float:
+    try:
+        created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return time.time() - created.timestamp()
+
+
+@dataclass
+class Node:
+    node_id: str
+    app: Application
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class CMLNodeProvider(NodeProvider):
+    """Ray nodes as CML applications. Thread-safe: the autoscaler calls it from many threads."""
+
+    def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
+        super().__init__(provider_config, cluster_name)
+        validate_provider_config(provider_config)
+        validate_cluster_name(cluster_name)
+        self.client = CMLClient(
+            host=provider_config.get("host"),
+            project_id=provider_config.get("project_id"),
+            api_key_env=provider_config.get("api_key_env", "CML_API_KEY"),
+        )
+        self.launch_timeout_s = float(
+            provider_config.get("launch_timeout_s", DEFAULT_LAUNCH_TIMEOUT_S)
+        )
+        self.head_lost_timeout_s = float(
+            provider_config.get("head_lost_timeout_s", DEFAULT_HEAD_LOST_TIMEOUT_S)
+        )
+        self.poll_interval_s = float(provider_config.get("poll_interval_s", 2.0))
+        self.dir = cluster_dir(cluster_name)
+        self._lock = threading.RLock()
+        self._nodes: dict[str, Node] = {}  # every application of this cluster, last listing
+        self._ips: dict[str, str] = {}
+        self._launching: set[str] = set()
+        self._launcher_uploaded = False
+
+    # ------------------------------------------------------------------ listing
+
+    def _refresh(self) -> dict[str, Node]:
+        """One application list call: the cluster's applications, whatever their status."""
+        apps = self.client.list_applications({"name": f"ray-{self.cluster_name}-"})
+        nodes = {}
+        for app in apps:
+            tags = decode_tags(app.description)
+            match = re.fullmatch(
+                rf"ray-{re.escape(self.cluster_name)}-(head|worker)-(\w+)", app.name
+            )
+            if tags is None or not match or tags.get(TAG_RAY_CLUSTER_NAME) != self.cluster_name:
+                continue
+            nodes[match.group(2)] = Node(match.group(2), app, tags)
+        with self._lock:
+            self._nodes = nodes
+        return nodes
+
+    def _node(self, node_id: str) -> Node:
+        with self._lock:
+            node = self._nodes.get(node_id)
+        if node is None:
+            node = self._refresh().get(node_id)
+        if node is None:
+            raise KeyError(f"no application for node {node_id} in cluster {self.cluster_name}")
+        return node
+
+    @staticmethod
+    def _matches(node: Node, tag_filters: dict[str, str]) -> bool:
+        return all(node.tags.get(k) == v for k, v in tag_filters.items())
+
+    def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
+        nodes = self._refresh()
+        alive = []
+        for node in nodes.values():
+            status = node.app.status
+            if status == ApplicationStatus.FAILED:
+                # CML would restart it (up to 3 times): a node we consider dead must go.
+                self._delete_in_background(node, "it FAILED")
+                continue
+            if status not in LIVE_STATUSES:
+                continue
+            if (
+                status == ApplicationStatus.STARTING
+                and node.node_id not in self._launching
+                and _age_s(node.app.created_at) > self.launch_timeout_s
+            ):
+                self._delete_in_background(
+                    node, f"still STARTING after {self.launch_timeout_s:.0f} s"
+                )
+                continue
+            if self._matches(node, tag_filters):
+                alive.append(node.node_id)
+        return alive
+
+    def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
+        """Every application of the cluster, stopped and failed ones included."""
+        return [n.node_id for n in self._refresh().values() if self._matches(n, tag_filters)]
+
+    def is_running(self, node_id: str) -> bool:
+        return self._node(node_id).app.status == ApplicationStatus.RUNNING
+
+    def is_terminated(self, node_id: str) -> bool:
+        with self._lock:
+            node = self._nodes.get(node_id)
+        return node is None or node.app.status not in LIVE_STATUSES
+
+    def node_tags(self, node_id: str) -> dict[str, str]:
+        return dict(self._node(node_id).tags)
+
+    def internal_ip(self, node_id: str) -> str:
+        """The engine's address, published by its launcher (CML's API does not have it)."""
+        with self._lock:
+            if node_id in self._ips:
+                return self._ips[node_id]
+        deadline = time.monotonic() + self.launch_timeout_s
+        path = f"{self.dir}/nodes/{node_id}/node.json"
+        while True:
+            try:
+                info = json.loads(self.client.download_file(path))
+                break
+            except CMLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(self.poll_interval_s)
+        with self._lock:
+            self._ips[node_id] = info["ip"]
+        return info["ip"]
+
+    def external_ip(self, node_id: str) -> str:
+        return self.internal_ip(node_id)
+
+    # ------------------------------------------------------------------ launching
+
+    def create_node(
+        self, node_config: dict[str, Any], tags: dict[str, str], count: int
+    ) -> dict[str, Any]:
+        return self.create_node_with_resources_and_labels(node_config, tags, count, {}, {})
+
+    def create_node_with_resources_and_labels(
+        self,
+        node_config: dict[str, Any],
+        tags: dict[str, str],
+        count: int,
+        resources: dict[str, float],
+        labels: dict[str, str],
+    ) -> dict[str, Any]:
+        """Create ``count`` applications concurrently and wait until they run.
+
+        Waiting lets a failure reach Ray as a ``NodeLaunchException`` (shown under "Recent
+        failures" in ``ray status``, and backing the node type off) instead of a node that
+        silently never joins.
+        """
+        self._upload_launcher()
+        kind = tags.get(TAG_RAY_NODE_KIND, NODE_KIND_WORKER)
+        tags = {**tags, TAG_RAY_CLUSTER_NAME: self.cluster_name}
+        specs = [
+            self._application_spec(secrets.token_hex(4), kind, node_config, tags, resources, labels)
+            for _ in range(count)
+        ]
+        with self._lock:
+            self._launching.update(node_id for node_id, _ in specs)
+        try:
+            with ThreadPoolExecutor(min(count, MAX_PARALLEL_CALLS)) as pool:
+                created = list(pool.map(self._create_one, specs))
+            failures = [str(err) for node, err in created if err]
+            started = [node for node, err in created if node]
+            with self._lock:
+                for node in started:
+                    self._nodes[node.node_id] = node
+            failures += self._wait_until_running(started)
+        finally:
+            with self._lock:
+                self._launching.difference_update(node_id for node_id, _ in specs)
+        if failures:
+            raise NodeLaunchException(
+                "CMLLaunchFailed",
+                f"{len(failures)} of {count} {tags.get(TAG_RAY_USER_NODE_TYPE, kind)} "
+                f"node(s) failed: " + "; ".join(failures),
+                None,
+            )
+        return {}
+
+    def _create_one(self, spec: tuple[str, dict[str, Any]]) -> tuple[Node | None, Exception | None]:
+        node_id, body = spec
+        try:
+            app = self.client.create_application_once(body)
+        except CMLError as exc:
+            return None, exc
+        logger.info("created application %s (%s) for node %s", app.name, app.id, node_id)
+        return Node(node_id, app, decode_tags(app.description) or {}), None
+
+    def _wait_until_running(self, nodes: list[Node]) -> list[str]:
+        """Poll (one list call per round) until each node runs; delete the ones that fail."""
+        failures = []
+        pending = {node.node_id: node for node in nodes}
+        deadline = time.monotonic() + self.launch_timeout_s
+        while pending:
+            time.sleep(self.poll_interval_s)
+            try:
+                current = self._refresh()
+            except CMLError as exc:
+                logger.warning("listing applications failed, will retry: %s", exc)
+                continue
+            for node_id, node in list(pending.items()):
+                app = current.get(node_id, node).app
+                if node_id not in current:
+                    failures.append(f"{node.app.name} disappeared while starting")
+                elif app.status == ApplicationStatus.RUNNING:
+                    pass
+                elif app.status in LIVE_STATUSES and time.monotonic() < deadline:
+                    continue
+                else:
+                    reason = (
+                        f"{app.name} is {app.status} after {self.launch_timeout_s:.0f} s "
+                        "(over the workspace's quota?)"
+                        if app.status == ApplicationStatus.STARTING
+                        else f"{app.name} ended as {app.status} while starting"
+                    )
+                    failures.append(reason)
+                    self._delete(node, reason)
+                del pending[node_id]
+        return failures
+
+    def _application_spec(
+        self,
+        node_id: str,
+        kind: str,
+        node_config: dict[str, Any],
+        tags: dict[str, str],
+        resources: dict[str, float],
+        labels: dict[str, str],
+    ) -> tuple[str, dict[str, Any]]:
+        name = f"ray-{self.cluster_name}-{kind}-{node_id}"
+        internal = node_config.get("_ray_cml", {})
+        env = dict(node_config.get("environment", {}))
+        env.update(
+            {
+                "RAY_CML_CLUSTER": self.cluster_name,
+                "RAY_CML_NODE_ID": node_id,
+                "RAY_CML_NODE_KIND": kind,
+                "RAY_CML_APP_NAME": name,
+                "RAY_CML_DIR": self.dir,
+                "RAY_CML_HEAD_LOST_TIMEOUT_S": str(self.head_lost_timeout_s),
+                "RAY_CLOUD_INSTANCE_ID": node_id,
+                "RAY_NODE_TYPE_NAME": tags.get(TAG_RAY_USER_NODE_TYPE, ""),
+            }
+        )
+        if kind == NODE_KIND_WORKER:
+            head_ip, gcs_port = self._head_address()
+            env.update(
+                {
+                    "RAY_HEAD_IP": head_ip,
+                    "RAY_HEAD_GCS_PORT": str(gcs_port),
+                    "RAY_OVERRIDE_RESOURCES": json.dumps(resources),
+                    "RAY_OVERRIDE_LABELS": json.dumps(labels),
+                    "RAY_CML_SETUP_COMMANDS": json.dumps(internal.get("setup_commands", [])),
+                    "RAY_CML_START_COMMANDS": json.dumps(internal.get("start_commands", [])),
+                }
+            )
+        body: dict[str, Any] = {
+            "name": name,
+            "subdomain": name,
+            "description": encode_tags(tags),
+            "script": f"{self.dir}/launcher.py",
+            "cpu": node_config["cpu"],
+            "memory": node_config["memory"],
+            "nvidia_gpu": 0 if kind == NODE_KIND_HEAD else node_config.get("nvidia_gpu", 0),
+            "runtime_identifier": node_config["runtime_identifier"],
+            "environment": env,
+        }
+        for key in ("accelerator_label_id", "resource_profile_id", "resource_group_id"):
+            if key in node_config:
+                body[key] = str(node_config[key])
+        for key in ("runtime_addon_identifiers", "bypass_authentication", "kernel"):
+            if key in node_config:
+                body[key] = node_config[key]
+        return node_id, body
+
+    def _head_address(self) -> tuple[str, int]:
+        """Where workers find the GCS: known directly inside the head, else from its launcher."""
+        if os.environ.get("RAY_CML_NODE_KIND") == NODE_KIND_HEAD and os.environ.get(
+            "CDSW_IP_ADDRESS"
+        ):
+            return os.environ["CDSW_IP_ADDRESS"], int(os.environ.get("RAY_CML_GCS_PORT", 6379))
+        heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
+        if not heads:
+            raise NodeLaunchException("NoHead", "the cluster has no running head", None)
+        info = json.loads(self.client.download_file(f"{self.dir}/nodes/{heads[0]}/node.json"))
+        return info["ip"], int(info["gcs_port"])
+
+    def _upload_launcher(self) -> None:
+        with self._lock:
+            if self._launcher_uploaded:
+                return
+            self.client.upload_file(
+                f"{self.dir}/launcher.py", LAUNCHER_SOURCE.read_bytes(), overwrite=True
+            )
+            self._launcher_uploaded = True
+
+    # ------------------------------------------------------------------ tags, termination
+
+    def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
+        with self._lock:
+            node = self._node(node_id)
+            merged = {**node.tags, **tags}
+            app = self.client.update_application(node.app.id, {"description": encode_tags(merged)})
+            self._nodes[node_id] = Node(node_id, app, merged)
+
+    def terminate_node(self, node_id: str) -> dict[str, Any] | None:
+        try:
+            node = self._node(node_id)
+        except KeyError:
+            return None
+        self._delete(node, "terminated by Ray")
+        return None
+
+    def terminate_nodes(self, node_ids: list[str]) -> dict[str, Any] | None:
+        if node_ids:
+            with ThreadPoolExecutor(min(len(node_ids), MAX_PARALLEL_CALLS)) as pool:
+                list(pool.map(self.terminate_node, node_ids))
+        return None
+
+    def _delete(self, node: Node, reason: str) -> None:
+        logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
+        self.client.delete_application(node.app.id, missing_ok=True)
+        self.client.delete_file(f"{self.dir}/nodes/{node.node_id}", missing_ok=True)
+        with self._lock:
+            self._nodes.pop(node.node_id, None)
+            self._ips.pop(node.node_id, None)
+
+    def _delete_in_background(self, node: Node, reason: str) -> None:
+        def run() -> None:
+            try:
+                self._delete(node, reason)
+            except CMLError as exc:
+                logger.warning("could not delete %s yet: %s", node.app.name, exc)
+
+        threading.Thread(target=run, name=f"delete-{node.node_id}", daemon=True).start()
+
+    def cleanup_cluster_resources(self) -> None:
+        """``ray down``: remove the cluster's folder (launcher, bootstrap config, mailboxes)."""
+        self.client.delete_file(self.dir, missing_ok=True)
+
+    # ------------------------------------------------------------------ ray up plumbing
+
+    def get_command_runner(
+        self,
+        log_prefix,
+        node_id,
+        auth_config,
+        cluster_name,
+        process_runner,
+        use_internal_ip,
+        docker_config=None,
+    ):
+        from ray_cml_provider.provider.command_runner import CMLCommandRunner
+
+        return CMLCommandRunner(self, node_id, log_prefix)
+
+    @staticmethod
+    def fillout_available_node_types_resources(cluster_config: dict[str, Any]) -> dict[str, Any]:
+        config = copy.deepcopy(cluster_config)
+        head = config.get("head_node_type")
+        for name, node_type in (config.get("available_node_types") or {}).items():
+            if isinstance(node_type, dict):
+                node_type["resources"] = node_type_resources(node_type, is_head=name == head)
+        return config
+
+    @staticmethod
+    def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
+        """Validate before any API call, then wire workers to start Ray by themselves."""
+        validate_cluster_config(cluster_config)
+        config = copy.deepcopy(cluster_config)
+        provider = config["provider"]
+        provider["disable_node_updaters"] = True  # workers' launchers start Ray themselves
+        provider["use_internal_ips"] = True
+        setup = list(config.get("setup_commands") or []) + list(
+            config.get("worker_setup_commands") or []
+        )
+        start = list(config.get("worker_start_ray_commands") or [])
+        for name, node_type in config["available_node_types"].items():
+            if name != config["head_node_type"]:
+                node_type["node_config"]["_ray_cml"] = {
+                    "setup_commands": setup,
+                    "start_commands": start,
+                }
+        return config
+
+    def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
+        """The config copied to the head carries no secrets and no laptop paths."""
+        config = copy.deepcopy(cluster_config)
+        config.get("auth", {}).pop("ssh_private_key", None)
+        config["provider"].pop("_config_cache_path", None)
+        return config
