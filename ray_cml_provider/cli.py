@@ -17,16 +17,20 @@ def main(argv: list[str] | None = None) -> int:
         help="run the local CML API v2 emulator (see 'ray-cml emulator --help')",
         add_help=False,
     )
-    commands.add_parser("demo", help="the offline demo on the emulator")
+    commands.add_parser(
+        "demo",
+        help="the offline demo: ray up, a GPU worker added and removed, ray down",
+        add_help=False,
+    )
     if argv and argv[0] == "emulator":
         from ray_cml_provider.emulator.main import main as emulator_main
 
         return emulator_main(argv[1:])
-    args = parser.parse_args(argv)
-    if args.command == "demo":
+    if argv and argv[0] == "demo":
         from ray_cml_provider.demo import main as demo_main
 
-        return demo_main()
+        return demo_main(argv[1:])
+    parser.parse_args(argv)
     parser.print_help()
     return 2
 

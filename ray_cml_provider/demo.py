@@ -1,112 +1,131 @@
-"""The main job, runnable offline: the emulator and one application's whole life.
+"""The main job, offline: a Ray cluster on the CML emulator that grows a GPU worker and
+gives it back.
 
-Starts the bundled CML emulator, uploads a small web app into the project, creates it as a
-CML application through the API client, waits for it to run, calls it on its own engine
-address, stops it, deletes it, and stops the emulator, printing each step with its timing.
-(The full ``ray up`` demo replaces this once the node provider lands.)
+1. start the bundled CML emulator (a fresh project in a temporary folder);
+2. ``ray up`` with ``cluster-configs/local-emulator.yaml``: a CPU-only head application;
+3. ``ray submit`` a task that needs one GPU: the autoscaler creates a GPU worker application;
+4. ``ray exec ... ray status`` while the worker is there;
+5. wait until the idle worker's application is deleted (scale to zero);
+6. ``ray down``: every application of the cluster is deleted; the emulator stops.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import requests
-
-from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
 
-APP_SCRIPT = Path(__file__).with_name("demo_app.py")
-
-
-def _step(message: str) -> float:
-    print(f"==> {message}", flush=True)
-    return time.monotonic()
+GPU_TASK = Path(__file__).with_name("demo_gpu_task.py")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _done(started: float, detail: str = "") -> None:
-    suffix = f": {detail}" if detail else ""
-    print(f"    done in {time.monotonic() - started:.2f} s{suffix}", flush=True)
+class Steps:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def step(self, message: str) -> None:
+        print(f"\n==> [{time.monotonic() - self.started:6.1f} s] {message}", flush=True)
+
+    def say(self, message: str) -> None:
+        print(f"    {ANSI_ESCAPE.sub('', message)}", flush=True)
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-def run_lifecycle_demo() -> int:
-    started = _step("starting the CML emulator")
-    with RunningEmulator() as emulator:
-        _done(started, f"{emulator.url}, project dir {emulator.project_dir}")
-        client = CMLClient(**emulator.client_settings())
-
-        started = _step("uploading demo_app.py to the project filesystem")
-        client.upload_file("demo_app.py", APP_SCRIPT.read_bytes(), overwrite=True)
-        _done(started, ", ".join(f.path for f in client.list_files()))
-
-        started = _step("creating the application 'ray-cml-demo' (1 vCPU, 1 GB)")
-        runtime = client.list_runtimes()[0]["image_identifier"]
-        app = client.create_application(
-            {
-                "name": "ray-cml-demo",
-                "subdomain": "ray-cml-demo",
-                "description": "ray-cml-provider lifecycle demo",
-                "script": "demo_app.py",
-                "cpu": 1,
-                "memory": 1,
-                "runtime_identifier": runtime,
-            }
+def show_applications(steps: Steps, cluster: LocalCluster) -> None:
+    apps = cluster.applications()
+    if not apps:
+        steps.say("CML applications of the cluster: none")
+    for app in apps:
+        steps.say(
+            f"CML application {app.name}: {app.status}, {app.cpu:g} vCPU, "
+            f"{app.memory:g} GB, {app.nvidia_gpu} GPU"
         )
-        _done(started, f"id {app.id}, status {app.status}")
 
-        started = _step("waiting for it to run")
-        _wait_for(
-            lambda: client.get_application(app.id).status == ApplicationStatus.RUNNING,
-            60,
-            "APPLICATION_RUNNING",
-        )
-        engine = next(p for p in emulator.processes() if p["id"] == app.id)
-        _done(started, f"RUNNING on {engine['ip_address']}:{engine['app_port']}")
 
-        started = _step("calling the application on its engine address")
-        url = f"http://{engine['ip_address']}:{engine['app_port']}/"
-        _wait_for(lambda: _answers(url), 30, f"{url} to answer")
-        _done(started, requests.get(url, timeout=5).text)
+def run_ray_demo(config: Path, verbose: bool) -> int:
+    steps = Steps()
 
-        started = _step("stopping it")
-        client.stop_application(app.id)
-        _wait_for(
-            lambda: client.get_application(app.id).status == ApplicationStatus.STOPPED,
-            60,
-            "APPLICATION_STOPPED",
-        )
-        _done(started, "APPLICATION_STOPPED")
+    def echo(line: str) -> None:
+        if verbose:
+            print(f"      | {line}", flush=True)
 
-        started = _step("deleting it")
-        client.delete_application(app.id)
-        _done(started, f"{len(client.list_applications())} applications left")
+    steps.step("starting the CML emulator")
+    with tempfile.TemporaryDirectory(prefix="ray-cml-demo-") as workdir, RunningEmulator() as emu:
+        steps.say(f"{emu.url} (project files in {emu.project_dir})")
+        cluster = LocalCluster(emu, Path(workdir), config_path=config, echo=echo)
 
-        started = _step("stopping the emulator")
-        survivors = emulator.stop()
-        _done(started, "no process left behind" if not survivors else f"killed {survivors}")
+        steps.step(f"ray up {config.name}: the head application (no GPUs)")
+        result = cluster.up()
+        if result.returncode != 0:
+            print(result.stdout[-4000:], file=sys.stderr)
+            steps.say("ray up failed")
+            return 1
+        show_applications(steps, cluster)
+
+        steps.step("ray submit: a task that needs 1 GPU; the autoscaler adds a GPU worker")
+        result = cluster.submit(GPU_TASK)
+        for line in result.stdout.splitlines():
+            if "GPU task ran on" in line or ("Adding" in line and "ip=" not in line):
+                steps.say(line.strip())
+        if result.returncode != 0:
+            print(result.stdout[-4000:], file=sys.stderr)
+            return 1
+        show_applications(steps, cluster)
+
+        steps.step("ray exec 'ray status' on the head")
+        status = cluster.exec("ray status")
+        for line in status.stdout.splitlines():
+            if line.strip() and not line.startswith("20"):  # skip Ray's own log lines
+                steps.say(line)
+
+        steps.step("waiting for the idle GPU worker to be given back (scale to zero)")
+        waited = cluster.wait_for(lambda: not cluster.workers(), 180, "the worker to go")
+        steps.say(f"worker application deleted after {waited:.0f} s")
+        show_applications(steps, cluster)
+
+        steps.step("ray down: every application of the cluster is deleted")
+        result = cluster.down()
+        if result.returncode != 0:
+            print(result.stdout[-4000:], file=sys.stderr)
+            return 1
+        show_applications(steps, cluster)
+
+        steps.step("stopping the emulator")
+        survivors = emu.stop()
+        steps.say("no process left behind" if not survivors else f"killed leftovers {survivors}")
     return 0 if not survivors else 1
 
 
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).ok
-    except requests.RequestException:
-        return False
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ray-cml demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=REPO_CONFIGS / "local-emulator.yaml",
+        help="cluster YAML for the emulator",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own output too")
+    parser.add_argument(
+        "--lifecycle",
+        action="store_true",
+        help="only the emulator: one application created, run, stopped, deleted",
+    )
+    args = parser.parse_args(argv)
+    if args.lifecycle:
+        from ray_cml_provider.demo_lifecycle import main as lifecycle_main
 
-
-def main() -> int:
+        return lifecycle_main()
     try:
-        return run_lifecycle_demo()
-    except (CMLError, TimeoutError, RuntimeError) as exc:
+        return run_ray_demo(args.config, args.verbose)
+    except (TimeoutError, RuntimeError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

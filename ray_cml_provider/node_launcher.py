@@ -38,6 +38,10 @@ POLL_S = 0.2
 HEAD_CHECK_S = 2.0
 
 
+class HeadGone(Exception):
+    """The worker's head has been unreachable for longer than the configured time."""
+
+
 def log(message: str) -> None:
     print(f"[ray-cml launcher {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -73,21 +77,23 @@ class NodeLauncher:
         self.agent_port = port_or_free(52365)
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
+        self._head_lost_since: float | None = None
+        self._next_head_check = 0.0
 
     # ------------------------------------------------------------------ set-up
 
     def prepare(self) -> None:
         for folder in (self.inbox, self.outbox, self.home, self.node_dir / "bin"):
             folder.mkdir(parents=True, exist_ok=True)
-        real_ray = shutil.which("ray", path=self.env.get("PATH")) or "ray"
-        shim = self.node_dir / "bin" / "ray"
+        shim_dir = self.node_dir / "bin"
+        shim = shim_dir / "ray"
         shim.write_text(
             "#!/bin/bash\n"
             "# ray-cml: 'ray stop' stops only this node's Ray, never other processes here.\n"
             'if [ "$1" = "stop" ]; then\n'
             f'  exec "{sys.executable}" "{Path(__file__).resolve()}" stop-ray\n'
             "fi\n"
-            f'exec "{real_ray}" "$@"\n'
+            f'PATH="${{PATH#{shim_dir}:}}" exec ray "$@"\n'
         )
         shim.chmod(0o755)
         info = {
@@ -115,7 +121,14 @@ class NodeLauncher:
                 "RAY_CML_PROJECT_DIR": str(self.project_dir),
                 "RAY_CML_LAUNCHER_PGID": str(os.getpgrp()),
                 "RAY_CML_LAUNCHER_PID": str(os.getpid()),
-                "PATH": f"{self.node_dir / 'bin'}{os.pathsep}{self.env.get('PATH', '')}",
+                # The shim first; then what `pip install --user` puts in the cluster's HOME.
+                "PATH": os.pathsep.join(
+                    [
+                        str(self.node_dir / "bin"),
+                        str(self.home / ".local" / "bin"),
+                        self.env.get("PATH", ""),
+                    ]
+                ),
             }
         )
         env.update(extra or {})
@@ -123,9 +136,13 @@ class NodeLauncher:
 
     # ------------------------------------------------------------------ commands
 
-    def run_command(self, command: str, extra_env: dict[str, str], output: Path) -> int:
+    def run_command(
+        self, command: str, extra_env: dict[str, str], output: Path, watch_head: bool = False
+    ) -> int:
+        """Run ``command`` in bash. With ``watch_head``, give up once the head is gone: a
+        worker's ``ray start`` against a dead head could otherwise wait a long time."""
         with open(output, "ab") as out:
-            process = subprocess.run(
+            process = subprocess.Popen(
                 ["/bin/bash", "-c", command],
                 cwd=str(self.project_dir),
                 env=self.command_env(extra_env),
@@ -133,7 +150,29 @@ class NodeLauncher:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        return process.returncode
+            while True:
+                try:
+                    return process.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    if watch_head and self.head_gone_too_long():
+                        process.kill()
+                        process.wait()
+                        raise HeadGone() from None
+
+    def head_gone_too_long(self) -> bool:
+        """Check the head's GCS port every few seconds; True once it has been unreachable
+        for longer than ``RAY_CML_HEAD_LOST_TIMEOUT_S``."""
+        now = time.monotonic()
+        if now < self._next_head_check:
+            return False
+        self._next_head_check = now + HEAD_CHECK_S
+        if self.head_reachable():
+            self._head_lost_since = None
+            return False
+        if self._head_lost_since is None:
+            self._head_lost_since = now
+            log("the head is unreachable")
+        return now - self._head_lost_since > self.head_lost_timeout_s
 
     def serve_inbox_once(self) -> None:
         for request in sorted(self.inbox.glob("*.json")):
@@ -161,10 +200,11 @@ class NodeLauncher:
         log_path = self.node_dir / "setup.log"
         for command in commands:
             log(f"$ {command}")
-            code = self.run_command(command, ray_env, log_path)
+            code = self.run_command(command, ray_env, log_path, watch_head=True)
             if code != 0:
                 log(f"command failed with exit status {code}; see {log_path}")
                 return False
+        log("Ray started; watching the head")
         return True
 
     def head_reachable(self) -> bool:
@@ -211,27 +251,20 @@ class NodeLauncher:
 
     def run(self) -> int:
         self.prepare()
-        if self.kind == "worker" and not self.start_worker_ray():
+        try:
+            if self.kind == "worker" and not self.start_worker_ray():
+                stop_ray_of_this_node()
+                return 1
+            while True:
+                self.serve_inbox_once()
+                if self.kind == "worker" and self.head_gone_too_long():
+                    raise HeadGone()
+                time.sleep(POLL_S)
+        except HeadGone:
+            log(f"the head has been gone over {self.head_lost_timeout_s:.0f} s: leaving")
             stop_ray_of_this_node()
-            return 1
-        head_lost_since: float | None = None
-        next_head_check = 0.0
-        while True:
-            self.serve_inbox_once()
-            now = time.monotonic()
-            if self.kind == "worker" and now >= next_head_check:
-                next_head_check = now + HEAD_CHECK_S
-                if self.head_reachable():
-                    head_lost_since = None
-                elif head_lost_since is None:
-                    head_lost_since = now
-                    log("the head is unreachable")
-                elif now - head_lost_since > self.head_lost_timeout_s:
-                    log(f"the head has been gone {self.head_lost_timeout_s:.0f} s: leaving")
-                    stop_ray_of_this_node()
-                    self.delete_own_application()
-                    return 0
-            time.sleep(POLL_S)
+            self.delete_own_application()
+            return 0
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -291,7 +324,9 @@ def main(argv: list[str]) -> int:
     launcher = NodeLauncher(dict(os.environ))
 
     def leave(signum: int, _frame: object) -> None:
-        stop_ray_of_this_node(grace_s=3)
+        # The temporary folder first: CML (or the emulator) may SIGKILL us any moment now.
+        shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
+        stop_ray_of_this_node(grace_s=1)
         shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
         sys.exit(0)
 

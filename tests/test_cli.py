@@ -67,11 +67,11 @@ def test_emulator_rejects_a_bad_fault_rate():
 
 def test_demo_shows_an_application_created_running_stopped(tmp_path):
     result = subprocess.run(
-        [ray_cml(), "demo"],
+        [ray_cml(), "demo", "--lifecycle"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": str(Path(sys.executable).parent), "TMPDIR": str(tmp_path)},
+        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout

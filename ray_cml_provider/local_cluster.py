@@ -1,0 +1,122 @@
+"""Drive Ray's own CLI against a cluster config on a running emulator.
+
+Shared by the demo, the end-to-end tests and the benchmarks, so all three exercise exactly
+what a user types: ``ray up``, ``ray submit``, ``ray exec``, ``ray down``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from ray_cml_provider.cml import Application, CMLClient
+from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.emulator.processes import signal_group
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
+
+
+class LocalCluster:
+    """One cluster config on one emulator; ``config_overrides`` edit a private copy of it."""
+
+    def __init__(
+        self,
+        emulator: RunningEmulator,
+        workdir: Path,
+        config_path: Path = REPO_CONFIGS / "local-emulator.yaml",
+        cluster_name: str | None = None,
+        config_overrides: Callable[[dict], None] | None = None,
+        echo: Callable[[str], None] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self.emulator = emulator
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load(Path(config_path).read_text())
+        if cluster_name:
+            config["cluster_name"] = cluster_name
+        if config_overrides:
+            config_overrides(config)
+        self.cluster_name = config["cluster_name"]
+        self.config_path = self.workdir / f"{self.cluster_name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.client = CMLClient(**emulator.client_settings())
+        self.echo = echo
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+                "CML_HOST": emulator.url,
+                "CML_PROJECT_ID": emulator.project_id,
+                "CML_API_KEY": emulator.api_key,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1",
+                **(extra_env or {}),
+            }
+        )
+
+    # ------------------------------------------------------------------ Ray's CLI
+
+    def ray(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        """Run ``ray ARGS... CONFIG``-style commands; output is returned (and echoed)."""
+        command = ["ray", *args]
+        process = subprocess.Popen(
+            command,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        watchdog = threading.Timer(timeout_s, signal_group, (process.pid, signal.SIGKILL))
+        watchdog.start()
+        lines = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if self.echo:
+                self.echo(line.rstrip("\n"))
+        code = process.wait()
+        watchdog.cancel()
+        return subprocess.CompletedProcess(command, code, "".join(lines), "")
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.ray("up", "-y", "--no-config-cache", str(self.config_path))
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.ray("down", "-y", str(self.config_path))
+
+    def exec(self, command: str) -> subprocess.CompletedProcess:
+        return self.ray("exec", "--no-config-cache", str(self.config_path), command)
+
+    def submit(self, script: Path, *args: str) -> subprocess.CompletedProcess:
+        return self.ray("submit", "--no-config-cache", str(self.config_path), str(script), *args)
+
+    # ------------------------------------------------------------------ what CML says
+
+    def applications(self) -> list[Application]:
+        prefix = f"ray-{self.cluster_name}-"
+        return [
+            a for a in self.client.list_applications({"name": prefix}) if a.name.startswith(prefix)
+        ]
+
+    def workers(self) -> list[Application]:
+        return [a for a in self.applications() if "-worker-" in a.name]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+        started = time.monotonic()
+        while not predicate():
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            time.sleep(0.5)
+        return time.monotonic() - started

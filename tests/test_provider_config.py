@@ -1,0 +1,85 @@
+"""Cluster YAML validation and the config hooks Ray calls on the CLI side (no API calls)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_cml_provider.provider.config import ClusterConfigError, validate_cluster_config
+from ray_cml_provider.provider.node_provider import CMLNodeProvider
+
+CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
+
+
+def local_config() -> dict:
+    return yaml.safe_load((CONFIGS / "local-emulator.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["local-emulator.yaml", "cml-cluster.yaml"])
+def test_shipped_configs_are_valid(name):
+    validate_cluster_config(yaml.safe_load((CONFIGS / name).read_text()))
+
+
+def broken(edit) -> dict:
+    config = copy.deepcopy(local_config())
+    edit(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda c: c["provider"].update(api_key="secret"), "provider: unknown key 'api_key'"),
+        (lambda c: c["provider"].update(launch_timeout_s="soon"), "provider.launch_timeout_s"),
+        (
+            lambda c: c["available_node_types"]["gpu_worker"]["node_config"].update(nvidia_gpu=-1),
+            "available_node_types.gpu_worker.node_config.nvidia_gpu",
+        ),
+        (
+            lambda c: c["available_node_types"]["gpu_worker"]["node_config"].update(colour="red"),
+            "available_node_types.gpu_worker.node_config: unknown key 'colour'",
+        ),
+        (
+            lambda c: c["available_node_types"]["gpu_worker"]["node_config"].pop("cpu"),
+            "available_node_types.gpu_worker.node_config: 'cpu' is a required property",
+        ),
+        (
+            lambda c: c["available_node_types"]["head"]["node_config"].update(nvidia_gpu=1),
+            "available_node_types.head: the head coordinates only and gets no GPUs",
+        ),
+        (
+            lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=3),
+            "available_node_types.gpu_worker.min_workers: 3 is more than max_workers 2",
+        ),
+        (lambda c: c.update(cluster_name="My_Cluster"), "cluster_name: 'My_Cluster' cannot"),
+        (lambda c: c.update(head_node_type="boss"), "head_node_type: 'boss' is not one of"),
+    ],
+)
+def test_broken_configs_name_the_field(edit, field):
+    with pytest.raises(ClusterConfigError) as info:
+        CMLNodeProvider.bootstrap_config(broken(edit))
+    assert str(info.value).startswith(field)
+    assert "\n" not in str(info.value)
+
+
+def test_resources_are_filled_from_node_config():
+    filled = CMLNodeProvider.fillout_available_node_types_resources(local_config())
+    types = filled["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0, "GPU": 0}
+    assert types["gpu_worker"]["resources"] == {"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}
+
+
+def test_bootstrap_wires_workers_to_start_ray_themselves():
+    config = local_config()
+    config["setup_commands"] = ["echo common"]
+    config["worker_setup_commands"] = ["echo worker"]
+    boot = CMLNodeProvider.bootstrap_config(config)
+    assert boot["provider"]["disable_node_updaters"] is True
+    worker = boot["available_node_types"]["gpu_worker"]["node_config"]["_ray_cml"]
+    assert worker["setup_commands"] == ["echo common", "echo worker"]
+    assert worker["start_commands"] == config["worker_start_ray_commands"]
+    assert "_ray_cml" not in boot["available_node_types"]["head"]["node_config"]
+    validate_cluster_config(boot)  # the bootstrapped config is still valid (head side)

@@ -1,0 +1,234 @@
+"""CMLNodeProvider against the real emulator, with real node launchers but no Ray processes.
+
+The launchers run as the applications' scripts; nothing starts Ray (start commands are
+empty), so these tests are fast while exercising the same API calls, files and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from ray.autoscaler._private.command_runner import ProcessRunnerError
+from ray.autoscaler.node_launch_exception import NodeLaunchException
+from ray.autoscaler.tags import (
+    NODE_KIND_HEAD,
+    NODE_KIND_WORKER,
+    TAG_RAY_NODE_KIND,
+    TAG_RAY_NODE_STATUS,
+    TAG_RAY_USER_NODE_TYPE,
+)
+
+from ray_cml_provider.cml import ApplicationStatus, CMLClient
+from ray_cml_provider.provider.node_provider import CMLNodeProvider
+from tests.conftest import wait_until
+
+RUNTIME = (
+    "docker.repository.cloudera.com/cloudera/cdsw/"
+    "ml-runtime-pbj-workbench-python3.11-standard:2025.09.1-b5"
+)
+HEAD_CONFIG = {"cpu": 1, "memory": 1, "runtime_identifier": RUNTIME}
+GPU_CONFIG = {
+    "cpu": 1,
+    "memory": 1,
+    "nvidia_gpu": 1,
+    "runtime_identifier": RUNTIME,
+    "_ray_cml": {"setup_commands": [], "start_commands": []},
+}
+HEAD_TAGS = {TAG_RAY_NODE_KIND: NODE_KIND_HEAD, TAG_RAY_USER_NODE_TYPE: "head"}
+WORKER_TAGS = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: "gpu_worker"}
+
+
+@pytest.fixture
+def make_provider(emulator, monkeypatch):
+    monkeypatch.setenv("TEST_CML_KEY", emulator.api_key)
+
+    def make(cluster: str = "c1", **options) -> CMLNodeProvider:
+        config = {
+            "type": "external",
+            "module": "ray_cml_provider.CMLNodeProvider",
+            "host": emulator.url,
+            "project_id": emulator.project_id,
+            "api_key_env": "TEST_CML_KEY",
+            "launch_timeout_s": 30,
+            "head_lost_timeout_s": 300,
+            "poll_interval_s": 0.2,
+            **options,
+        }
+        return CMLNodeProvider(config, cluster)
+
+    return make
+
+
+@pytest.fixture
+def provider(make_provider) -> CMLNodeProvider:
+    return make_provider()
+
+
+def launch(provider, count=1, tags=WORKER_TAGS, config=GPU_CONFIG, resources=None):
+    before = set(provider.non_terminated_nodes({}))
+    provider.create_node_with_resources_and_labels(
+        config, tags, count, resources or {"CPU": 1, "GPU": 1}, {"zone": "a"}
+    )
+    return sorted(set(provider.non_terminated_nodes({})) - before)
+
+
+def test_head_node_lifecycle_and_tags_live_on_the_cml_side(provider, make_provider, emulator):
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    assert len(head) == 8 and provider.is_running(head)
+    app = provider._node(head).app
+    assert app.name == f"ray-c1-head-{head}" and app.nvidia_gpu == 0
+    engine = next(p for p in emulator.processes() if p["id"] == app.id)
+    assert provider.internal_ip(head) == engine["ip_address"]
+
+    provider.set_node_tags(head, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    other = make_provider()  # e.g. the head's own autoscaler: a different process
+    assert other.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD}) == [head]
+    assert other.node_tags(head)[TAG_RAY_NODE_STATUS] == "up-to-date"
+    assert other.node_tags(head)["ray-cluster-name"] == "c1"
+
+    provider.terminate_node(head)
+    assert provider.non_terminated_nodes({}) == []
+    assert other.nodes_for_teardown({}) == []
+
+
+def test_workers_get_their_identity_and_exact_resources(provider, emulator):
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    workers = launch(provider, count=3, resources={"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1})
+    assert len(workers) == 3
+    client = CMLClient(**emulator.client_settings())
+    for node_id in workers:
+        app = client.get_application(provider._node(node_id).app.id)
+        env = app.environment
+        assert env["RAY_CLOUD_INSTANCE_ID"] == node_id
+        assert env["RAY_NODE_TYPE_NAME"] == "gpu_worker"
+        assert json.loads(env["RAY_OVERRIDE_RESOURCES"])["accelerator_type:A10G"] == 1
+        assert json.loads(env["RAY_OVERRIDE_LABELS"]) == {"zone": "a"}
+        assert env["RAY_HEAD_IP"].startswith("127.")
+        assert emulator.api_key not in json.dumps(app.raw), "the user's key stays on the laptop"
+        assert app.nvidia_gpu == 1
+    assert sorted(provider.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: "gpu_worker"})) == workers
+    provider.terminate_nodes(workers)
+    assert provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER}) == []
+
+
+def test_one_list_call_per_update_at_steady_state(provider, emulator):
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    nodes = launch(provider, count=2)
+    for node_id in provider.non_terminated_nodes({}):
+        provider.internal_ip(node_id)  # cached once per node, as the autoscaler does
+    emulator.reset_stats()
+    updates = 5
+    for _ in range(updates):
+        for node_id in provider.non_terminated_nodes({}):
+            provider.node_tags(node_id)
+            provider.is_running(node_id)
+            provider.internal_ip(node_id)
+            provider.is_terminated(node_id)
+    requests = emulator.stats()["requests"]
+    assert requests == {"GET /api/v2/projects/{project_id}/applications": updates}
+    assert len(nodes) == 2
+
+
+def test_two_clusters_in_one_project_never_see_each_other(make_provider):
+    alpha, alpha_beta = make_provider("a"), make_provider("a-b")
+    [head_a] = launch(alpha, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    [head_ab] = launch(alpha_beta, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    assert alpha.non_terminated_nodes({}) == [head_a]
+    assert alpha_beta.non_terminated_nodes({}) == [head_ab]
+    alpha.terminate_nodes(alpha.nodes_for_teardown({}))
+    alpha.cleanup_cluster_resources()
+    assert alpha_beta.non_terminated_nodes({}) == [head_ab]
+    assert alpha_beta.is_running(head_ab)
+
+
+def test_a_failed_node_is_dropped_and_deleted(provider, emulator):
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    [worker] = launch(provider)
+    emulator.crash(provider._node(worker).app.id)
+    wait_until(lambda: worker not in provider.non_terminated_nodes({}), what="worker dropped")
+    wait_until(lambda: worker not in provider.nodes_for_teardown({}), what="FAILED app deleted")
+
+
+def test_over_quota_launch_times_out_is_deleted_and_reported(start_emulator, monkeypatch):
+    emulator = start_emulator("--max-gpus", "0")
+    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
+    provider = CMLNodeProvider(
+        {
+            "type": "external",
+            "module": "m",
+            "host": emulator.url,
+            "project_id": emulator.project_id,
+            "launch_timeout_s": 1.5,
+            "poll_interval_s": 0.2,
+        },
+        "quota",
+    )
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    started = time.monotonic()
+    with pytest.raises(NodeLaunchException) as info:
+        launch(provider)
+    assert "APPLICATION_STARTING after 2 s" in info.value.description
+    assert "quota" in info.value.description
+    assert time.monotonic() - started < 10
+    assert provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER}) == []
+    assert len(provider.nodes_for_teardown({})) == 1  # just the head
+
+
+def test_a_create_cml_rejects_reports_cmls_message(provider):
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    bad = {**GPU_CONFIG, "runtime_identifier": "no/such:runtime"}
+    with pytest.raises(NodeLaunchException) as info:
+        launch(provider, config=bad)
+    assert "not an enabled runtime" in info.value.description
+    assert "POST /api/v2/projects/" in info.value.description
+
+
+def test_a_worker_whose_head_is_gone_deletes_itself(make_provider):
+    provider = make_provider(head_lost_timeout_s=1)
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)  # no GCS ever listens
+    [worker] = launch(provider)
+    provider.terminate_node(head)
+    wait_until(
+        lambda: provider.nodes_for_teardown({}) == [],
+        timeout_s=30,
+        what=f"worker {worker} to delete its own application",
+    )
+
+
+def test_command_runner_runs_commands_and_copies_files(provider, tmp_path, capsys):
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    runner = provider.get_command_runner("", head, {}, "c1", None, True)
+    assert (
+        runner.run(
+            "echo hello $GREETING", with_output=True, environment_variables={"GREETING": "world"}
+        ).strip()
+        == "hello world"
+    )
+    runner.run("echo printed")
+    assert "printed" in capsys.readouterr().out
+    with pytest.raises(ProcessRunnerError) as info:
+        runner.run("echo failing; exit 3")
+    assert info.value.code == 3
+    with pytest.raises(SystemExit) as exited:
+        runner.run("exit 4", exit_on_fail=True)
+    assert exited.value.code == 4
+
+    (tmp_path / "one.txt").write_text("one")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "two.txt").write_text("two")
+    runner.run_rsync_up(str(tmp_path / "one.txt"), "~/ray_bootstrap_config.yaml")
+    runner.run_rsync_up(str(tmp_path / "tree") + "/", "~/tree")
+    assert (
+        runner.run("cat ~/ray_bootstrap_config.yaml ~/tree/sub/two.txt", with_output=True)
+        == "onetwo"
+    )
+    assert runner.run("echo $HOME", with_output=True).strip().endswith(".ray-cml/c1/home")
+    runner.run_rsync_down("~/tree/sub/two.txt", str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "two"
+
+    # `ray stop` through the runner ends only this node's Ray, never the launcher.
+    assert "Stopped Ray on this node" in runner.run("ray stop", with_output=True)
+    assert runner.run("echo still here", with_output=True).strip() == "still here"
+    assert provider._node(head).app.status == ApplicationStatus.RUNNING

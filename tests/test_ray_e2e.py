@@ -1,0 +1,114 @@
+"""End to end with real Ray processes on the emulator: what a user does with Ray's own CLI.
+
+Two purposeful runs (Ray is heavy on a 2-core machine): the main flow on autoscaler v2, and
+failure handling on autoscaler v1.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ray_cml_provider.cml import ApplicationStatus
+from ray_cml_provider.demo import GPU_TASK
+from ray_cml_provider.emulator.processes import live_group_members
+from ray_cml_provider.local_cluster import LocalCluster
+
+PIN_ONE_GPU = Path(__file__).parent / "scripts" / "pin_one_gpu.py"
+RUNNING = ApplicationStatus.RUNNING
+
+
+def engine(emulator, app_id: str) -> dict:
+    return next(p for p in emulator.processes() if p["id"] == app_id)
+
+
+def assert_nothing_left(cluster: LocalCluster, pgids: set[int]) -> None:
+    assert cluster.applications() == []
+    cluster.wait_for(lambda: cluster.emulator.processes() == [], 30, "engines to end")
+    leftovers = {pgid: live_group_members(pgid) for pgid in pgids}
+    assert not any(leftovers.values()), f"processes left after ray down: {leftovers}"
+
+
+@pytest.mark.timeout(600)
+def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tmp_path):
+    emulator = start_emulator()
+    cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="e2e")
+    pgids: set[int] = set()
+
+    up = cluster.up()
+    assert up.returncode == 0, up.stdout[-3000:]
+    [head] = cluster.applications()
+    assert head.name.startswith("ray-e2e-head-") and head.status == RUNNING
+    assert head.nvidia_gpu == 0
+    head_engine = engine(emulator, head.id)
+    pgids.add(head_engine["pgid"])
+
+    head_ip = cluster.ray("get-head-ip", str(cluster.config_path))
+    assert head_ip.stdout.strip().splitlines()[-1] == head_engine["ip_address"]
+
+    exec_result = cluster.exec("echo from-head $CDSW_IP_ADDRESS; exit 5")
+    assert exec_result.returncode == 5
+    assert f"from-head {head_engine['ip_address']}" in exec_result.stdout
+
+    submitted = cluster.submit(GPU_TASK)
+    assert submitted.returncode == 0, submitted.stdout[-3000:]
+    [worker] = cluster.workers()
+    assert worker.status == RUNNING and worker.nvidia_gpu == 1
+    worker_engine = engine(emulator, worker.id)
+    pgids.add(worker_engine["pgid"])
+    ran_on = re.search(r"GPU task ran on \{'node_ip': '([\d.]+)'", submitted.stdout)
+    assert ran_on and ran_on.group(1) == worker_engine["ip_address"]
+
+    status = cluster.exec("ray status")
+    assert status.returncode == 0 and "gpu_worker" in status.stdout
+
+    cluster.wait_for(lambda: not cluster.workers(), 180, "the idle worker to be deleted")
+    assert [a.id for a in cluster.applications()] == [head.id]
+
+    down = cluster.down()
+    assert down.returncode == 0, down.stdout[-3000:]
+    assert_nothing_left(cluster, pgids)
+    assert not (emulator.project_dir / ".ray-cml" / "e2e").exists()
+
+
+@pytest.mark.timeout(600)
+def test_v1_replaces_a_crashed_worker_and_workers_outlive_no_head(start_emulator, tmp_path):
+    emulator = start_emulator()
+    cluster = LocalCluster(
+        emulator,
+        tmp_path / "work",
+        cluster_name="e2e-v1",
+        extra_env={"RAY_UP_enable_autoscaler_v2": "0"},
+    )
+    up = cluster.up()
+    assert up.returncode == 0, up.stdout[-3000:]
+    [head] = cluster.applications()
+    monitor_log = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.log | head -50")
+    assert "Autoscaler v2" not in monitor_log.stdout  # v1 runs
+
+    pinned = cluster.submit(PIN_ONE_GPU)
+    assert pinned.returncode == 0, pinned.stdout[-3000:]
+    cluster.wait_for(
+        lambda: [w.status for w in cluster.workers()] == [RUNNING], 120, "the pinned GPU worker"
+    )
+    [first] = cluster.workers()
+    pgids = {engine(emulator, head.id)["pgid"], engine(emulator, first.id)["pgid"]}
+
+    emulator.crash(first.id)
+    cluster.wait_for(
+        lambda: [(w.name != first.name, w.status) for w in cluster.workers()] == [(True, RUNNING)],
+        180,
+        "a replacement worker",
+    )
+    [second] = cluster.workers()
+    pgids.add(engine(emulator, second.id)["pgid"])
+
+    cluster.client.delete_application(head.id)  # the head dies under a running worker
+    waited = cluster.wait_for(lambda: not cluster.workers(), 90, "workers to delete themselves")
+    assert waited < 90
+
+    down = cluster.down()
+    assert down.returncode == 0, down.stdout[-3000:]
+    assert_nothing_left(cluster, pgids)
