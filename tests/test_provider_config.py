@@ -83,3 +83,15 @@ def test_bootstrap_wires_workers_to_start_ray_themselves():
     assert worker["start_commands"] == config["worker_start_ray_commands"]
     assert "_ray_cml" not in boot["available_node_types"]["head"]["node_config"]
     validate_cluster_config(boot)  # the bootstrapped config is still valid (head side)
+
+
+def test_ray_cli_hook_stops_a_broken_config_with_one_sentence():
+    config = broken(
+        lambda c: c["available_node_types"]["gpu_worker"]["node_config"].update(nvidia_gpu=-1)
+    )
+    with pytest.raises(SystemExit) as info:
+        CMLNodeProvider.fillout_available_node_types_resources(config)
+    assert str(info.value) == (
+        "ray-cml: invalid cluster config: available_node_types.gpu_worker.node_config."
+        "nvidia_gpu: -1 is less than the minimum of 0"
+    )

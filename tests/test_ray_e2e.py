@@ -52,6 +52,9 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     assert exec_result.returncode == 5
     assert f"from-head {head_engine['ip_address']}" in exec_result.stdout
 
+    attach = cluster.ray("attach", str(cluster.config_path))
+    assert attach.returncode != 0 and "ray attach is not available on CML" in attach.stdout
+
     submitted = cluster.submit(GPU_TASK)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     [worker] = cluster.workers()

@@ -31,6 +31,8 @@ ATTACH_HINT = (
     "script, or open a terminal in a CML session of the same project."
 )
 MAX_COMMAND_WAIT_S = 3600.0
+# What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
+ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 
 
 class CMLCommandRunner(CommandRunnerInterface):
@@ -55,7 +57,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         ssh_options_override_ssh_key: str = "",
         shutdown_after_run: bool = False,
     ) -> str:
-        if cmd is None:  # ray attach
+        if cmd is None or cmd.strip() in ATTACH_COMMANDS:
             print(ATTACH_HINT, file=sys.stderr)
             sys.exit(2)
         self._wait_for_launcher()

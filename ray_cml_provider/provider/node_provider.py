@@ -39,6 +39,7 @@ from ray.autoscaler.tags import (
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.provider.config import (
+    ClusterConfigError,
     node_type_resources,
     validate_cluster_config,
     validate_cluster_name,
@@ -437,6 +438,16 @@ class CMLNodeProvider(NodeProvider):
 
     @staticmethod
     def fillout_available_node_types_resources(cluster_config: dict[str, Any]) -> dict[str, Any]:
+        """Fill each type's Ray resources from its node_config (after validating it).
+
+        This is the first hook ``ray up``/``down``/``exec`` call, before Ray's own schema
+        check and before any API call. Ray turns exceptions raised here into a warning, so a
+        broken config ends the command here, with one sentence naming the field.
+        """
+        try:
+            validate_cluster_config(cluster_config)
+        except ClusterConfigError as exc:
+            raise SystemExit(f"ray-cml: invalid cluster config: {exc}") from None
         config = copy.deepcopy(cluster_config)
         head = config.get("head_node_type")
         for name, node_type in (config.get("available_node_types") or {}).items():
