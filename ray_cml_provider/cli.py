@@ -26,6 +26,24 @@ def main(argv: list[str] | None = None) -> int:
         from ray_cml_provider.emulator.main import main as emulator_main
 
         return emulator_main(argv[1:])
+    commands.add_parser(
+        "preflight",
+        help="can a Serve config's replicas be placed on a cluster config?",
+        add_help=False,
+    )
+    if argv and argv[0] == "preflight":
+        from ray_cml_provider.llm.preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
+    commands.add_parser(
+        "prepare-model",
+        help="convert the CPU twin's model once (run in .venv-vllm)",
+        add_help=False,
+    )
+    if argv and argv[0] == "prepare-model":
+        from ray_cml_provider.llm.prepare_model import main as prepare_main
+
+        return prepare_main(argv[1:])
     if argv and argv[0] == "demo":
         from ray_cml_provider.demo import main as demo_main
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.llm import DEFAULT_MODEL_DIR
 from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
 
 GPU_TASK = Path(__file__).with_name("demo_gpu_task.py")
@@ -119,12 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the emulator: one application created, run, stopped, deleted",
     )
+    parser.add_argument(
+        "--llm",
+        action="store_true",
+        help="the vLLM CPU twin served from zero and scaled back (needs make model)",
+    )
+    parser.add_argument(
+        "--vllm-python", type=Path, default=REPO_CONFIGS.parent / ".venv-vllm" / "bin" / "python"
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args(argv)
     if args.lifecycle:
         from ray_cml_provider.demo_lifecycle import main as lifecycle_main
 
         return lifecycle_main()
     try:
+        if args.llm:
+            from ray_cml_provider.demo_llm import run_llm_demo
+
+            return run_llm_demo(args.vllm_python, args.model)
         return run_ray_demo(args.config, args.verbose)
     except (TimeoutError, RuntimeError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
