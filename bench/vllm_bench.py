@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 
 import requests
-import yaml
 
 from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.llm.serve_configs import load, with_model_source
@@ -42,6 +41,15 @@ PROMPTS = [f"Write one sentence about the number {n}." for n in range(64)]
 
 def epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def node_start(node: dict) -> float:
+    """``ray list nodes`` prints start_time_ms as local time text (or a number)."""
+    value = node["start_time_ms"]
+    try:
+        return float(value) / 1000
+    except ValueError:
+        return datetime.fromisoformat(value).timestamp()
 
 
 def first_token_time(url: str) -> tuple[float, float]:
@@ -95,13 +103,9 @@ def serve_on_cluster(args: argparse.Namespace) -> float:
         cluster = LocalCluster(emulator, Path(work), cluster_name="vllmbench")
         if cluster.up().returncode != 0:
             raise SystemExit("ray up failed")
-        head = cluster.applications()[0]
-        head_ip = next(p for p in emulator.processes() if p["id"] == head.id)["ip_address"]
+        head_ip = cluster.head_ip()
         config = with_model_source(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), args.model)
-        local = Path(work) / "serve.yaml"
-        local.write_text(yaml.safe_dump(config))
-        cluster.ray("rsync-up", str(cluster.config_path), str(local), "~/serve.yaml")
-        cluster.exec("serve deploy ~/serve.yaml -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT")
+        cluster.serve_deploy(config)
         time.sleep(10)
         url = f"http://{head_ip}:8000"
 
@@ -109,7 +113,7 @@ def serve_on_cluster(args: argparse.Namespace) -> float:
         [worker] = cluster.workers()
         nodes = cluster.exec("ray list nodes --format json --detail 2>/dev/null")
         listed = json.loads(nodes.stdout[nodes.stdout.index("[") :])
-        joined = max(float(n["start_time_ms"]) / 1000 for n in listed if not n["is_head_node"])
+        joined = max(node_start(n) for n in listed if not n["is_head_node"])
         created, running = epoch(worker.raw["created_at"]), epoch(worker.raw["running_at"])
         print("cold start, first request at zero replicas -> first token:")
         for part, seconds in (
@@ -130,11 +134,14 @@ def vllm_own_server(args: argparse.Namespace) -> float:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    vllm = Path(args.vllm_python).with_name("vllm")
+    # `python -m` rather than the `vllm` script: the script looks up the "vllm" distribution,
+    # and the CPU build is installed as "vllm-cpu".
     server = subprocess.Popen(
         [
-            str(vllm),
-            "serve",
+            str(args.vllm_python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
             str(args.model),
             "--served-model-name",
             MODEL_ID,
@@ -157,6 +164,8 @@ def vllm_own_server(args: argparse.Namespace) -> float:
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"vLLM's server exited with {server.returncode}")
             try:
                 if requests.get(f"{url}/v1/models", timeout=2).ok:
                     break
@@ -182,6 +191,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     ours = serve_on_cluster(args)
+    print(f"Serve LLM app on the emulated cluster: {ours:.1f} completion tokens/s", flush=True)
     theirs = vllm_own_server(args)
     print(
         f"throughput ({args.requests} requests, concurrency {args.concurrency}, "

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import requests
-import yaml
 
 from ray_cml_provider.demo import Steps, show_applications
 from ray_cml_provider.emulator.launcher import RunningEmulator
@@ -37,17 +36,11 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
         if cluster.up().returncode != 0:
             return 1
         show_applications(steps, cluster)
-        head = cluster.applications()[0]
-        head_ip = next(p for p in emulator.processes() if p["id"] == head.id)["ip_address"]
+        head_ip = cluster.head_ip()
 
         steps.step("serve deploy vllm_app_cpu.yaml (min_replicas 0: no worker yet)")
         config = with_model_source(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), model_dir)
-        local = Path(work) / "vllm_app_cpu.yaml"
-        local.write_text(yaml.safe_dump(config))
-        cluster.ray("rsync-up", str(cluster.config_path), str(local), "~/vllm_app_cpu.yaml")
-        deploy = cluster.exec(
-            "serve deploy ~/vllm_app_cpu.yaml -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT"
-        )
+        deploy = cluster.serve_deploy(config, "vllm_app_cpu.yaml")
         if deploy.returncode != 0:
             return 1
         show_applications(steps, cluster)

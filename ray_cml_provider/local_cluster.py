@@ -102,7 +102,22 @@ class LocalCluster:
     def submit(self, script: Path, *args: str) -> subprocess.CompletedProcess:
         return self.ray("submit", "--no-config-cache", str(self.config_path), str(script), *args)
 
+    def serve_deploy(self, serve_config: dict, name: str = "serve_app.yaml"):
+        """What a user does on CML: copy the Serve config to the head and ``serve deploy`` it
+        there (the dashboard listens on the head application's port)."""
+        local = self.workdir / name
+        local.write_text(yaml.safe_dump(serve_config, sort_keys=False))
+        copied = self.ray("rsync-up", str(self.config_path), str(local), f"~/{name}")
+        if copied.returncode != 0:
+            return copied
+        return self.exec(f"serve deploy ~/{name} -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT")
+
     # ------------------------------------------------------------------ what CML says
+
+    def head_ip(self) -> str:
+        """The head engine's address (the emulator knows it; CML's API does not)."""
+        head = next(a for a in self.applications() if "-head-" in a.name)
+        return next(p for p in self.emulator.processes() if p["id"] == head.id)["ip_address"]
 
     def applications(self) -> list[Application]:
         prefix = f"ray-{self.cluster_name}-"

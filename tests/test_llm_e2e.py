@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from ray_cml_provider.cml import ApplicationStatus
 from ray_cml_provider.llm.preflight import replica_bundles
@@ -66,21 +65,10 @@ def test_cpu_twin_serves_real_vllm_from_zero_and_scales_back_to_zero(start_emula
     emulator = start_emulator("--python", VLLM_PYTHON)
     cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="llm")
     assert cluster.up().returncode == 0
-    [head] = cluster.applications()
-    head_ip = next(p for p in emulator.processes() if p["id"] == head.id)["ip_address"]
+    head_ip = cluster.head_ip()
 
     serve_config = with_model_source(load(CONFIGS / "vllm_app_cpu.yaml"), Path(MODEL_DIR))
-    local = tmp_path / "vllm_app_cpu.yaml"
-    local.write_text(yaml.safe_dump(serve_config))
-    assert (
-        cluster.ray(
-            "rsync-up", str(cluster.config_path), str(local), "~/vllm_app_cpu.yaml"
-        ).returncode
-        == 0
-    )
-    deploy = cluster.exec(
-        "serve deploy ~/vllm_app_cpu.yaml -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT"
-    )
+    deploy = cluster.serve_deploy(serve_config, "vllm_app_cpu.yaml")
     assert deploy.returncode == 0, deploy.stdout[-3000:]
     time.sleep(10)
     assert cluster.workers() == [], "zero replicas: no worker before the first request"

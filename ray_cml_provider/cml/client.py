@@ -146,13 +146,7 @@ class CMLClient:
 
     def delete_application(self, application_id: str, missing_ok: bool = False) -> None:
         """Delete an application (stopping it first if it runs)."""
-        try:
-            self._transport.request(
-                "DELETE", self._app_path(application_id), gone_after_retry_is_success=True
-            )
-        except CMLNotFoundError:
-            if not missing_ok:
-                raise
+        self._delete(self._app_path(application_id), missing_ok)
 
     def stop_application(self, application_id: str) -> None:
         self._transport.request("POST", self._app_path(application_id) + ":stop")
@@ -191,15 +185,17 @@ class CMLClient:
         return self._transport.request("POST", self._files_path(path) + ":download", raw=True)
 
     def delete_file(self, path: str, missing_ok: bool = False) -> None:
+        """Delete a file or a folder (with its contents) of the project."""
+        self._delete(self._files_path(path), missing_ok)
+
+    # ------------------------------------------------------------------------- internals
+
+    def _delete(self, path: str, missing_ok: bool) -> None:
         try:
-            self._transport.request(
-                "DELETE", self._files_path(path), gone_after_retry_is_success=True
-            )
+            self._transport.request("DELETE", path, gone_after_retry_is_success=True)
         except CMLNotFoundError:
             if not missing_ok:
                 raise
-
-    # ------------------------------------------------------------------------- internals
 
     def _project_path(self, *parts: str) -> str:
         if not self.settings.project_id:
