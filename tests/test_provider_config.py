@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_cml_provider.provider import node_provider
 from ray_cml_provider.provider.config import ClusterConfigError, validate_cluster_config
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 
@@ -72,7 +73,10 @@ def test_resources_are_filled_from_node_config():
     assert types["gpu_worker"]["resources"] == {"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1}
 
 
-def test_bootstrap_wires_workers_to_start_ray_themselves():
+def test_bootstrap_wires_workers_to_start_ray_themselves(monkeypatch):
+    # The workspace check (key, project, runtimes) is tested against the emulator in
+    # test_provider_contract.py; this test is about the config it returns.
+    monkeypatch.setattr(node_provider, "check_workspace", lambda config: None)
     config = local_config()
     config["setup_commands"] = ["echo common"]
     config["worker_setup_commands"] = ["echo worker"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from ray.autoscaler._private.command_runner import ProcessRunnerError
@@ -232,3 +233,61 @@ def test_command_runner_runs_commands_and_copies_files(provider, tmp_path, capsy
     assert "Stopped Ray on this node" in runner.run("ray stop", with_output=True)
     assert runner.run("echo still here", with_output=True).strip() == "still here"
     assert provider._node(head).app.status == ApplicationStatus.RUNNING
+
+
+def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    provider.client._transport.retry = type(provider.client._transport.retry)(
+        max_attempts=2, backoff_base_s=0.01
+    )
+    emulator.set_faults(fault_rate=1.0)
+    try:
+        assert provider.non_terminated_nodes({}) == [head]  # the last listing, no exception
+    finally:
+        emulator.set_faults(fault_rate=0.0)
+    assert provider.non_terminated_nodes({}) == [head]
+
+
+def workspace_config(emulator, **provider) -> dict:
+    import yaml
+
+    config = yaml.safe_load(
+        (Path(__file__).parent.parent / "cluster-configs" / "local-emulator.yaml").read_text()
+    )
+    config["provider"].update(host=emulator.url, project_id=emulator.project_id, **provider)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c, env: env.setenv("CML_API_KEY", "wrong-key"),
+            "ray-cml: CML refused the API key (Unauthorized: missing or invalid API key); check "
+            "the key in $CML_API_KEY",
+        ),
+        (
+            lambda c, env: c["provider"].update(project_id="nope-nope"),
+            "ray-cml: project 'nope-nope' not found; check provider.project_id",
+        ),
+        (
+            lambda c, env: c["available_node_types"]["head"]["node_config"].update(
+                runtime_identifier="no/such:runtime"
+            ),
+            "ray-cml: available_node_types.head.node_config.runtime_identifier: 'no/such:runtime' "
+            "is not a runtime of this workspace",
+        ),
+    ],
+)
+def test_workspace_problems_stop_ray_up_with_one_line(emulator, monkeypatch, change, message):
+    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
+    config = workspace_config(emulator)
+    change(config, monkeypatch)
+    emulator.reset_stats()
+    with pytest.raises(SystemExit) as info:
+        CMLNodeProvider.bootstrap_config(config)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+    assert not any(
+        k.startswith(("POST", "PATCH", "DELETE")) for k in emulator.stats()["requests"]
+    ), "nothing was created or changed"

@@ -37,7 +37,18 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
+from ray_cml_provider.cml import (
+    Application,
+    ApplicationStatus,
+    CMLAuthenticationError,
+    CMLClient,
+    CMLConfigurationError,
+    CMLConnectionError,
+    CMLError,
+    CMLNotFoundError,
+    CMLRateLimitedError,
+    CMLServerError,
+)
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -54,6 +65,44 @@ DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
 LIVE_STATUSES = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
+
+
+TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
+
+
+def check_workspace(cluster_config: dict[str, Any]) -> None:
+    """Before ``ray up``/``down`` touch anything: the key works, the project exists, and every
+    node type's runtime is one of the workspace's. Each problem ends the command with one
+    line (Ray would print a traceback for an exception raised here)."""
+    provider = cluster_config["provider"]
+    key_env = provider.get("api_key_env", "CML_API_KEY")
+    try:
+        with CMLClient(
+            host=provider.get("host"), project_id=provider.get("project_id"), api_key_env=key_env
+        ) as client:
+            client.get_project()
+            runtimes = {r.get("image_identifier") for r in client.list_runtimes()}
+    except CMLConfigurationError as exc:
+        raise SystemExit(f"ray-cml: {exc}") from None
+    except CMLAuthenticationError as exc:
+        raise SystemExit(
+            f"ray-cml: CML refused the API key ({exc.message}); check the key in ${key_env} "
+            "(provider.api_key_env), or create a new one in CML under User Settings > API Keys"
+        ) from None
+    except CMLNotFoundError as exc:
+        raise SystemExit(
+            f"ray-cml: {exc.message}; check provider.project_id (or CML_PROJECT_ID)"
+        ) from None
+    except CMLError as exc:
+        raise SystemExit(f"ray-cml: cannot use the CML workspace: {exc}") from None
+    for name, node_type in cluster_config["available_node_types"].items():
+        runtime = node_type["node_config"]["runtime_identifier"]
+        if runtime not in runtimes:
+            raise SystemExit(
+                f"ray-cml: available_node_types.{name}.node_config.runtime_identifier: "
+                f"{runtime!r} is not a runtime of this workspace (list them with "
+                "GET /api/v2/runtimes)"
+            )
 
 
 def cluster_dir(cluster_name: str) -> str:
@@ -148,7 +197,15 @@ class CMLNodeProvider(NodeProvider):
         return all(node.tags.get(k) == v for k, v in tag_filters.items())
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
-        nodes = self._refresh()
+        try:
+            nodes = self._refresh()
+        except TRANSIENT_ERRORS as exc:
+            # Ray's monitor gives up after 5 failed updates in a row: a CML hiccup that
+            # outlasted the client's retries must not end autoscaling. Answer from the last
+            # listing; the next update asks CML again.
+            logger.warning("listing applications failed (%s); using the last listing", exc)
+            with self._lock:
+                nodes = dict(self._nodes)
         alive = []
         for node in nodes.values():
             status = node.app.status
@@ -457,8 +514,9 @@ class CMLNodeProvider(NodeProvider):
 
     @staticmethod
     def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
-        """Validate before any API call, then wire workers to start Ray by themselves."""
+        """Validate, check the workspace, then wire workers to start Ray by themselves."""
         validate_cluster_config(cluster_config)
+        check_workspace(cluster_config)
         config = copy.deepcopy(cluster_config)
         provider = config["provider"]
         provider["disable_node_updaters"] = True  # workers' launchers start Ray themselves
