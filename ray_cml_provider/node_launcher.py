@@ -82,6 +82,14 @@ class NodeLauncher:
 
     # ------------------------------------------------------------------ set-up
 
+    def previous_life(self) -> bool:
+        """True when this node already ran once: CML restarted its FAILED application.
+
+        A node's identity is single-use. Ray and the provider have already written the old
+        life off, so a restarted node must not rejoin as a zombie: it removes itself.
+        """
+        return (self.node_dir / "node.json").exists()
+
     def prepare(self) -> None:
         for folder in (self.inbox, self.outbox, self.home, self.node_dir / "bin"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -250,6 +258,10 @@ class NodeLauncher:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        if self.previous_life():
+            log(f"node {self.node_id} was restarted by CML after a failure: removing it")
+            self.delete_own_application()
+            return 0
         self.prepare()
         try:
             if self.kind == "worker" and not self.start_worker_ray():

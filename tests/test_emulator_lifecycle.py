@@ -224,3 +224,22 @@ def test_emulator_exit_ends_every_application(start_emulator, runtime):
     assert emulator.process.returncode is not None
     with pytest.raises(OSError):
         os.kill(emulator.process.pid, 0)
+
+
+def test_failed_applications_are_restarted_like_cml_does(start_emulator, runtime):
+    emulator = start_emulator("--restart-failed", "2", "--restart-delay-s", "0.3")
+    client = CMLClient(**emulator.client_settings())
+    app = client.create_application(
+        {
+            "name": "flaky",
+            "subdomain": "flaky",
+            "script": "engine.py",
+            "runtime_identifier": runtime,
+            "environment": {"MODE": "exit", "EXIT_CODE": "3"},
+        }
+    )
+    dumps = lambda: list(emulator.project_dir.glob(f"engine-{app.id}-*.json"))  # noqa: E731
+    wait_until(lambda: len(dumps()) == 3, what="the first run and 2 restarts")
+    time.sleep(1.0)
+    assert len(dumps()) == 3, "no restart after the second"
+    assert status_of(client, app.id) == FAILED

@@ -291,3 +291,32 @@ def test_workspace_problems_stop_ray_up_with_one_line(emulator, monkeypatch, cha
     assert not any(
         k.startswith(("POST", "PATCH", "DELETE")) for k in emulator.stats()["requests"]
     ), "nothing was created or changed"
+
+
+def test_a_node_restarted_by_cml_removes_itself_instead_of_rejoining(start_emulator, monkeypatch):
+    emulator = start_emulator("--restart-failed", "3", "--restart-delay-s", "0.2")
+    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
+    provider = CMLNodeProvider(
+        {
+            "type": "external",
+            "module": "m",
+            "host": emulator.url,
+            "project_id": emulator.project_id,
+            "launch_timeout_s": 30,
+            "poll_interval_s": 0.2,
+            "head_lost_timeout_s": 300,
+        },
+        "zombie",
+    )
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    [worker] = launch(provider)
+    app_id = provider._node(worker).app.id
+    emulator.crash(app_id)  # FAILED; CML restarts it before the provider looks again
+    client = CMLClient(**emulator.client_settings())
+    wait_until(
+        lambda: app_id not in [a.id for a in client.list_applications()],
+        what="the restarted node to delete its own application",
+    )
+    log = (emulator.log_dir / f"{app_id}.log").read_text()
+    assert "was restarted by CML after a failure: removing it" in log
+    assert provider.non_terminated_nodes({}) == [head]

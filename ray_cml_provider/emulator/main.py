@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between SIGTERM and SIGKILL on stop or delete",
     )
     parser.add_argument(
+        "--restart-failed",
+        type=int,
+        default=0,
+        help="restart a FAILED application up to N times, as CML does (CML's default: 3)",
+    )
+    parser.add_argument(
+        "--restart-delay-s",
+        type=float,
+        default=300.0,
+        help="seconds between a failure and the restart (CML's default: 300)",
+    )
+    parser.add_argument(
         "--shared-memory-mb",
         type=int,
         default=64,
@@ -103,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         python=args.python,
         start_delay_s=args.start_delay_s,
         stop_grace_s=args.stop_grace_s,
+        restart_failed=args.restart_failed,
+        restart_delay_s=args.restart_delay_s,
         shared_memory_mb=args.shared_memory_mb,
         quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
     )

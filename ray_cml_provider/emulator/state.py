@@ -141,6 +141,9 @@ class EmulatorConfig:
     python: str = ""
     start_delay_s: float = 0.0
     stop_grace_s: float = 5.0
+    # CML restarts a FAILED application (by default 3 times, 5 minutes apart).
+    restart_failed: int = 0
+    restart_delay_s: float = 300.0
     shared_memory_mb: int = 64
     quota: Quota = field(default_factory=Quota)
     username: str = "emulator-user"
@@ -152,6 +155,8 @@ class Application:
     fields: dict[str, Any]
     process: EngineProcess | None = None
     restart_requested: bool = False
+    failed_restarts: int = 0
+    restart_at: float | None = None  # when CML will restart this FAILED application
     engine_key: str | None = None
 
     @property
@@ -321,6 +326,7 @@ class WorkspaceState:
         with self._lock:
             app = self._app(app_id)
             app.restart_requested = False
+            app.restart_at = None
             if app.process:
                 app.process.terminate(self.config.stop_grace_s)
                 app.set_status(STOPPING)
@@ -336,6 +342,7 @@ class WorkspaceState:
                 app.restart_requested = True
                 app.set_status(STOPPING)
             elif app.status != STARTING:
+                app.restart_at = None
                 app.set_status(STARTING)
             return app.to_api()
 
@@ -387,6 +394,10 @@ class WorkspaceState:
 
     def _reconcile_app(self, app: Application) -> None:
         process = app.process
+        if app.status == FAILED and app.restart_at and time.monotonic() >= app.restart_at:
+            app.restart_at = None
+            app.failed_restarts += 1
+            app.set_status(STARTING)
         if process is None:
             if app.status == STARTING and self.config.quota.admits(
                 self._reserved(), app.requested()
@@ -408,6 +419,8 @@ class WorkspaceState:
             app.process = None
             self._revoke_engine_key(app)
             app.set_status(STOPPED if exit_code == 0 else FAILED)
+            if exit_code != 0 and app.failed_restarts < self.config.restart_failed:
+                app.restart_at = time.monotonic() + self.config.restart_delay_s
             return
         if app.status == STARTING and (
             time.monotonic() - process.started_monotonic >= self.config.start_delay_s
