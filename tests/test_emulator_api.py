@@ -228,3 +228,28 @@ def test_injected_faults_are_retried_by_the_client(start_emulator):
         client.get_project()
     emulator.set_faults(fault_rate=0.0)
     assert client.get_project()
+
+
+def test_lost_answers_never_duplicate_an_application(start_emulator, runtime):
+    emulator = start_emulator("--drop-rate", "0.5", "--fault-seed", "11")
+    with CMLClient(**emulator.client_settings(), retry=FAST_RETRY) as client:
+        names = [f"lost-{n}" for n in range(12)]
+        for name in names:
+            client.create_application_once(
+                {
+                    "name": name,
+                    "subdomain": name,
+                    "script": "engine.py",
+                    "runtime_identifier": runtime,
+                    "environment": {"MODE": "exit"},
+                }
+            )
+        emulator.set_faults(drop_rate=0.0)
+        created = [a.name for a in client.list_applications()]
+        assert sorted(created) == sorted(names), "exactly one application per create"
+        emulator.set_faults(drop_rate=0.5)
+        for app in client.list_applications():
+            client.delete_application(app.id)  # a lost answer is retried; the 404 means done
+        emulator.set_faults(drop_rate=0.0)
+        assert client.list_applications() == []
+    assert emulator.stats()["answers_dropped"] > 0

@@ -55,15 +55,19 @@ class Response:
     body: Any = None
     raw: bytes | None = None
     headers: dict[str, str] | None = None
+    dropped: bool = False  # done, but the client gets no answer
 
 
 @dataclass
 class Faults:
-    """Share of CML API requests answered 429/503 before any work, and added latency."""
+    """Injected faults: a share of CML API requests answered 429/503 before any work
+    (``rate``), a share whose answer is lost AFTER the work is done (``drop_rate``: the
+    connection closes with no response, as when a gateway times out), and added latency."""
 
     rate: float = 0.0
     latency_ms: float = 0.0
     seed: int | None = None
+    drop_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -76,6 +80,10 @@ class Faults:
             if self._rng.random() < 0.5:
                 return ApiError(429, "rate limit exceeded (injected by the emulator)")
             return ApiError(503, "service unavailable (injected by the emulator)")
+
+    def drop_answer(self) -> bool:
+        with self._lock:
+            return self.drop_rate > 0 and self._rng.random() < self.drop_rate
 
 
 class Stats:
@@ -90,12 +98,16 @@ class Stats:
             self.requests: Counter[str] = Counter()
             self.statuses: Counter[str] = Counter()
             self.faults_injected = 0
+            self.answers_dropped = 0
 
-    def record(self, method: str, template: str, status: int, injected: bool) -> None:
+    def record(
+        self, method: str, template: str, status: int, injected: bool, dropped: bool = False
+    ) -> None:
         with self._lock:
             self.requests[f"{method} {template}"] += 1
             self.statuses[str(status)] += 1
             self.faults_injected += int(injected)
+            self.answers_dropped += int(dropped)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -104,6 +116,7 @@ class Stats:
                 "requests": dict(self.requests),
                 "statuses": dict(self.statuses),
                 "faults_injected": self.faults_injected,
+                "answers_dropped": self.answers_dropped,
             }
 
 
@@ -186,7 +199,9 @@ class EmulatorAPI:
         except Exception as exc:  # a bug in the emulator: answer like a server would
             response = Response(500, ApiError(500, f"internal error: {exc!r}").body())
         if is_cml_api:  # test-control traffic would only blur the counts
-            self.stats.record(method, template, response.status, injected)
+            if 200 <= response.status < 300 and self.faults.drop_answer():
+                response.dropped = True
+            self.stats.record(method, template, response.status, injected, response.dropped)
         return response
 
     def _authenticate(self, headers: Message) -> None:
@@ -286,7 +301,15 @@ class EmulatorAPI:
             self.faults.rate = float(body["fault_rate"])
         if "latency_ms" in body:
             self.faults.latency_ms = float(body["latency_ms"])
-        return Response(body={"fault_rate": self.faults.rate, "latency_ms": self.faults.latency_ms})
+        if "drop_rate" in body:
+            self.faults.drop_rate = float(body["drop_rate"])
+        return Response(
+            body={
+                "fault_rate": self.faults.rate,
+                "latency_ms": self.faults.latency_ms,
+                "drop_rate": self.faults.drop_rate,
+            }
+        )
 
     def list_processes(self, request: Request) -> Response:
         return Response(body={"applications": self.state.process_info()})
@@ -353,6 +376,9 @@ def make_http_server(
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             response = api.handle(self.command, self.path, self.headers, body)
+            if response.dropped:
+                self.close_connection = True  # the work is done; the answer never leaves
+                return
             if response.raw is not None:
                 payload, content_type = response.raw, "application/octet-stream"
             else:

@@ -102,10 +102,19 @@ class RunningEmulator:
     def reset_stats(self) -> None:
         requests.post(f"{self.url}/_emulator/stats:reset", timeout=10).raise_for_status()
 
-    def set_faults(self, fault_rate: float | None = None, latency_ms: float | None = None) -> None:
+    def set_faults(
+        self,
+        fault_rate: float | None = None,
+        latency_ms: float | None = None,
+        drop_rate: float | None = None,
+    ) -> None:
         body = {
             k: v
-            for k, v in (("fault_rate", fault_rate), ("latency_ms", latency_ms))
+            for k, v in (
+                ("fault_rate", fault_rate),
+                ("latency_ms", latency_ms),
+                ("drop_rate", drop_rate),
+            )
             if v is not None
         }
         requests.post(f"{self.url}/_emulator/faults", json=body, timeout=10).raise_for_status()

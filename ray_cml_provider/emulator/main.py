@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between SIGTERM and SIGKILL on stop or delete",
     )
     parser.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        help="share of API requests whose answer is lost after the work is done (0..1)",
+    )
+    parser.add_argument(
         "--restart-failed",
         type=int,
         default=0,
@@ -96,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0.0 <= args.fault_rate <= 1.0:
-        print("ray-cml emulator: --fault-rate must be between 0 and 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--fault-rate", args.fault_rate), ("--drop-rate", args.drop_rate)):
+        if not 0.0 <= value <= 1.0:
+            print(f"ray-cml emulator: {flag} must be between 0 and 1", file=sys.stderr)
+            return 2
     project_dir = Path(args.project_dir or tempfile.mkdtemp(prefix="cml-project-")).resolve()
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="cml-emulator-logs-")).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         shared_memory_mb=args.shared_memory_mb,
         quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
     )
-    faults = Faults(rate=args.fault_rate, latency_ms=args.latency_ms, seed=args.fault_seed)
+    faults = Faults(
+        rate=args.fault_rate,
+        latency_ms=args.latency_ms,
+        seed=args.fault_seed,
+        drop_rate=args.drop_rate,
+    )
     api: EmulatorAPI | None = None
     state = WorkspaceState(config, on_engine_key=lambda key, ok: api.set_engine_key(key, ok))
     api = EmulatorAPI(state, ProjectFiles(project_dir), api_key, faults)
