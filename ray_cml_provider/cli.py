@@ -16,6 +16,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.demo",
         "the offline demo: ray up, a GPU worker added and removed, ray down",
     ),
+    "validate": (
+        "ray_cml_provider.provider.config",
+        "check a cluster YAML without calling any API",
+    ),
     "preflight": (
         "ray_cml_provider.llm.preflight",
         "can a Serve config's replicas be placed on a cluster config?",

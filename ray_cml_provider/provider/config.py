@@ -142,3 +142,44 @@ def node_type_resources(node_type: dict[str, Any], is_head: bool) -> dict[str, f
     if is_head:
         resources["GPU"] = 0
     return resources
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ray-cml validate CONFIG``: check a cluster YAML without calling any API."""
+    import argparse
+    import sys
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="ray-cml validate", description=main.__doc__)
+    parser.add_argument("config")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.config) as handle:
+            config = yaml.safe_load(handle)
+    except OSError as exc:
+        print(f"ray-cml: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        print(
+            f"ray-cml: {args.config} is not valid YAML{line}: "
+            f"{getattr(exc, 'problem', None) or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    if not isinstance(config, dict):
+        print(
+            f"ray-cml: {args.config} must hold a mapping (a cluster config), not "
+            f"{type(config).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        validate_cluster_config(config)
+    except ClusterConfigError as exc:
+        print(f"ray-cml: invalid cluster config: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.config} is a valid CML cluster config")
+    return 0
