@@ -6,6 +6,7 @@ failure handling on autoscaler v1.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,25 @@ RUNNING = ApplicationStatus.RUNNING
 
 def engine(emulator, app_id: str) -> dict:
     return next(p for p in emulator.processes() if p["id"] == app_id)
+
+
+def assert_key_nowhere(cluster: LocalCluster, outputs: list[str], nodes_alive: bool = True) -> None:
+    """The user's API key is in no application, project file, engine log, Ray log of a live
+    node, or CLI output."""
+    key = cluster.emulator.api_key
+    for app in cluster.applications():
+        assert key not in json.dumps(app.raw), f"key in application {app.name}"
+    places = [cluster.emulator.project_dir, cluster.emulator.log_dir]
+    places += [Path(f"/tmp/rcml-{a.name.rsplit('-', 1)[-1]}") for a in cluster.applications()]
+    checked = 0
+    for place in places:
+        for path in (p for p in place.rglob("*") if p.is_file() and not p.is_symlink()):
+            checked += 1
+            assert key.encode() not in path.read_bytes(), f"key in {path}"
+    if nodes_alive:
+        assert checked > 10, f"the sweep should have read the nodes' logs: {places}"
+    for output in outputs:
+        assert key not in output
 
 
 def assert_nothing_left(cluster: LocalCluster, pgids: set[int]) -> None:
@@ -66,14 +86,26 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
 
     status = cluster.exec("ray status")
     assert status.returncode == 0 and "gpu_worker" in status.stdout
+    outputs = [
+        up.stdout,
+        head_ip.stdout,
+        exec_result.stdout,
+        attach.stdout,
+        submitted.stdout,
+        status.stdout,
+    ]
+    assert_key_nowhere(cluster, outputs)  # head and GPU worker both alive here
 
     cluster.wait_for(lambda: not cluster.workers(), 180, "the idle worker to be deleted")
     assert [a.id for a in cluster.applications()] == [head.id]
+
+    assert_key_nowhere(cluster, outputs)  # after scale-down
 
     down = cluster.down()
     assert down.returncode == 0, down.stdout[-3000:]
     assert_nothing_left(cluster, pgids)
     assert not (emulator.project_dir / ".ray-cml" / "e2e").exists()
+    assert_key_nowhere(cluster, [down.stdout], nodes_alive=False)
 
 
 @pytest.mark.timeout(600)
