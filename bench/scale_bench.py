@@ -30,7 +30,7 @@ from ray_cml_provider.local_cluster import LocalCluster
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 
 PROBE = Path(__file__).with_name("gpu_join_probe.py")
-PIN = Path(__file__).with_name("pin_one_gpu.py")
+DEMAND = Path(__file__).with_name("set_gpu_demand.py")
 LIST_CALL = "GET /api/v2/projects/{project_id}/applications"
 UPDATE_INTERVAL_S = 5  # Ray's AUTOSCALER_UPDATE_INTERVAL_S
 
@@ -76,7 +76,7 @@ def real_cluster(runs: int) -> None:
             )
 
         # Steady state with a worker: pin one GPU so the worker stays, then count calls.
-        cluster.submit(PIN)
+        cluster.submit(DEMAND, "1")
         cluster.wait_for(lambda: len(cluster.workers()) == 1, 300, "the pinned worker")
         time.sleep(10)
         window_s = 30

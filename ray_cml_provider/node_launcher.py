@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -77,6 +78,7 @@ class NodeLauncher:
         self.agent_port = port_or_free(52365)
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
+        self.done: set[str] = set()  # commands already run (each runs once)
         self._head_lost_since: float | None = None
         self._next_head_check = 0.0
 
@@ -183,18 +185,27 @@ class NodeLauncher:
         return now - self._head_lost_since > self.head_lost_timeout_s
 
     def serve_inbox_once(self) -> None:
+        """Start each new command in its own thread: a long one (a `ray submit` waiting for
+        a GPU) must not hold up the next (a `ray exec 'ray status'`)."""
         for request in sorted(self.inbox.glob("*.json")):
             name = request.stem
+            if name in self.done:
+                continue  # the runner deletes the request once it has read the result
             try:
                 spec = json.loads(request.read_text())
             except (OSError, ValueError):
                 continue  # still being written
-            request.unlink(missing_ok=True)
-            out = self.outbox / f"{name}.out"
-            log(f"running command {name}")
-            code = self.run_command(spec["cmd"], spec.get("env") or {}, out)
-            (self.outbox / f"{name}.rc").write_text(str(code))
-            log(f"command {name} exited with {code}")
+            self.done.add(name)
+            threading.Thread(target=self.run_request, args=(name, spec), daemon=True).start()
+
+    def run_request(self, name: str, spec: dict) -> None:
+        log(f"running command {name}")
+        code = self.run_command(spec["cmd"], spec.get("env") or {}, self.outbox / f"{name}.out")
+        rc = self.outbox / f"{name}.rc"
+        tmp = rc.with_suffix(".rc.tmp")
+        tmp.write_text(str(code))
+        tmp.replace(rc)  # the runner polls for .rc: it appears whole, after the output
+        log(f"command {name} exited with {code}")
 
     # ------------------------------------------------------------------ worker
 

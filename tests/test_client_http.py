@@ -362,3 +362,20 @@ def test_list_files_parses_string_sizes(client):
         ("data/a", False, 12),
         ("data/sub", True, 0),
     ]
+
+
+@responses.activate
+def test_upload_with_a_lost_answer_is_looked_up_not_duplicated(client):
+    responses.post(FILES, body=requests.ConnectionError("connection reset"))
+    responses.get(f"{FILES}/ray", json={"files": [{"path": "ray/a.txt", "is_dir": False}]})
+    client.upload_file("ray/a.txt", b"x")
+    assert [c.request.method for c in responses.calls] == ["POST", "GET"]
+
+
+@responses.activate
+def test_upload_with_a_lost_answer_is_sent_again_when_absent(client):
+    responses.post(FILES, body=requests.ConnectionError("connection reset"))
+    responses.get(f"{FILES}/ray", json={"files": []})
+    responses.post(FILES, json={})
+    client.upload_file("ray/a.txt", b"x")
+    assert [c.request.method for c in responses.calls] == ["POST", "GET", "POST"]

@@ -169,13 +169,32 @@ class CMLClient:
             self.delete_file(path, missing_ok=True)
         data = content.encode() if isinstance(content, str) else content
         filename = path.rsplit("/", 1)[-1]
-        self._transport.request(
-            "POST",
-            self._project_path("files"),
-            files={path: (filename, data, "application/octet-stream")},
-            idempotent=False,
-            name_hint=path,
-        )
+        # An upload is not idempotent (a second one lands at name(1).ext). When its answer
+        # is lost, look the path up and send again only if it is not there.
+        last_error: CMLOutcomeUnknownError | None = None
+        for _ in range(self._transport.retry.max_attempts):
+            try:
+                self._transport.request(
+                    "POST",
+                    self._project_path("files"),
+                    files={path: (filename, data, "application/octet-stream")},
+                    idempotent=False,
+                    name_hint=path,
+                )
+                return
+            except CMLOutcomeUnknownError as exc:
+                last_error = exc
+                if self._file_exists(path):
+                    return
+        assert last_error is not None
+        raise last_error
+
+    def _file_exists(self, path: str) -> bool:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        try:
+            return any(f.path == path for f in self.list_files(parent))
+        except CMLNotFoundError:
+            return False
 
     def list_files(self, path: str = "") -> list[ProjectFile]:
         data = self._transport.request("GET", self._files_path(path))

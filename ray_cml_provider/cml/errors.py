@@ -75,7 +75,7 @@ class CMLOutcomeUnknownError(CMLError):
         self.path = path
         self.reason = reason
         self.name = name
-        what = f" (application name {name!r})" if name else ""
+        what = f" ({name!r})" if name else ""
         super().__init__(
             f"{method} {path}{what}: the answer was lost ({reason}); the request may have "
             "taken effect. Look it up by name before sending it again."

@@ -74,6 +74,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         except CMLNotFoundError:
             output = b""  # the command printed nothing
         text = output.decode("utf-8", "replace")
+        self.client.delete_file(f"{self.node_dir}/inbox/{name}.json", missing_ok=True)
         for suffix in (".out", ".rc"):
             self.client.delete_file(f"{self.node_dir}/outbox/{name}{suffix}", missing_ok=True)
         if not with_output and text:

@@ -1,0 +1,153 @@
+"""Soak: repeated scale-up / scale-down cycles under injected API faults, on the emulator.
+Prints numbers; the test suite runs a short variant and checks them.
+
+    .venv/bin/python bench/soak.py [--minutes 10] [--workers 2] [--fault-rate 0.25]
+
+Each cycle pins a demand of N one-GPU bundles (the autoscaler must create N GPU worker
+applications), waits for them, clears the demand and waits until they are gone. A sampler
+lists the applications every second through its own client. At the end: `ray down`, then
+the emulator is asked what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ray_cml_provider.cml import ApplicationStatus, CMLClient, RetryPolicy
+from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.emulator.processes import live_group_members
+from ray_cml_provider.local_cluster import LocalCluster
+
+DEMAND = Path(__file__).with_name("set_gpu_demand.py")
+# The bench's own clients retry through the faults it injects; their retry lines are noise.
+logging.getLogger("ray_cml_provider.cml").setLevel(logging.ERROR)
+
+
+class Sampler(threading.Thread):
+    """Lists the cluster's applications every second: ids per name, most workers at once."""
+
+    def __init__(self, emulator: RunningEmulator, cluster_name: str):
+        super().__init__(daemon=True)
+        self.client = CMLClient(
+            **emulator.client_settings(), retry=RetryPolicy(max_attempts=10, backoff_base_s=0.05)
+        )
+        self.prefix = f"ray-{cluster_name}-"
+        self.ids_by_name: dict[str, set[str]] = defaultdict(set)
+        self.max_workers = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                apps = self.client.list_applications({"name": self.prefix})
+            except Exception:  # noqa: BLE001 - a failed sample is just skipped
+                continue
+            workers = [a for a in apps if "-worker-" in a.name]
+            for app in apps:
+                self.ids_by_name[app.name].add(app.id)
+            self.max_workers = max(self.max_workers, len(workers))
+
+
+def running_workers(cluster: LocalCluster) -> int:
+    return sum(1 for w in cluster.workers() if w.status == ApplicationStatus.RUNNING)
+
+
+def soak(
+    minutes: float,
+    workers: int,
+    fault_rate: float,
+    latency_ms: float,
+    drop_rate: float,
+    max_cycles: int | None = None,
+) -> dict:
+    results: dict = {"cycles": 0}
+    with tempfile.TemporaryDirectory(prefix="soak-") as work, RunningEmulator() as emulator:
+        emulator.set_faults(fault_rate=fault_rate, latency_ms=latency_ms, drop_rate=drop_rate)
+
+        def edit(config: dict) -> None:
+            config["max_workers"] = workers
+            config["available_node_types"]["gpu_worker"]["max_workers"] = workers
+
+        cluster = LocalCluster(emulator, Path(work), cluster_name="soak", config_overrides=edit)
+        # The bench's own view of CML retries harder than users would, so that counting
+        # never fails because of the faults it injects.
+        cluster.client = CMLClient(
+            **emulator.client_settings(), retry=RetryPolicy(max_attempts=10, backoff_base_s=0.05)
+        )
+        if cluster.up().returncode != 0:
+            sys.exit("ray up failed")
+        sampler = Sampler(emulator, cluster.cluster_name)
+        sampler.start()
+        deadline = time.monotonic() + minutes * 60
+        while time.monotonic() < deadline and (
+            max_cycles is None or results["cycles"] < max_cycles
+        ):
+            cluster.submit(DEMAND, str(workers))
+            cluster.wait_for(lambda: running_workers(cluster) == workers, 300, "scale-up")
+            cluster.submit(DEMAND, "0")
+            cluster.wait_for(lambda: not cluster.workers(), 300, "scale-down")
+            results["cycles"] += 1
+        monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.* 2>/dev/null")
+        results["autoscaler_exceptions"] = monitor.stdout.count("Traceback")
+        groups = [p["pgid"] for p in emulator.processes() if p.get("pgid")]
+        down = cluster.down()
+        sampler.stop.set()
+        sampler.join()
+        time.sleep(2)
+        stats = emulator.stats()
+        names = sampler.ids_by_name
+        results.update(
+            {
+                "down_ok": down.returncode == 0,
+                "applications_created": sum(len(ids) for ids in names.values()),
+                "max_workers_at_once": sampler.max_workers,
+                "duplicates": sum(len(ids) - 1 for ids in names.values() if len(ids) > 1),
+                "orphan_applications": len(cluster.applications()),
+                "applications_deleted": sum(len(ids) for ids in names.values())
+                - len(cluster.applications()),
+                "orphan_processes": sum(len(live_group_members(g)) for g in groups),
+                "api_requests": stats["total"],
+                "faults_injected": stats["faults_injected"],
+                "answers_dropped": stats["answers_dropped"],
+                "creates_sent": stats["requests"].get(
+                    "POST /api/v2/projects/{project_id}/applications", 0
+                ),
+            }
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fault-rate", type=float, default=0.25)
+    parser.add_argument("--latency-ms", type=float, default=20)
+    parser.add_argument("--drop-rate", type=float, default=0.02)
+    parser.add_argument("--max-cycles", type=int)
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = soak(
+        args.minutes,
+        args.workers,
+        args.fault_rate,
+        args.latency_ms,
+        args.drop_rate,
+        args.max_cycles,
+    )
+    results["wall_s"] = round(time.monotonic() - started)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Failure handling with real Ray on the emulator: an interrupted `ray up`, and GPU workers
+asked beyond the workspace's quota."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_cml_provider.cml import ApplicationStatus
+from ray_cml_provider.local_cluster import LocalCluster
+
+GPU_TASK = Path(__file__).resolve().parent.parent / "ray_cml_provider" / "demo_gpu_task.py"
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupted_ray_up_is_adopted_by_the_next_and_removed_by_down(start_emulator, tmp_path):
+    emulator = start_emulator()
+    cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="ctrlc")
+    interrupted = subprocess.Popen(
+        ["ray", "up", "-y", "--no-config-cache", str(cluster.config_path)],
+        env=cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        cluster.wait_for(lambda: cluster.applications(), 60, "the head application")
+        time.sleep(1.0)  # the head is starting: Ctrl-C now
+        os.killpg(interrupted.pid, signal.SIGINT)
+        interrupted.wait(60)
+    finally:
+        if interrupted.poll() is None:
+            os.killpg(interrupted.pid, signal.SIGKILL)
+    assert len(cluster.applications()) == 1
+
+    again = cluster.up()
+    assert again.returncode == 0, again.stdout[-3000:]
+    heads = [a for a in cluster.applications() if a.status == ApplicationStatus.RUNNING]
+    assert len(heads) == 1 and len(cluster.applications()) == 1, "one head, adopted or replaced"
+
+    down = cluster.down()
+    assert down.returncode == 0
+    assert cluster.applications() == []
+
+
+@pytest.mark.timeout(600)
+def test_gpu_workers_beyond_quota_time_out_are_reported_and_not_retried_hot(
+    start_emulator, tmp_path
+):
+    emulator = start_emulator("--max-gpus", "0")
+
+    def short_launch_timeout(config: dict) -> None:
+        config["provider"]["launch_timeout_s"] = 8
+
+    cluster = LocalCluster(
+        emulator, tmp_path / "work", cluster_name="quota", config_overrides=short_launch_timeout
+    )
+    assert cluster.up().returncode == 0
+    waiting = subprocess.Popen(
+        ["ray", "submit", "--no-config-cache", str(cluster.config_path), str(GPU_TASK)],
+        env=cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        cluster.wait_for(lambda: cluster.workers(), 60, "a GPU worker to be asked for")
+        [worker] = cluster.workers()
+        assert worker.status == ApplicationStatus.STARTING  # over quota: no engine
+        cluster.wait_for(
+            lambda: worker.id not in [w.id for w in cluster.workers()],
+            60,
+            "the stuck worker to be deleted",
+        )
+        emulator.reset_stats()
+        time.sleep(30)
+        creates = emulator.stats()["requests"].get(
+            "POST /api/v2/projects/{project_id}/applications", 0
+        )
+        assert creates <= 3, f"{creates} creates in 30 s: a hot retry loop"
+        # The autoscaler got the provider's NodeLaunchException with CML's reason. (On
+        # autoscaler v2, `ray status` shows the retry as "launching", not under "Recent
+        # failures": see the closing note of issue 5.)
+        monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*")
+        assert "Failed to launch 1 nodes of type gpu_worker" in monitor.stdout
+        assert "over the workspace's quota" in monitor.stdout
+        status = cluster.exec("ray status")  # the head still serves while a launch waits
+        assert status.returncode == 0 and "gpu_worker" in status.stdout
+    finally:
+        os.killpg(waiting.pid, signal.SIGKILL)
+        waiting.wait()
+    assert cluster.down().returncode == 0
+    assert cluster.applications() == []
