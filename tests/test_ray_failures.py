@@ -83,14 +83,15 @@ def test_gpu_workers_beyond_quota_time_out_are_reported_and_not_retried_hot(
             "POST /api/v2/projects/{project_id}/applications", 0
         )
         assert creates <= 3, f"{creates} creates in 30 s: a hot retry loop"
-        # The autoscaler got the provider's NodeLaunchException with CML's reason. (On
-        # autoscaler v2, `ray status` shows the retry as "launching", not under "Recent
-        # failures": see the closing note of issue 5.)
+        # The autoscaler got the provider's NodeLaunchException with CML's reason, and
+        # `ray status` (the head still serves while a launch waits) shows it.
         monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*")
         assert "Failed to launch 1 nodes of type gpu_worker" in monitor.stdout
         assert "over the workspace's quota" in monitor.stdout
-        status = cluster.exec("ray status")  # the head still serves while a launch waits
-        assert status.returncode == 0 and "gpu_worker" in status.stdout
+        status = cluster.exec("ray status")
+        assert status.returncode == 0
+        failures = status.stdout.split("Recent failures:")[1].split("Resources")[0]
+        assert "gpu_worker" in failures, status.stdout
     finally:
         os.killpg(waiting.pid, signal.SIGKILL)
         waiting.wait()

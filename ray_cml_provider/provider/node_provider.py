@@ -64,6 +64,7 @@ TAGS_PREFIX = "ray-cml node "
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
+MAX_HIDDEN_S = 500.0
 LIVE_STATUSES = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 
 
@@ -223,6 +224,12 @@ class CMLNodeProvider(NodeProvider):
                 self._delete_in_background(
                     node, f"still STARTING after {self.launch_timeout_s:.0f} s"
                 )
+                continue
+            if node.node_id in self._launching and _age_s(node.app.created_at) < MAX_HIDDEN_S:
+                # Our create_node is still waiting for it. Autoscaler v2 would match it to its
+                # launch request now and then lose a launch failure (no "Recent failures");
+                # hidden, the failure fails the still-open request. Never longer than
+                # MAX_HIDDEN_S, under v2's 600 s limit for a request to be matched.
                 continue
             if self._matches(node, tag_filters):
                 alive.append(node.node_id)
