@@ -90,6 +90,18 @@ class LocalCluster:
         watchdog.cancel()
         return subprocess.CompletedProcess(command, code, "".join(lines), "")
 
+    def start_ray(self, *args: str) -> subprocess.Popen:
+        """Start ``ray ARGS...`` without waiting (its own process group, output discarded),
+        for tests that interrupt it or leave it waiting."""
+        return subprocess.Popen(
+            ["ray", *args],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
     def up(self) -> subprocess.CompletedProcess:
         return self.ray("up", "-y", "--no-config-cache", str(self.config_path))
 

@@ -41,25 +41,26 @@ HEAD_TAGS = {TAG_RAY_NODE_KIND: NODE_KIND_HEAD, TAG_RAY_USER_NODE_TYPE: "head"}
 WORKER_TAGS = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: "gpu_worker"}
 
 
+def provider_on(emulator, monkeypatch, cluster: str = "c1", **options) -> CMLNodeProvider:
+    """A provider of ``cluster`` on ``emulator``; ``options`` override provider keys."""
+    monkeypatch.setenv("TEST_CML_KEY", emulator.api_key)
+    config = {
+        "type": "external",
+        "module": "ray_cml_provider.CMLNodeProvider",
+        "host": emulator.url,
+        "project_id": emulator.project_id,
+        "api_key_env": "TEST_CML_KEY",
+        "launch_timeout_s": 30,
+        "head_lost_timeout_s": 300,
+        "poll_interval_s": 0.2,
+        **options,
+    }
+    return CMLNodeProvider(config, cluster)
+
+
 @pytest.fixture
 def make_provider(emulator, monkeypatch):
-    monkeypatch.setenv("TEST_CML_KEY", emulator.api_key)
-
-    def make(cluster: str = "c1", **options) -> CMLNodeProvider:
-        config = {
-            "type": "external",
-            "module": "ray_cml_provider.CMLNodeProvider",
-            "host": emulator.url,
-            "project_id": emulator.project_id,
-            "api_key_env": "TEST_CML_KEY",
-            "launch_timeout_s": 30,
-            "head_lost_timeout_s": 300,
-            "poll_interval_s": 0.2,
-            **options,
-        }
-        return CMLNodeProvider(config, cluster)
-
-    return make
+    return lambda cluster="c1", **options: provider_on(emulator, monkeypatch, cluster, **options)
 
 
 @pytest.fixture
@@ -154,18 +155,7 @@ def test_a_failed_node_is_dropped_and_deleted(provider, emulator):
 
 def test_over_quota_launch_times_out_is_deleted_and_reported(start_emulator, monkeypatch):
     emulator = start_emulator("--max-gpus", "0")
-    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
-    provider = CMLNodeProvider(
-        {
-            "type": "external",
-            "module": "m",
-            "host": emulator.url,
-            "project_id": emulator.project_id,
-            "launch_timeout_s": 1.5,
-            "poll_interval_s": 0.2,
-        },
-        "quota",
-    )
+    provider = provider_on(emulator, monkeypatch, "quota", launch_timeout_s=1.5)
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     started = time.monotonic()
     with pytest.raises(NodeLaunchException) as info:
@@ -295,19 +285,7 @@ def test_workspace_problems_stop_ray_up_with_one_line(emulator, monkeypatch, cha
 
 def test_a_node_restarted_by_cml_removes_itself_instead_of_rejoining(start_emulator, monkeypatch):
     emulator = start_emulator("--restart-failed", "3", "--restart-delay-s", "0.2")
-    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
-    provider = CMLNodeProvider(
-        {
-            "type": "external",
-            "module": "m",
-            "host": emulator.url,
-            "project_id": emulator.project_id,
-            "launch_timeout_s": 30,
-            "poll_interval_s": 0.2,
-            "head_lost_timeout_s": 300,
-        },
-        "zombie",
-    )
+    provider = provider_on(emulator, monkeypatch, "zombie")
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     [worker] = launch(provider)
     app_id = provider._node(worker).app.id

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,13 +20,7 @@ GPU_TASK = Path(__file__).resolve().parent.parent / "ray_cml_provider" / "demo_g
 def test_an_interrupted_ray_up_is_adopted_by_the_next_and_removed_by_down(start_emulator, tmp_path):
     emulator = start_emulator()
     cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="ctrlc")
-    interrupted = subprocess.Popen(
-        ["ray", "up", "-y", "--no-config-cache", str(cluster.config_path)],
-        env=cluster.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    interrupted = cluster.start_ray("up", "-y", "--no-config-cache", str(cluster.config_path))
     try:
         cluster.wait_for(lambda: cluster.applications(), 60, "the head application")
         time.sleep(1.0)  # the head is starting: Ctrl-C now
@@ -61,12 +54,8 @@ def test_gpu_workers_beyond_quota_time_out_are_reported_and_not_retried_hot(
         emulator, tmp_path / "work", cluster_name="quota", config_overrides=short_launch_timeout
     )
     assert cluster.up().returncode == 0
-    waiting = subprocess.Popen(
-        ["ray", "submit", "--no-config-cache", str(cluster.config_path), str(GPU_TASK)],
-        env=cluster.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    waiting = cluster.start_ray(
+        "submit", "--no-config-cache", str(cluster.config_path), str(GPU_TASK)
     )
     try:
         cluster.wait_for(lambda: cluster.workers(), 60, "a GPU worker to be asked for")
