@@ -104,7 +104,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def main() -> int:  # noqa: D103 - ray-cml demo --lifecycle
+def main() -> int:
     try:
         return run_lifecycle_demo()
     except (CMLError, TimeoutError, RuntimeError) as exc:

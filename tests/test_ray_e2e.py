@@ -17,7 +17,7 @@ from ray_cml_provider.demo import GPU_TASK
 from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.local_cluster import LocalCluster
 
-PIN_ONE_GPU = Path(__file__).parent / "scripts" / "pin_one_gpu.py"
+SET_GPU_DEMAND = Path(__file__).resolve().parent.parent / "bench" / "set_gpu_demand.py"
 RUNNING = ApplicationStatus.RUNNING
 
 
@@ -123,7 +123,7 @@ def test_v1_replaces_a_crashed_worker_and_workers_outlive_no_head(start_emulator
     monitor_log = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.log | head -50")
     assert "Autoscaler v2" not in monitor_log.stdout  # v1 runs
 
-    pinned = cluster.submit(PIN_ONE_GPU)
+    pinned = cluster.submit(SET_GPU_DEMAND, "1")
     assert pinned.returncode == 0, pinned.stdout[-3000:]
     cluster.wait_for(
         lambda: [w.status for w in cluster.workers()] == [RUNNING], 120, "the pinned GPU worker"

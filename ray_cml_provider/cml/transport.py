@@ -23,7 +23,6 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from ray_cml_provider import __version__
 from ray_cml_provider.cml.errors import (
-    CMLAPIError,
     CMLConnectionError,
     CMLOutcomeUnknownError,
     CMLServerError,
@@ -250,4 +249,4 @@ def encode_search_filter(search_filter: dict[str, Any] | None) -> str | None:
     return json.dumps(search_filter, separators=(",", ":")) if search_filter else None
 
 
-__all__ = ["CMLAPIError", "RetryPolicy", "Transport", "encode_search_filter"]
+__all__ = ["RetryPolicy", "Transport", "encode_search_filter"]
