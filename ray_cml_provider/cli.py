@@ -8,6 +8,22 @@ import sys
 
 # name -> (module whose main(argv) runs it, one-line help)
 SUBCOMMANDS = {
+    "init": (
+        "ray_cml_provider.ops.init",
+        "write a commented cluster YAML from a few flags",
+    ),
+    "doctor": (
+        "ray_cml_provider.ops.doctor",
+        "check the workspace is ready for a cluster YAML, before anything runs",
+    ),
+    "status": (
+        "ray_cml_provider.ops.status",
+        "the cluster's nodes as CML and Ray see them (--json for scripts)",
+    ),
+    "gc": (
+        "ray_cml_provider.ops.gc",
+        "find (and with --yes delete) applications whose cluster's head is gone",
+    ),
     "emulator": (
         "ray_cml_provider.emulator.main",
         "run the local CML API v2 emulator",

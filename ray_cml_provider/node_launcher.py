@@ -111,6 +111,9 @@ class NodeLauncher:
             "kind": self.kind,
             "ip": self.ip,
             "gcs_port": self.gcs_port,
+            "client_port": self.client_port,
+            # The one port CML's proxy exposes (the application's URL); the head's dashboard.
+            "app_port": int(self.env.get("CDSW_APP_PORT") or 0),
             "pid": os.getpid(),
             "started_at": time.time(),
         }

@@ -43,7 +43,7 @@ def test_wrong_key_gets_401_in_cmls_error_shape(emulator):
 def test_project_and_runtimes(client, emulator):
     project = client.get_project()
     assert project["id"] == emulator.project_id
-    assert project["shared_memory_limit"] == 64
+    assert project["shared_memory_limit"] > 0
     runtimes = client.list_runtimes()
     assert runtimes and all("image_identifier" in r for r in runtimes)
     cuda = client.list_runtimes({"edition": "gpu"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -44,6 +45,16 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
+def parse_timestamp(value: str) -> float | None:
+    """An RFC 3339 time from the API as epoch seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def parse_environment(value: Any) -> dict[str, str]:
     """CML sends ``environment`` as a map but returns it as a JSON string: accept both."""
     if isinstance(value, dict):
@@ -73,6 +84,8 @@ class Application:
     nvidia_gpu: int = 0
     runtime_identifier: str = ""
     created_at: str = ""
+    running_at: str = ""
+    stopped_at: str = ""
     environment: dict[str, str] = field(default_factory=dict, repr=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -90,6 +103,8 @@ class Application:
             nvidia_gpu=_int(data.get("nvidia_gpu")),
             runtime_identifier=data.get("runtime_identifier") or "",
             created_at=data.get("created_at") or "",
+            running_at=data.get("running_at") or "",
+            stopped_at=data.get("stopped_at") or "",
             environment=parse_environment(data.get("environment")),
             raw=dict(data),
         )

@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shared-memory-mb",
         type=int,
-        default=64,
-        help="the project's shared_memory_limit (CML's default is 64)",
+        default=None,
+        help="the project's shared_memory_limit in MB. Default: the size of this machine's "
+        "/dev/shm, which the emulator's applications really share (CML's default is 64)",
     )
     parser.add_argument("--max-cpu", type=float, help="workspace quota of vCPUs")
     parser.add_argument("--max-memory", type=float, help="workspace quota of memory, GB")
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return parser
+
+
+def machine_shared_memory_mb() -> int:
+    """What the emulator's applications really get: this machine's /dev/shm (64 if none)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return 64
+    return int(stats.f_frsize * stats.f_blocks / 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_grace_s=args.stop_grace_s,
         restart_failed=args.restart_failed,
         restart_delay_s=args.restart_delay_s,
-        shared_memory_mb=args.shared_memory_mb,
+        shared_memory_mb=args.shared_memory_mb or machine_shared_memory_mb(),
         quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
     )
     faults = Faults(

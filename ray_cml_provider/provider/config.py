@@ -8,9 +8,11 @@ subdomain) follow. Every error is one sentence naming the field.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
 CLUSTER_NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 MAX_CLUSTER_NAME = 40  # "ray-" + name + "-worker-" + 8 hex digits must fit 63 characters
@@ -144,42 +146,42 @@ def node_type_resources(node_type: dict[str, Any], is_head: bool) -> dict[str, f
     return resources
 
 
+def load_cluster_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a cluster YAML; every problem is one ``ClusterConfigError`` line."""
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ClusterConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise ClusterConfigError(
+            f"{path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ClusterConfigError(
+            f"{path} must hold a mapping (a cluster config), not {type(config).__name__}"
+        )
+    try:
+        validate_cluster_config(config)
+    except ClusterConfigError as exc:
+        raise ClusterConfigError(f"invalid cluster config: {exc}") from None
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     """``ray-cml validate CONFIG``: check a cluster YAML without calling any API."""
     import argparse
     import sys
 
-    import yaml
-
     parser = argparse.ArgumentParser(prog="ray-cml validate", description=main.__doc__)
     parser.add_argument("config")
     args = parser.parse_args(argv)
     try:
-        with open(args.config) as handle:
-            config = yaml.safe_load(handle)
-    except OSError as exc:
-        print(f"ray-cml: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
-        return 1
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where else ""
-        print(
-            f"ray-cml: {args.config} is not valid YAML{line}: "
-            f"{getattr(exc, 'problem', None) or exc}",
-            file=sys.stderr,
-        )
-        return 1
-    if not isinstance(config, dict):
-        print(
-            f"ray-cml: {args.config} must hold a mapping (a cluster config), not "
-            f"{type(config).__name__}",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        validate_cluster_config(config)
+        load_cluster_config(args.config)
     except ClusterConfigError as exc:
-        print(f"ray-cml: invalid cluster config: {exc}", file=sys.stderr)
+        print(f"ray-cml: {exc}", file=sys.stderr)
         return 1
     print(f"ok: {args.config} is a valid CML cluster config")
     return 0

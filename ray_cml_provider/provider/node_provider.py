@@ -17,13 +17,11 @@ import copy
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from ray_cml_provider.cml import (
     CMLRateLimitedError,
     CMLServerError,
 )
+from ray_cml_provider.cml.models import parse_timestamp
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -56,11 +55,18 @@ from ray_cml_provider.provider.config import (
     validate_cluster_name,
     validate_provider_config,
 )
+from ray_cml_provider.provider.naming import (
+    application_name,
+    cluster_dir,
+    decode_tags,
+    encode_tags,
+    ledger_entry,
+    parse_application,
+)
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER_SOURCE = Path(__file__).resolve().parent.parent / "node_launcher.py"
-TAGS_PREFIX = "ray-cml node "
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
@@ -106,31 +112,9 @@ def check_workspace(cluster_config: dict[str, Any]) -> None:
             )
 
 
-def cluster_dir(cluster_name: str) -> str:
-    """The cluster's folder in the project filesystem, relative to the project root."""
-    return f".ray-cml/{cluster_name}"
-
-
-def encode_tags(tags: dict[str, str]) -> str:
-    return TAGS_PREFIX + json.dumps(tags, sort_keys=True, separators=(",", ":"))
-
-
-def decode_tags(description: str) -> dict[str, str] | None:
-    if not description.startswith(TAGS_PREFIX):
-        return None
-    try:
-        tags = json.loads(description[len(TAGS_PREFIX) :])
-    except ValueError:
-        return None
-    return tags if isinstance(tags, dict) else None
-
-
-def _age_s(created_at: str) -> float:
-    try:
-        created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return time.time() - created.timestamp()
+def _age_s(timestamp: str) -> float:
+    started = parse_timestamp(timestamp)
+    return 0.0 if started is None else time.time() - started
 
 
 @dataclass
@@ -173,13 +157,11 @@ class CMLNodeProvider(NodeProvider):
         apps = self.client.list_applications({"name": f"ray-{self.cluster_name}-"})
         nodes = {}
         for app in apps:
-            tags = decode_tags(app.description)
-            match = re.fullmatch(
-                rf"ray-{re.escape(self.cluster_name)}-(head|worker)-(\w+)", app.name
-            )
-            if tags is None or not match or tags.get(TAG_RAY_CLUSTER_NAME) != self.cluster_name:
+            parsed = parse_application(app.name, app.description)
+            if parsed is None or parsed[0].cluster != self.cluster_name:
                 continue
-            nodes[match.group(2)] = Node(match.group(2), app, tags)
+            name, tags = parsed
+            nodes[name.node_id] = Node(name.node_id, app, tags)
         with self._lock:
             self._nodes = nodes
         return nodes
@@ -373,7 +355,7 @@ class CMLNodeProvider(NodeProvider):
         resources: dict[str, float],
         labels: dict[str, str],
     ) -> tuple[str, dict[str, Any]]:
-        name = f"ray-{self.cluster_name}-{kind}-{node_id}"
+        name = application_name(self.cluster_name, kind, node_id)
         internal = node_config.get("_ray_cml", {})
         env = dict(node_config.get("environment", {}))
         env.update(
@@ -466,10 +448,24 @@ class CMLNodeProvider(NodeProvider):
     def _delete(self, node: Node, reason: str) -> None:
         logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
         self.client.delete_application(node.app.id, missing_ok=True)
+        self._record_gpu_time(node)
         self.client.delete_file(f"{self.dir}/nodes/{node.node_id}", missing_ok=True)
         with self._lock:
             self._nodes.pop(node.node_id, None)
             self._ips.pop(node.node_id, None)
+
+    def _record_gpu_time(self, node: Node) -> None:
+        """A GPU node's time goes to the cluster's ledger, so ``ray-cml status`` can total
+        GPU-hours since the cluster started after its workers are gone. Best effort: an
+        entry lost here undercounts a report, it never blocks a delete."""
+        start = parse_timestamp(node.app.running_at) or parse_timestamp(node.app.created_at)
+        if not node.app.nvidia_gpu or start is None:
+            return
+        entry = ledger_entry(node.node_id, node.app.nvidia_gpu, start, time.time())
+        try:
+            self.client.upload_file(f"{self.dir}/ledger/{entry}", b"")
+        except CMLError as exc:
+            logger.warning("could not record GPU time of %s: %s", node.app.name, exc)
 
     def _delete_in_background(self, node: Node, reason: str) -> None:
         def run() -> None:

@@ -1,0 +1,1 @@
+"""Operator tools: ``ray-cml init``, ``doctor``, ``status`` and ``gc``."""

@@ -1,0 +1,343 @@
+"""``ray-cml doctor CONFIG``: is the workspace ready for this cluster, before anything runs?
+
+One line per check, ``ok``, ``problem`` (with what to do) or ``skip``; the exit status is 1
+when any check found a problem. Checks, in order (a failed one skips those that need it):
+
+1. the cluster YAML is valid (offline);
+2. the host answers HTTP;
+3. the API key is accepted;
+4. the project exists;
+5. the project's files are writable (a probe file is written and deleted);
+6. every node type's runtime is a runtime of the workspace;
+7. the project's shared memory (``/dev/shm``) holds each node's Ray object store;
+8. the GPUs the cluster may hold fit the quota you name (``--gpu-quota``; CML's API does
+   not publish quotas), counting GPUs other applications of the project hold now;
+9. the provider module will import on the head: it imports here, and the head's setup
+   commands install this package and the same Ray version (or the engines run this
+   machine's Python, as on the emulator);
+10. whether a head of this cluster already runs (``ray up`` would reuse it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError
+from ray_cml_provider.ops.workspace import (
+    OperatorError,
+    client_for,
+    explain,
+    is_local_host,
+    key_env_of,
+)
+from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
+from ray_cml_provider.provider.naming import CLUSTERS_DIR, parse_application
+
+OK, PROBLEM, SKIP = "ok", "problem", "skip"
+RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default: 30% of the node's memory
+LIVE = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
+
+
+@dataclass
+class Check:
+    name: str
+    outcome: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.outcome:<7}  {self.name}: {self.detail}"
+
+
+class Doctor:
+    def __init__(self, config: dict[str, Any], client: CMLClient, gpu_quota: int | None):
+        self.config = config
+        self.provider = config["provider"]
+        self.client = client
+        self.gpu_quota = gpu_quota
+        self.checks: list[Check] = []
+        self.project: dict[str, Any] = {}
+
+    def add(self, name: str, outcome: str, detail: str) -> bool:
+        self.checks.append(Check(name, outcome, detail))
+        return outcome == OK
+
+    def run(self) -> list[Check]:
+        self.add("config", OK, f"cluster {self.config['cluster_name']!r} is a valid CML config")
+        if self.host_answers() and self.key_accepted() and self.project_exists():
+            self.project_writable()
+            self.runtimes_exist()
+            self.shared_memory()
+            self.gpu_quota_fits()
+            self.existing_head()
+        else:
+            for name in ("project files", "runtimes", "shared memory", "GPU quota", "cluster"):
+                self.add(name, SKIP, "needs the checks above")
+        self.provider_imports_on_head()
+        return self.checks
+
+    # ------------------------------------------------------------------ workspace
+
+    def host_answers(self) -> bool:
+        host = self.client.settings.host
+        try:
+            answer = requests.get(f"{host}/api/v2/runtimes", timeout=10)
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            return self.add(
+                "host",
+                PROBLEM,
+                f"{host} does not answer ({reason}); check provider.host (or CML_HOST), "
+                "the URL's scheme, and your network or VPN",
+            )
+        return self.add("host", OK, f"{host} answers (HTTP {answer.status_code})")
+
+    def key_accepted(self) -> bool:
+        try:
+            self.client.list_runtimes({"status": "ENABLED"})
+        except CMLError as exc:
+            return self.add("API key", PROBLEM, explain(exc, key_env_of(self.provider)))
+        return self.add("API key", OK, f"accepted (from ${key_env_of(self.provider)})")
+
+    def project_exists(self) -> bool:
+        try:
+            self.project = self.client.get_project()
+        except CMLError as exc:
+            return self.add("project", PROBLEM, explain(exc, key_env_of(self.provider)))
+        name = self.project.get("name") or self.client.settings.project_id
+        return self.add("project", OK, f"{name!r} ({self.client.settings.project_id})")
+
+    def project_writable(self) -> None:
+        probe = f"{CLUSTERS_DIR}/.doctor-{secrets.token_hex(4)}"
+        try:
+            self.client.upload_file(probe, b"ray-cml doctor probe")
+            self.client.delete_file(probe, missing_ok=True)
+        except CMLError as exc:
+            self.add(
+                "project files",
+                PROBLEM,
+                f"cannot write {probe} ({explain(exc)}); the key's user must be able to "
+                "write the project's files (collaborator with write access)",
+            )
+            return
+        self.add("project files", OK, f"writable ({CLUSTERS_DIR}/ holds the cluster's files)")
+
+    def runtimes_exist(self) -> None:
+        try:
+            known = {r.get("image_identifier") for r in self.client.list_runtimes()}
+        except CMLError as exc:
+            self.add("runtimes", PROBLEM, explain(exc))
+            return
+        missing = [
+            f"available_node_types.{name}.node_config.runtime_identifier ({runtime})"
+            for name, node_type in self.config["available_node_types"].items()
+            if (runtime := node_type["node_config"]["runtime_identifier"]) not in known
+        ]
+        if missing:
+            self.add(
+                "runtimes",
+                PROBLEM,
+                f"not a runtime of this workspace: {'; '.join(missing)}; pick an "
+                "image_identifier from GET /api/v2/runtimes (or Site Administration > Runtimes)",
+            )
+        else:
+            self.add("runtimes", OK, f"all {len(self.config['available_node_types'])} found")
+
+    def shared_memory(self) -> None:
+        limit_mb = _number(self.project.get("shared_memory_limit"))
+        if not limit_mb:
+            self.add("shared memory", SKIP, "the project does not report shared_memory_limit")
+            return
+        needs = {
+            name: object_store_mb(self.config, name) for name in self.config["available_node_types"]
+        }
+        too_big = {name: mb for name, mb in needs.items() if mb > limit_mb}
+        if too_big:
+            largest = max(too_big.values())
+            self.add(
+                "shared memory",
+                PROBLEM,
+                f"the project's shared memory is {limit_mb:g} MB but Ray's object store needs "
+                + ", ".join(f"{mb:g} MB on {name}" for name, mb in too_big.items())
+                + f" (Ray would fall back to slow /tmp); raise the project's Shared Memory "
+                f"Limit (Project Settings > Advanced) to at least {largest:g} MB, or pass a "
+                "smaller --object-store-memory in the start commands",
+            )
+        else:
+            self.add(
+                "shared memory",
+                OK,
+                f"{limit_mb:g} MB holds every node's object store "
+                f"(largest {max(needs.values()):g} MB)",
+            )
+
+    def gpu_quota_fits(self) -> None:
+        types = self.config["available_node_types"]
+        by_type = sum(
+            int(t["node_config"].get("nvidia_gpu", 0)) * int(t.get("max_workers", 0))
+            for name, t in types.items()
+            if name != self.config["head_node_type"]
+        )
+        per_node = max(int(t["node_config"].get("nvidia_gpu", 0)) for t in types.values())
+        cluster_max = self.config.get("max_workers")
+        most = min(by_type, per_node * cluster_max) if isinstance(cluster_max, int) else by_type
+        if self.gpu_quota is None:
+            self.add(
+                "GPU quota",
+                SKIP,
+                f"the cluster may hold up to {most} GPU(s); pass --gpu-quota N (your quota, "
+                "from CML's Quota settings) to check it",
+            )
+            return
+        try:
+            apps = self.client.list_applications()
+        except CMLError as exc:
+            self.add("GPU quota", PROBLEM, explain(exc))
+            return
+        cluster = self.config["cluster_name"]
+        in_use = 0
+        for app in apps:
+            parsed = parse_application(app.name, app.description)
+            if app.status in LIVE and (parsed is None or parsed[0].cluster != cluster):
+                in_use += app.nvidia_gpu
+        free = self.gpu_quota - in_use
+        detail = (
+            f"the cluster may hold up to {most} GPU(s); quota {self.gpu_quota}, "
+            f"{in_use} held by other applications of the project"
+        )
+        if most > free:
+            self.add(
+                "GPU quota",
+                PROBLEM,
+                f"{detail}: only {free} free, so launches past that wait in STARTING and are "
+                "deleted after launch_timeout_s; lower max_workers or free GPUs",
+            )
+        else:
+            self.add("GPU quota", OK, detail)
+
+    def existing_head(self) -> None:
+        cluster = self.config["cluster_name"]
+        try:
+            apps = self.client.list_applications({"name": f"ray-{cluster}-head-"})
+        except CMLError as exc:
+            self.add("cluster", PROBLEM, explain(exc))
+            return
+        heads = [
+            a
+            for a in apps
+            if (p := parse_application(a.name, a.description)) and p[0].cluster == cluster
+        ]
+        live = [a for a in heads if a.status in LIVE]
+        if live:
+            self.add("cluster", OK, f"{live[0].name} already runs: `ray up` reuses it")
+        else:
+            self.add("cluster", OK, f"no head of {cluster!r} runs yet")
+
+    # ------------------------------------------------------------------ head software
+
+    def provider_imports_on_head(self) -> None:
+        module = self.provider["module"]
+        path, _, attr = module.rpartition(".")
+        try:
+            provider_class = getattr(importlib.import_module(path), attr)
+        except Exception as exc:
+            self.add("provider module", PROBLEM, f"{module} does not import here: {exc}")
+            return
+        from ray.autoscaler.node_provider import NodeProvider
+
+        if not (isinstance(provider_class, type) and issubclass(provider_class, NodeProvider)):
+            self.add("provider module", PROBLEM, f"{module} is not a Ray NodeProvider")
+            return
+        if is_local_host(self.client.settings.host):
+            self.add(
+                "provider module",
+                OK,
+                f"{module} imports; the emulator's applications run this machine's Python",
+            )
+            return
+        commands = " ".join(
+            list(self.config.get("setup_commands") or [])
+            + list(self.config.get("head_setup_commands") or [])
+        )
+        import ray
+
+        problems = []
+        if not re.search(r"ray-cml-provider|ray_cml_provider|PYTHONPATH", commands):
+            problems.append(
+                "no setup command installs ray-cml-provider on the head (the head's "
+                "autoscaler imports it): add it to setup_commands' pip install"
+            )
+        unquoted = commands.replace('"', "").replace("'", "")
+        pins = re.findall(r"\bray(?:\[[^\]]*\])?==([0-9][\w.]*)", unquoted)
+        if not pins:
+            problems.append(
+                f'no setup command pins Ray; install "ray[default,serve]=={ray.__version__}" '
+                "so the head runs the same Ray as this machine"
+            )
+        elif any(pin != ray.__version__ for pin in pins):
+            problems.append(
+                f"setup_commands install Ray {', '.join(sorted(set(pins)))} but this machine "
+                f"runs {ray.__version__}; Ray needs the same version everywhere"
+            )
+        if problems:
+            self.add("provider module", PROBLEM, "; ".join(problems))
+        else:
+            self.add(
+                "provider module",
+                OK,
+                f"{module} imports here; setup_commands install it and Ray {ray.__version__}",
+            )
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def object_store_mb(config: dict[str, Any], node_type: str) -> float:
+    """The object store a node of this type asks for: ``--object-store-memory`` in its start
+    commands, else Ray's default share of the application's memory."""
+    is_head = node_type == config["head_node_type"]
+    key = "head_start_ray_commands" if is_head else "worker_start_ray_commands"
+    commands = " ".join(config.get(key) or [])
+    match = re.search(r"--object-store-memory[= ](\d+)", commands)
+    if match:
+        return int(match.group(1)) / 1e6
+    memory_gb = _number(config["available_node_types"][node_type]["node_config"]["memory"])
+    return memory_gb * 1000 * RAY_OBJECT_STORE_SHARE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ray-cml doctor CONFIG``: check the workspace before spending anything."""
+    parser = argparse.ArgumentParser(
+        prog="ray-cml doctor", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("config", help="the cluster YAML")
+    parser.add_argument(
+        "--gpu-quota", type=int, help="GPUs your CML quota allows (CML's API does not say)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_cluster_config(args.config)
+    except ClusterConfigError as exc:
+        print(Check("config", PROBLEM, str(exc)).line())
+        return 1
+    try:
+        with client_for(config["provider"]) as client:
+            checks = Doctor(config, client, args.gpu_quota).run()
+    except OperatorError as exc:
+        print(Check("settings", PROBLEM, str(exc)).line())
+        return 1
+    for check in checks:
+        print(check.line())
+    problems = sum(c.outcome == PROBLEM for c in checks)
+    print(f"{problems} problem(s)" if problems else "ready: ray up can start this cluster")
+    return 1 if problems else 0

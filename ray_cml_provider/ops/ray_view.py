@@ -1,0 +1,62 @@
+"""Ray's side of ``ray-cml status``: which nodes the GCS knows, idle how long, what is pending.
+
+Read from the head's GCS (``ray.autoscaler.v2.sdk.get_cluster_status``, the source of
+``ray status``), keyed by each node's cloud instance id, which is our node id. The GCS is
+reachable from other engines of the workspace (and on the emulator, from this machine) but
+not from a laptop; there ``ray-cml status`` runs this module on the head through the
+command mailbox instead::
+
+    python -m ray_cml_provider.ops.ray_view HEAD_IP:GCS_PORT   # prints the view as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def read_ray_view(gcs_address: str, timeout_s: int = 10) -> dict[str, Any]:
+    """``{"nodes": {node_id: {...}}, "pending_launches": [...], "failed_launches": [...]}``."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(gcs_address, timeout=timeout_s)
+    nodes: dict[str, dict[str, Any]] = {}
+    for state, group in (
+        ("alive", status.active_nodes),
+        ("idle", status.idle_nodes),
+        ("dead", status.failed_nodes),
+    ):
+        for node in group:
+            usage = node.resource_usage
+            nodes[node.instance_id or node.node_id or node.ip_address] = {
+                "state": state,
+                "idle_s": (usage.idle_time_ms / 1000.0) if usage and state == "idle" else 0.0,
+                "node_type": node.ray_node_type_name,
+                "ip": node.ip_address,
+                "ray_node_id": node.node_id,
+                "resources": node.total_resources(),
+            }
+    return {
+        "nodes": nodes,
+        "pending_launches": [
+            {"node_type": r.ray_node_type_name, "count": r.count} for r in status.pending_launches
+        ],
+        "failed_launches": [
+            {"node_type": r.ray_node_type_name, "count": r.count, "details": r.details or ""}
+            for r in status.failed_launches
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m ray_cml_provider.ops.ray_view HEAD_IP:GCS_PORT", file=sys.stderr)
+        return 2
+    print(json.dumps(read_ray_view(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
