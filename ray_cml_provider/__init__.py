@@ -8,6 +8,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    if name == "Cluster":
+        from ray_cml_provider.api import Cluster
+
+        return Cluster
     if name == "CMLNodeProvider":
         from ray_cml_provider.provider.node_provider import CMLNodeProvider
 

@@ -68,7 +68,13 @@ class LocalCluster:
 
     def ray(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
         """Run ``ray ARGS... CONFIG``-style commands; output is returned (and echoed)."""
-        command = ["ray", *args]
+        return self._run(["ray", *args], timeout_s)
+
+    def ray_cml(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """Run this project's ``ray-cml ARGS...`` (status, gc, doctor) the same way."""
+        return self._run(["ray-cml", *args], timeout_s)
+
+    def _run(self, command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
         process = subprocess.Popen(
             command,
             cwd=self.workdir,

@@ -44,6 +44,12 @@ def assert_key_nowhere(cluster: LocalCluster, outputs: list[str], nodes_alive: b
         assert key not in output
 
 
+def status_json(cluster: LocalCluster, *options: str) -> dict:
+    result = cluster.ray_cml("status", "--json", *options, str(cluster.config_path))
+    assert result.returncode == 0, result.stdout
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
 def assert_nothing_left(cluster: LocalCluster, pgids: set[int]) -> None:
     assert cluster.applications() == []
     cluster.wait_for(lambda: cluster.emulator.processes() == [], 30, "engines to end")
@@ -61,6 +67,9 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     assert up.returncode == 0, up.stdout[-3000:]
     [head] = cluster.applications()
     assert head.name.startswith("ray-e2e-head-") and head.status == RUNNING
+    # ray up shows what it waits for, then where the dashboard is and how to connect.
+    assert re.search(rf"ray-cml: head application {head.name} is RUNNING \(\d+\.\d s\)", up.stdout)
+    assert "the head's Ray started on" in up.stdout and "Ray Jobs:" in up.stdout
     assert head.nvidia_gpu == 0
     head_engine = engine(emulator, head.id)
     pgids.add(head_engine["pgid"])
@@ -86,6 +95,24 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
 
     status = cluster.exec("ray status")
     assert status.returncode == 0 and "gpu_worker" in status.stdout
+
+    # ray-cml status joins CML's view and Ray's, read from the head's GCS directly ...
+    report = status_json(cluster)
+    assert report["ray_view"] == "direct" and report["strays"] == []
+    rows = {n["node_id"]: n for n in report["nodes"]}
+    worker_id, head_id = worker.name.rsplit("-", 1)[-1], head.name.rsplit("-", 1)[-1]
+    assert set(rows) == {head_id, worker_id} and report["head"] == head_id
+    assert rows[worker_id]["node_type"] == "gpu_worker" and rows[worker_id]["gpus"] == 1
+    assert rows[worker_id]["cml_status"] == "RUNNING"
+    assert rows[worker_id]["ray_state"] in ("alive", "idle")
+    assert rows[worker_id]["ip"] == worker_engine["ip_address"]
+    assert report["gpus_held"] == 1
+    assert report["dashboard_url"].startswith(f"http://{head_engine['ip_address']}:")
+    # ... and through the head's mailbox, as from a laptop that cannot reach the GCS.
+    table = cluster.ray_cml("status", "--ray-view", "head", str(cluster.config_path))
+    assert table.returncode == 0, table.stdout
+    assert "Ray's view asked of the head" in table.stdout
+    assert re.search(rf"{worker_id}\s+gpu_worker\s+RUNNING\s+(alive|idle)", table.stdout)
     outputs = [
         up.stdout,
         head_ip.stdout,
@@ -93,11 +120,14 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
         attach.stdout,
         submitted.stdout,
         status.stdout,
+        table.stdout,
     ]
     assert_key_nowhere(cluster, outputs)  # head and GPU worker both alive here
 
     cluster.wait_for(lambda: not cluster.workers(), 180, "the idle worker to be deleted")
     assert [a.id for a in cluster.applications()] == [head.id]
+    after = status_json(cluster)
+    assert after["gpus_held"] == 0 and after["gpu_hours"] > 0  # the worker's time is kept
 
     assert_key_nowhere(cluster, outputs)  # after scale-down
 

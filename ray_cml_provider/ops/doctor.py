@@ -261,30 +261,9 @@ class Doctor:
                 f"{module} imports; the emulator's applications run this machine's Python",
             )
             return
-        commands = " ".join(
-            list(self.config.get("setup_commands") or [])
-            + list(self.config.get("head_setup_commands") or [])
-        )
         import ray
 
-        problems = []
-        if not re.search(r"ray-cml-provider|ray_cml_provider|PYTHONPATH", commands):
-            problems.append(
-                "no setup command installs ray-cml-provider on the head (the head's "
-                "autoscaler imports it): add it to setup_commands' pip install"
-            )
-        unquoted = commands.replace('"', "").replace("'", "")
-        pins = re.findall(r"\bray(?:\[[^\]]*\])?==([0-9][\w.]*)", unquoted)
-        if not pins:
-            problems.append(
-                f'no setup command pins Ray; install "ray[default,serve]=={ray.__version__}" '
-                "so the head runs the same Ray as this machine"
-            )
-        elif any(pin != ray.__version__ for pin in pins):
-            problems.append(
-                f"setup_commands install Ray {', '.join(sorted(set(pins)))} but this machine "
-                f"runs {ray.__version__}; Ray needs the same version everywhere"
-            )
+        problems = head_install_problems(self.config, ray.__version__)
         if problems:
             self.add("provider module", PROBLEM, "; ".join(problems))
         else:
@@ -293,6 +272,33 @@ class Doctor:
                 OK,
                 f"{module} imports here; setup_commands install it and Ray {ray.__version__}",
             )
+
+
+def head_install_problems(config: dict[str, Any], ray_version: str) -> list[str]:
+    """What keeps the head's autoscaler from importing the provider: the package is not
+    installed by the setup commands, or Ray is not pinned to this machine's version."""
+    commands = " ".join(
+        list(config.get("setup_commands") or []) + list(config.get("head_setup_commands") or [])
+    )
+    problems = []
+    if not re.search(r"ray-cml-provider|ray_cml_provider|PYTHONPATH", commands):
+        problems.append(
+            "no setup command installs ray-cml-provider on the head (the head's autoscaler "
+            "imports it): add it to setup_commands' pip install"
+        )
+    unquoted = commands.replace('"', "").replace("'", "")
+    pins = re.findall(r"\bray(?:\[[^\]]*\])?==([0-9][\w.]*)", unquoted)
+    if not pins:
+        problems.append(
+            f'no setup command pins Ray; install "ray[default,serve]=={ray_version}" so the '
+            "head runs the same Ray as this machine"
+        )
+    elif any(pin != ray_version for pin in pins):
+        problems.append(
+            f"setup_commands install Ray {', '.join(sorted(set(pins)))} but this machine runs "
+            f"{ray_version}; Ray needs the same version everywhere"
+        )
+    return problems
 
 
 def _number(value: Any) -> float:

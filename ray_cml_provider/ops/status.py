@@ -278,7 +278,7 @@ def _gpu_totals(report: ClusterStatus, ours: list, client: CMLClient, now: float
             continue
         end = now if app.status in LIVE else parse_timestamp(app.stopped_at) or now
         hours += app.nvidia_gpu * max(0.0, end - start) / 3600
-    report.gpu_hours = round(hours, 4)
+    report.gpu_hours = round(hours, 6)
 
 
 def _since(timestamp: str, now: float) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -80,6 +81,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         if not with_output and text:
             sys.stdout.write(text)
             sys.stdout.flush()
+        if code == 0 and re.search(r"\bray start\b.*--head\b", cmd, re.S):
+            _note(self._how_to_connect())
         if code != 0:
             if exit_on_fail:
                 if with_output and text:
@@ -95,7 +98,9 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def _wait_for_launcher(self) -> None:
         """Like waiting for SSH: until the node's launcher has published itself."""
-        deadline = time.monotonic() + self.provider.launch_timeout_s
+        started = time.monotonic()
+        deadline = started + self.provider.launch_timeout_s
+        next_note = started + 5
         while True:
             try:
                 self.client.list_files(f"{self.node_dir}/node.json")
@@ -103,16 +108,26 @@ class CMLCommandRunner(CommandRunnerInterface):
             except CMLError:
                 if time.monotonic() > deadline:
                     raise
+            if time.monotonic() > next_note:
+                next_note = time.monotonic() + 15
+                _note(
+                    f"waiting for the node launcher of {self.node_id} to start "
+                    f"({time.monotonic() - started:.0f} s)"
+                )
             time.sleep(1.0)
 
     def _wait_for_exit_code(self, name: str) -> int:
         """Poll the outbox (one list call per poll, backing off to 2 s) for ``name.rc``."""
         delay, started = 0.2, time.monotonic()
         next_liveness_check = started + 10
+        next_note = started + 15
         outbox = f"{self.node_dir}/outbox"
         while time.monotonic() - started < MAX_COMMAND_WAIT_S:
             if any(f.path.endswith(f"/{name}.rc") for f in self.client.list_files(outbox)):
                 return int(self.client.download_file(f"{outbox}/{name}.rc").strip() or 1)
+            if time.monotonic() > next_note:
+                next_note = time.monotonic() + 15
+                _note(f"still running on {self.node_id} ({time.monotonic() - started:.0f} s)")
             if time.monotonic() > next_liveness_check:
                 next_liveness_check = time.monotonic() + 10
                 if self.node_id not in self.provider.non_terminated_nodes({}):
@@ -161,11 +176,42 @@ class CMLCommandRunner(CommandRunnerInterface):
             target_path = target_path / Path(source).name
         target_path.write_bytes(data)
 
+    def _how_to_connect(self) -> str:
+        """After the head's ``ray start``: where the dashboard is and how to connect."""
+        from ray_cml_provider.ops.workspace import application_url
+
+        try:
+            info = json.loads(self.client.download_file(f"{self.node_dir}/node.json"))
+            app = self.provider._node(self.node_id).app
+        except (CMLError, KeyError, ValueError):
+            return "the head's Ray started; `ray-cml status CONFIG` shows the cluster"
+        url = application_url(self.client.settings.host, app, info)
+        gcs = f"{info['ip']}:{info['gcs_port']}"
+        lines = [
+            f"the head's Ray started on {info['ip']}",
+            f"  dashboard:   {url}",
+            f'  from a CML session of this project: ray.init(address="{gcs}")',
+        ]
+        if info.get("client_port"):
+            lines.append(f'  Ray Client:  ray.init("ray://{info["ip"]}:{info["client_port"]}")')
+        lines += [
+            f"  Ray Jobs:    ray job submit --address {url} -- python my_script.py",
+            f"  Serve:       serve deploy my_app.yaml -a {url}",
+            "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
+        ]
+        return "\n".join(lines)
+
     def remote_shell_command_str(self) -> str:
         return f"echo {shlex.quote(ATTACH_HINT)}"
 
     def run_init(self, *, as_head: bool, file_mounts: dict[str, str], sync_run_yet: bool):
         return None
+
+
+def _note(message: str) -> None:
+    """Progress for the person running ``ray up``/``exec``: on stderr, never mixed into a
+    command's captured output."""
+    print(f"ray-cml: {message}", file=sys.stderr, flush=True)
 
 
 def _remote(path: str) -> str:

@@ -112,6 +112,25 @@ def check_workspace(cluster_config: dict[str, Any]) -> None:
             )
 
 
+class _Progress:
+    """Progress lines for ``ray up``: on each change of status, and every 15 s without one."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.last: tuple[str, float] = ("", 0.0)
+
+    def report(self, what: str, status: str) -> None:
+        now = time.monotonic()
+        if status == self.last[0] and now - self.last[1] < 15:
+            return
+        self.last = (status, now)
+        from ray.autoscaler._private.cli_logger import cli_logger
+
+        cli_logger.print(
+            f"ray-cml: {what} is {status.removeprefix('APPLICATION_')} ({now - self.started:.1f} s)"
+        )
+
+
 def _age_s(timestamp: str) -> float:
     started = parse_timestamp(timestamp)
     return 0.0 if started is None else time.time() - started
@@ -292,7 +311,7 @@ class CMLNodeProvider(NodeProvider):
             with self._lock:
                 for node in started:
                     self._nodes[node.node_id] = node
-            failures += self._wait_until_running(started)
+            failures += self._wait_until_running(started, show_progress=kind == NODE_KIND_HEAD)
         finally:
             with self._lock:
                 self._launching.difference_update(node_id for node_id, _ in specs)
@@ -314,11 +333,16 @@ class CMLNodeProvider(NodeProvider):
         logger.info("created application %s (%s) for node %s", app.name, app.id, node_id)
         return Node(node_id, app, decode_tags(app.description) or {}), None
 
-    def _wait_until_running(self, nodes: list[Node]) -> list[str]:
-        """Poll (one list call per round) until each node runs; delete the ones that fail."""
+    def _wait_until_running(self, nodes: list[Node], show_progress: bool = False) -> list[str]:
+        """Poll (one list call per round) until each node runs; delete the ones that fail.
+
+        ``ray up`` waits here for the head: it shows what it waits for, with elapsed time.
+        """
         failures = []
         pending = {node.node_id: node for node in nodes}
-        deadline = time.monotonic() + self.launch_timeout_s
+        started = time.monotonic()
+        deadline = started + self.launch_timeout_s
+        progress = _Progress(started) if show_progress else None
         while pending:
             time.sleep(self.poll_interval_s)
             try:
@@ -328,6 +352,8 @@ class CMLNodeProvider(NodeProvider):
                 continue
             for node_id, node in list(pending.items()):
                 app = current.get(node_id, node).app
+                if progress:
+                    progress.report(f"head application {app.name}", app.status)
                 if node_id not in current:
                     failures.append(f"{node.app.name} disappeared while starting")
                 elif app.status == ApplicationStatus.RUNNING:
