@@ -17,17 +17,14 @@ from urllib.parse import urlparse
 
 from ray_cml_provider.cml import (
     Application,
-    CMLAuthenticationError,
     CMLClient,
     CMLConfigurationError,
-    CMLConnectionError,
     CMLError,
-    CMLNotFoundError,
-    CMLPermissionError,
     RetryPolicy,
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
 from ray_cml_provider.provider.naming import cluster_dir
+from ray_cml_provider.provider.workspace_check import explain  # noqa: F401 - for the commands
 
 # An operator command answers in seconds or says why; the provider keeps its patient policy.
 INTERACTIVE_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=0.5, backoff_cap_s=2.0)
@@ -53,28 +50,6 @@ def client_for(provider_config: dict[str, Any]) -> CMLClient:
         )
     except CMLConfigurationError as exc:
         raise OperatorError(str(exc)) from None
-
-
-def explain(exc: CMLError, key_env: str = DEFAULT_API_KEY_ENV) -> str:
-    """One sentence: what went wrong with CML and what to do about it."""
-    if isinstance(exc, CMLAuthenticationError):
-        return (
-            f"CML refused the API key ({exc.message}); check the key in ${key_env} "
-            "(provider.api_key_env), or create one in CML under User Settings > API Keys"
-        )
-    if isinstance(exc, CMLPermissionError):
-        return f"the API key may not do this ({exc}); use a key of a project collaborator"
-    if isinstance(exc, CMLNotFoundError) and _is_project_path(exc.path):
-        return f"{exc.message}; check provider.project_id (or CML_PROJECT_ID)"
-    if isinstance(exc, CMLConnectionError):
-        return f"cannot reach CML: {exc}; check provider.host (or CML_HOST) and your network"
-    return str(exc)
-
-
-def _is_project_path(path: str) -> bool:
-    """``/api/v2/projects/<id>``: the project itself (not something inside it) is missing."""
-    parts = path.rstrip("/").split("/")
-    return len(parts) >= 2 and parts[-2] == "projects"
 
 
 def is_local_host(host: str) -> bool:

@@ -38,12 +38,9 @@ from ray.autoscaler.tags import (
 from ray_cml_provider.cml import (
     Application,
     ApplicationStatus,
-    CMLAuthenticationError,
     CMLClient,
-    CMLConfigurationError,
     CMLConnectionError,
     CMLError,
-    CMLNotFoundError,
     CMLRateLimitedError,
     CMLServerError,
 )
@@ -63,6 +60,7 @@ from ray_cml_provider.provider.naming import (
     ledger_entry,
     parse_application,
 )
+from ray_cml_provider.provider.workspace_check import check_workspace
 
 logger = logging.getLogger(__name__)
 
@@ -75,41 +73,6 @@ LIVE_STATUSES = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 
 
 TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
-
-
-def check_workspace(cluster_config: dict[str, Any]) -> None:
-    """Before ``ray up``/``down`` touch anything: the key works, the project exists, and every
-    node type's runtime is one of the workspace's. Each problem ends the command with one
-    line (Ray would print a traceback for an exception raised here)."""
-    provider = cluster_config["provider"]
-    key_env = provider.get("api_key_env", "CML_API_KEY")
-    try:
-        with CMLClient(
-            host=provider.get("host"), project_id=provider.get("project_id"), api_key_env=key_env
-        ) as client:
-            client.get_project()
-            runtimes = {r.get("image_identifier") for r in client.list_runtimes()}
-    except CMLConfigurationError as exc:
-        raise SystemExit(f"ray-cml: {exc}") from None
-    except CMLAuthenticationError as exc:
-        raise SystemExit(
-            f"ray-cml: CML refused the API key ({exc.message}); check the key in ${key_env} "
-            "(provider.api_key_env), or create a new one in CML under User Settings > API Keys"
-        ) from None
-    except CMLNotFoundError as exc:
-        raise SystemExit(
-            f"ray-cml: {exc.message}; check provider.project_id (or CML_PROJECT_ID)"
-        ) from None
-    except CMLError as exc:
-        raise SystemExit(f"ray-cml: cannot use the CML workspace: {exc}") from None
-    for name, node_type in cluster_config["available_node_types"].items():
-        runtime = node_type["node_config"]["runtime_identifier"]
-        if runtime not in runtimes:
-            raise SystemExit(
-                f"ray-cml: available_node_types.{name}.node_config.runtime_identifier: "
-                f"{runtime!r} is not a runtime of this workspace (list them with "
-                "GET /api/v2/runtimes)"
-            )
 
 
 class _Progress:

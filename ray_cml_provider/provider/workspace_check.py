@@ -1,0 +1,68 @@
+"""Before ``ray up``/``down`` touch anything: does the workspace take this config?
+
+Also the one place that turns a CML error into a sentence with what to do about it; the
+operator commands (``ray-cml status``, ``gc``, ``doctor``) print the same sentences.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_cml_provider.cml import (
+    CMLAuthenticationError,
+    CMLClient,
+    CMLConfigurationError,
+    CMLConnectionError,
+    CMLError,
+    CMLNotFoundError,
+    CMLPermissionError,
+)
+from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
+
+
+def explain(exc: CMLError, key_env: str = DEFAULT_API_KEY_ENV) -> str:
+    """One sentence: what went wrong with CML and what to do about it."""
+    if isinstance(exc, CMLAuthenticationError):
+        return (
+            f"CML refused the API key ({exc.message}); check the key in ${key_env} "
+            "(provider.api_key_env), or create one in CML under User Settings > API Keys"
+        )
+    if isinstance(exc, CMLPermissionError):
+        return f"the API key may not do this ({exc}); use a key of a project collaborator"
+    if isinstance(exc, CMLNotFoundError) and _is_project_path(exc.path):
+        return f"{exc.message}; check provider.project_id (or CML_PROJECT_ID)"
+    if isinstance(exc, CMLConnectionError):
+        return f"cannot reach CML: {exc}; check provider.host (or CML_HOST) and your network"
+    return f"cannot use the CML workspace: {exc}"
+
+
+def _is_project_path(path: str) -> bool:
+    """``/api/v2/projects/<id>``: the project itself (not something inside it) is missing."""
+    parts = path.rstrip("/").split("/")
+    return len(parts) >= 2 and parts[-2] == "projects"
+
+
+def check_workspace(cluster_config: dict[str, Any]) -> None:
+    """The key works, the project exists, and every node type's runtime is one of the
+    workspace's. Each problem ends the command with one line (Ray would print a traceback
+    for an exception raised in its hooks)."""
+    provider = cluster_config["provider"]
+    key_env = provider.get("api_key_env", DEFAULT_API_KEY_ENV)
+    try:
+        with CMLClient(
+            host=provider.get("host"), project_id=provider.get("project_id"), api_key_env=key_env
+        ) as client:
+            client.get_project()
+            runtimes = {r.get("image_identifier") for r in client.list_runtimes()}
+    except CMLConfigurationError as exc:
+        raise SystemExit(f"ray-cml: {exc}") from None
+    except CMLError as exc:
+        raise SystemExit(f"ray-cml: {explain(exc, key_env)}") from None
+    for name, node_type in cluster_config["available_node_types"].items():
+        runtime = node_type["node_config"]["runtime_identifier"]
+        if runtime not in runtimes:
+            raise SystemExit(
+                f"ray-cml: available_node_types.{name}.node_config.runtime_identifier: "
+                f"{runtime!r} is not a runtime of this workspace (list them with "
+                "GET /api/v2/runtimes)"
+            )
