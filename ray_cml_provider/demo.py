@@ -48,12 +48,21 @@ def show_applications(steps: Steps, cluster: LocalCluster) -> None:
         )
 
 
+def show_status(steps: Steps, cluster: LocalCluster) -> None:
+    """What ``ray-cml status CONFIG`` prints: CML's and Ray's view of every node."""
+    result = cluster.ray_cml("status", str(cluster.config_path))
+    for line in result.stdout.splitlines():
+        steps.say(line)
+
+
 def run_ray_demo(config: Path, verbose: bool) -> int:
     steps = Steps()
 
     def echo(line: str) -> None:
         if verbose:
             print(f"      | {line}", flush=True)
+        elif "ray-cml: " in line:  # the provider's progress: what ray up is waiting for
+            steps.say(line[line.index("ray-cml: ") :])
 
     steps.step("starting the CML emulator")
     with tempfile.TemporaryDirectory(prefix="ray-cml-demo-") as workdir, RunningEmulator() as emu:
@@ -66,7 +75,7 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
             print(result.stdout[-4000:], file=sys.stderr)
             steps.say("ray up failed")
             return 1
-        show_applications(steps, cluster)
+        show_status(steps, cluster)
 
         steps.step("ray submit: a task that needs 1 GPU; the autoscaler adds a GPU worker")
         result = cluster.submit(GPU_TASK)
@@ -76,7 +85,7 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
         if result.returncode != 0:
             print(result.stdout[-4000:], file=sys.stderr)
             return 1
-        show_applications(steps, cluster)
+        show_status(steps, cluster)
 
         steps.step("ray exec 'ray status' on the head")
         status = cluster.exec("ray status")
