@@ -22,6 +22,7 @@ import os
 import shlex
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class Cluster:
                 with handle:
                     yaml.safe_dump(config, handle, sort_keys=False)
                 self.config_path = Path(handle.name)
+                weakref.finalize(self, self.config_path.unlink, missing_ok=True)
             else:
                 self.config_path = Path(config)
                 self.config = load_cluster_config(self.config_path)

@@ -126,8 +126,18 @@ def test_doctor_passes_a_ready_workspace(emulator, key_env, tmp_path, capsys):
         capsys, "doctor", str(cluster_yaml(tmp_path, emulator)), "--gpu-quota", "4"
     )
     assert code == 0, out
-    for check in ("config", "host", "API key", "project", "project files", "runtimes",
-                  "shared memory", "GPU quota", "cluster", "provider module"):  # fmt: skip
+    for check in (
+        "config",
+        "host",
+        "API key",
+        "project",
+        "project files",
+        "runtimes",
+        "shared memory",
+        "GPU quota",
+        "cluster",
+        "provider module",
+    ):
         assert re.search(rf"^ok\s+{check}: ", out, re.M), (check, out)
     assert out.strip().endswith("ready: ray up can start this cluster")
     assert list((emulator.project_dir / ".ray-cml").glob(".doctor-*")) == []  # probe removed
@@ -147,7 +157,7 @@ def test_doctor_names_each_problem_and_how_to_fix_it(start_emulator, tmp_path, c
             "memory": 1,
             "nvidia_gpu": 1,
             "runtime_identifier": RUNTIME,
-        }  # fmt: skip
+        }
     )
     path = cluster_yaml(tmp_path, emulator, llm_cpu_worker={"runtime_identifier": "no/such:1"})
     code, out, _ = run_cli(capsys, "doctor", str(path), "--gpu-quota", "2")
@@ -215,7 +225,7 @@ def test_status_table_and_json_from_cml_alone(emulator, key_env, monkeypatch, tm
             "cpu": 1,
             "memory": 1,
             "runtime_identifier": RUNTIME,
-        }  # fmt: skip
+        }
     )
     path = cluster_yaml(tmp_path, emulator)
 
@@ -280,26 +290,28 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
     alive = provider_on(emulator, monkeypatch, "alive")
     launch(alive, tags=HEAD_TAGS, config=HEAD_CONFIG)
     launch(alive)
-    orphaned = provider_on(emulator, monkeypatch, "orphaned")
+    # a worker named ray-my-head-lab-worker-... must not pass for a head
+    orphaned = provider_on(emulator, monkeypatch, "my-head-lab")
     [gone_head] = launch(orphaned, tags=HEAD_TAGS, config=HEAD_CONFIG)
     orphan_workers = launch(orphaned, count=2, config={**GPU_CONFIG})
     client = CMLClient(**emulator.client_settings())
     client.stop_application(orphaned._node(gone_head).app.id)  # e.g. stopped in CML's UI
     foreign = client.create_application(
         {
-            "name": "ray-orphaned-notes",
+            "name": "ray-my-head-lab-notes",
             "subdomain": "notes",
             "script": "engine.py",
             "cpu": 1,
             "memory": 1,
             "runtime_identifier": RUNTIME,
-        }  # fmt: skip
+        }
     )
     config = cluster_yaml(tmp_path, emulator, cluster="alive")
 
     code, out, _ = run_cli(capsys, "gc", str(config))
     assert code == 0
-    assert "cluster orphaned: no live head; would delete 3 application(s) holding 2 GPU(s)" in out
+    summary = "cluster my-head-lab: no live head; would delete 3 application(s) holding 2 GPU(s)"
+    assert summary in out
     assert "alive" not in out.replace("no live head", "") and "run again with --yes" in out
     assert len(client.list_applications()) == 6  # a dry run deletes nothing
 
@@ -307,7 +319,7 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
     report = json.loads(out)
     assert code == 0 and report["deleted"] and report["problems"] == []
     [group] = report["clusters"]
-    assert group["cluster"] == "orphaned"
+    assert group["cluster"] == "my-head-lab"
     assert {a["name"].rsplit("-", 1)[-1] for a in group["applications"]} == {
         gone_head,
         *orphan_workers,
@@ -315,7 +327,7 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
     left = {a.name for a in client.list_applications()}
     assert foreign.name in left and sum(n.startswith("ray-alive-") for n in left) == 2
     assert len(left) == 3
-    assert not (emulator.project_dir / ".ray-cml" / "orphaned").exists()
+    assert not (emulator.project_dir / ".ray-cml" / "my-head-lab").exists()
     assert (emulator.project_dir / ".ray-cml" / "alive").exists()
 
     code, out, _ = run_cli(capsys, "gc", str(config))

@@ -29,10 +29,11 @@ LIVE = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 class ClusterApps:
     cluster: str
     applications: list[Application] = field(default_factory=list)
+    heads: list[Application] = field(default_factory=list)
 
     @property
     def live_head(self) -> Application | None:
-        return next((a for a in self.applications if "-head-" in a.name and a.status in LIVE), None)
+        return next((a for a in self.heads if a.status in LIVE), None)
 
 
 def find_orphans(client: CMLClient, cluster: str | None = None) -> list[ClusterApps]:
@@ -43,8 +44,11 @@ def find_orphans(client: CMLClient, cluster: str | None = None) -> list[ClusterA
         parsed = parse_application(app.name, app.description)
         if parsed is None or (cluster and parsed[0].cluster != cluster):
             continue
-        name = parsed[0].cluster
-        clusters.setdefault(name, ClusterApps(name)).applications.append(app)
+        node, _ = parsed
+        group = clusters.setdefault(node.cluster, ClusterApps(node.cluster))
+        group.applications.append(app)
+        if node.kind == "head":
+            group.heads.append(app)
     return [c for _, c in sorted(clusters.items()) if c.live_head is None]
 
 

@@ -37,9 +37,12 @@ def explain(exc: CMLError, key_env: str = DEFAULT_API_KEY_ENV) -> str:
 
 
 def _is_project_path(path: str) -> bool:
-    """``/api/v2/projects/<id>``: the project itself (not something inside it) is missing."""
+    """A 404 on ``/api/v2/projects/<id>`` or on its application list means the project is
+    missing (a 404 on one application or file does not)."""
     parts = path.rstrip("/").split("/")
-    return len(parts) >= 2 and parts[-2] == "projects"
+    return (len(parts) >= 2 and parts[-2] == "projects") or (
+        len(parts) >= 3 and parts[-1] == "applications" and parts[-3] == "projects"
+    )
 
 
 def check_workspace(cluster_config: dict[str, Any]) -> None:
