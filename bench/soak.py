@@ -60,6 +60,15 @@ def running_workers(cluster: LocalCluster) -> int:
     return sum(1 for w in cluster.workers() if w.status == ApplicationStatus.RUNNING)
 
 
+def keep_autoscaler_log(cluster: LocalCluster) -> None:
+    """A cycle that timed out: keep the head's autoscaler log (the node's temporary folder
+    goes with the cluster) where the reader can find it."""
+    monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.log")
+    kept = Path(tempfile.gettempdir()) / f"soak-monitor-{int(time.time())}.log"
+    kept.write_text(monitor.stdout)
+    print(f"soak: a cycle timed out; the autoscaler's log is in {kept}", file=sys.stderr)
+
+
 def soak(
     minutes: float,
     workers: int,
@@ -90,10 +99,14 @@ def soak(
         while time.monotonic() < deadline and (
             max_cycles is None or results["cycles"] < max_cycles
         ):
-            cluster.submit(DEMAND, str(workers))
-            cluster.wait_for(lambda: running_workers(cluster) == workers, 300, "scale-up")
-            cluster.submit(DEMAND, "0")
-            cluster.wait_for(lambda: not cluster.workers(), 300, "scale-down")
+            try:
+                cluster.submit(DEMAND, str(workers))
+                cluster.wait_for(lambda: running_workers(cluster) == workers, 300, "scale-up")
+                cluster.submit(DEMAND, "0")
+                cluster.wait_for(lambda: not cluster.workers(), 300, "scale-down")
+            except TimeoutError:
+                keep_autoscaler_log(cluster)
+                raise
             results["cycles"] += 1
         monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.* 2>/dev/null")
         results["autoscaler_exceptions"] = monitor.stdout.count("Traceback")

@@ -14,9 +14,10 @@ import yaml
 from ray.autoscaler._private.util import validate_config
 
 from ray_cml_provider import cli
-from ray_cml_provider.cml import CMLClient
+from ray_cml_provider.cml import Application, CMLClient
 from ray_cml_provider.local_cluster import REPO_CONFIGS
 from ray_cml_provider.ops.doctor import head_install_problems
+from ray_cml_provider.ops.workspace import application_url
 from ray_cml_provider.provider.config import validate_cluster_config
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 from tests.test_provider_contract import (
@@ -332,3 +333,12 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
 
     code, out, _ = run_cli(capsys, "gc", str(config))
     assert code == 0 and out.startswith("nothing to collect")
+
+
+def test_application_urls_on_cml_and_on_the_emulator():
+    app = Application(id="a1", name="ray-c1-head-1a2b3c4d", subdomain="ray-c1-head-1a2b3c4d")
+    on_cml = application_url("https://ml-1234.example.cloudera.site", app, None)
+    assert on_cml == "https://ray-c1-head-1a2b3c4d.ml-1234.example.cloudera.site"
+    local = application_url("http://127.0.0.1:8080", app, {"ip": "127.0.0.5", "app_port": 4711})
+    assert local == "http://127.0.0.5:4711"
+    assert application_url("http://localhost:8080", app, None) == ""  # not published yet
