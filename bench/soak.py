@@ -27,6 +27,7 @@ from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.local_cluster import LocalCluster
 
 DEMAND = Path(__file__).with_name("set_gpu_demand.py")
+REQUESTED_TIMEOUT_ENV = "RAY_AUTOSCALER_RECONCILE_REQUEST_STATUS_TIMEOUT_S"
 # The bench's own clients retry through the faults it injects; their retry lines are noise.
 logging.getLogger("ray_cml_provider.cml").setLevel(logging.ERROR)
 
@@ -77,13 +78,18 @@ def soak(
     drop_rate: float,
     max_cycles: int | None = None,
 ) -> dict:
-    results: dict = {"cycles": 0}
+    results: dict = {"cycles": 0, "slowest_scale_up_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="soak-") as work, RunningEmulator() as emulator:
         emulator.set_faults(fault_rate=fault_rate, latency_ms=latency_ms, drop_rate=drop_rate)
 
         def edit(config: dict) -> None:
             config["max_workers"] = workers
             config["available_node_types"]["gpu_worker"]["max_workers"] = workers
+            # Autoscaler v2 re-queues a launch it never saw an instance for only after
+            # this many seconds (600 by default); once in ~6 soak runs one sat there past
+            # the cycle's 300 s wait. Shorter here, so v2's own recovery fits the cycle.
+            head = config["available_node_types"][config["head_node_type"]]["node_config"]
+            head.setdefault("environment", {})[REQUESTED_TIMEOUT_ENV] = "120"
 
         cluster = LocalCluster(emulator, Path(work), cluster_name="soak", config_overrides=edit)
         # The bench's own view of CML retries harder than users would, so that counting
@@ -101,7 +107,10 @@ def soak(
         ):
             try:
                 cluster.submit(DEMAND, str(workers))
-                cluster.wait_for(lambda: running_workers(cluster) == workers, 300, "scale-up")
+                took = cluster.wait_for(
+                    lambda: running_workers(cluster) == workers, 300, "scale-up"
+                )
+                results["slowest_scale_up_s"] = max(results["slowest_scale_up_s"], took)
                 cluster.submit(DEMAND, "0")
                 cluster.wait_for(lambda: not cluster.workers(), 300, "scale-down")
             except TimeoutError:
