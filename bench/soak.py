@@ -62,12 +62,12 @@ def running_workers(cluster: LocalCluster) -> int:
 
 
 def keep_autoscaler_log(cluster: LocalCluster) -> None:
-    """A cycle that timed out: keep the head's autoscaler log (the node's temporary folder
-    goes with the cluster) where the reader can find it."""
+    """A cycle that timed out or was slow: keep the head's autoscaler log (the node's
+    temporary folder goes with the cluster) where the reader can find it."""
     monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.log")
     kept = Path(tempfile.gettempdir()) / f"soak-monitor-{int(time.time())}.log"
     kept.write_text(monitor.stdout)
-    print(f"soak: a cycle timed out; the autoscaler's log is in {kept}", file=sys.stderr)
+    print(f"soak: a cycle was slow; the autoscaler's log is in {kept}", file=sys.stderr)
 
 
 def soak(
@@ -111,6 +111,8 @@ def soak(
                     lambda: running_workers(cluster) == workers, 300, "scale-up"
                 )
                 results["slowest_scale_up_s"] = max(results["slowest_scale_up_s"], took)
+                if took > 60:  # v2 had to recover a lost launch: keep the evidence
+                    keep_autoscaler_log(cluster)
                 cluster.submit(DEMAND, "0")
                 cluster.wait_for(lambda: not cluster.workers(), 300, "scale-down")
             except TimeoutError:
