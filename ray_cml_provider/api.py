@@ -31,12 +31,13 @@ import yaml
 
 from ray_cml_provider.cml import CMLError
 from ray_cml_provider.ops.status import ClusterStatus, collect_status
-from ray_cml_provider.ops.workspace import OperatorError, client_for, explain
+from ray_cml_provider.ops.workspace import OperatorError, client_for
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     load_cluster_config,
     validate_cluster_config,
 )
+from ray_cml_provider.provider.workspace_check import explain
 
 
 class ClusterError(RuntimeError):

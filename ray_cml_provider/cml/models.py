@@ -8,6 +8,7 @@ stringly-typed answer never breaks a caller.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,8 @@ class ApplicationStatus:
     UNKNOWN = "APPLICATION_UNKNOWN"
 
     ALL = (STARTING, RUNNING, STOPPING, STOPPED, FAILED, UNKNOWN)
+    # Starting or running: the application exists as a workload (and may hold resources).
+    LIVE = (STARTING, RUNNING)
 
     @staticmethod
     def filter_value(status: str) -> str:
@@ -53,6 +56,14 @@ def parse_timestamp(value: str) -> float | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def seconds_since(timestamp: str, now: float | None = None) -> float:
+    """How long ago an API timestamp was (0 when absent, unreadable or in the future)."""
+    then = parse_timestamp(timestamp)
+    if then is None:
+        return 0.0
+    return max(0.0, (time.time() if now is None else now) - then)
 
 
 def parse_environment(value: Any) -> dict[str, str]:

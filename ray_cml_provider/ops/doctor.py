@@ -33,16 +33,15 @@ from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.ops.workspace import (
     OperatorError,
     client_for,
-    explain,
     is_local_host,
     key_env_of,
 )
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, parse_application
+from ray_cml_provider.provider.workspace_check import explain
 
 OK, PROBLEM, SKIP = "ok", "problem", "skip"
 RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default: 30% of the node's memory
-LIVE = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 
 
 @dataclass
@@ -204,7 +203,9 @@ class Doctor:
         in_use = 0
         for app in apps:
             parsed = parse_application(app.name, app.description)
-            if app.status in LIVE and (parsed is None or parsed[0].cluster != cluster):
+            if app.status in ApplicationStatus.LIVE and (
+                parsed is None or parsed[0].cluster != cluster
+            ):
                 in_use += app.nvidia_gpu
         free = self.gpu_quota - in_use
         detail = (
@@ -233,7 +234,7 @@ class Doctor:
             for a in apps
             if (p := parse_application(a.name, a.description)) and p[0].cluster == cluster
         ]
-        live = [a for a in heads if a.status in LIVE]
+        live = [a for a in heads if a.status in ApplicationStatus.LIVE]
         if live:
             self.add("cluster", OK, f"{live[0].name} already runs: `ray up` reuses it")
         else:

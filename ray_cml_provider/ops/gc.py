@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.ops.workspace import OperatorError, client_for, explain, key_env_of
+from ray_cml_provider.ops.workspace import OperatorError, client_for, key_env_of
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, cluster_dir, parse_application
-
-LIVE = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
+from ray_cml_provider.provider.workspace_check import explain
 
 
 @dataclass
@@ -33,7 +32,7 @@ class ClusterApps:
 
     @property
     def live_head(self) -> Application | None:
-        return next((a for a in self.heads if a.status in LIVE), None)
+        return next((a for a in self.heads if a.status in ApplicationStatus.LIVE), None)
 
 
 def find_orphans(client: CMLClient, cluster: str | None = None) -> list[ClusterApps]:

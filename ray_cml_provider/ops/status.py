@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.cml.models import parse_timestamp
+from ray_cml_provider.cml.models import parse_timestamp, seconds_since
 from ray_cml_provider.ops.workspace import (
     OperatorError,
     application_url,
     client_for,
-    explain,
     key_env_of,
     node_infos,
     reachable,
@@ -35,9 +34,9 @@ from ray_cml_provider.provider.naming import (
     parse_application,
     parse_ledger_entry,
 )
+from ray_cml_provider.provider.workspace_check import explain
 
 RAY_VIEW_MODES = ("auto", "direct", "head", "none")
-LIVE = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 DEFAULT_JOIN_GRACE_S = 900.0  # a running application not in Ray yet is "joining" this long
 
 
@@ -117,11 +116,11 @@ def collect_status(
         elif parsed[0].cluster == cluster:
             name, tags = parsed
             ours.append((app, name.node_id, name.kind, tags.get(TAG_USER_NODE_TYPE, "")))
-    live_ids = [node_id for app, node_id, _, _ in ours if app.status in LIVE]
+    live_ids = [node_id for app, node_id, _, _ in ours if app.status in ApplicationStatus.LIVE]
     infos = node_infos(client, cluster, live_ids)
 
     view = None
-    head = next((o for o in ours if o[2] == "head" and o[0].status in LIVE), None)
+    head = next((o for o in ours if o[2] == "head" and o[0].status in ApplicationStatus.LIVE), None)
     if head and head[1] in infos:
         info = infos[head[1]]
         report.gcs_address = f"{info['ip']}:{info['gcs_port']}"
@@ -141,9 +140,11 @@ def collect_status(
             cpu=app.cpu,
             memory=app.memory,
             gpus=app.nvidia_gpu,
-            age_s=_since(app.created_at, now),
+            age_s=seconds_since(app.created_at, now),
             ip=info.get("ip", ""),
-            url=application_url(report.host, app, info or None) if app.status in LIVE else "",
+            url=application_url(report.host, app, info or None)
+            if app.status in ApplicationStatus.LIVE
+            else "",
             application=app.name,
             application_id=app.id,
         )
@@ -172,7 +173,7 @@ def _foreign_row(app: Application, now: float) -> NodeStatus:
         cpu=app.cpu,
         memory=app.memory,
         gpus=app.nvidia_gpu,
-        age_s=_since(app.created_at, now),
+        age_s=seconds_since(app.created_at, now),
         application=app.name,
         application_id=app.id,
         stray=True,
@@ -183,7 +184,7 @@ def _foreign_row(app: Application, now: float) -> NodeStatus:
 def _join_ray_state(
     row: NodeStatus, app: Application, view: dict | None, join_grace_s: float, now: float
 ) -> None:
-    if app.status not in LIVE:
+    if app.status not in ApplicationStatus.LIVE:
         row.ray_state = "-"
         row.stray = True
         row.note = "not running: Ray's autoscaler or `ray down` deletes it"
@@ -195,7 +196,7 @@ def _join_ray_state(
         row.ray_state = ray_node["state"]
         row.idle_s = ray_node["idle_s"]
         return
-    running_for = _since(app.running_at, now) if app.running_at else 0.0
+    running_for = seconds_since(app.running_at, now)
     if app.status == ApplicationStatus.STARTING or running_for < join_grace_s:
         row.ray_state = "joining" if app.status == ApplicationStatus.RUNNING else "pending"
         return
@@ -276,14 +277,11 @@ def _gpu_totals(report: ClusterStatus, ours: list, client: CMLClient, now: float
         start = parse_timestamp(app.running_at)
         if node_id in recorded or not app.nvidia_gpu or start is None:
             continue
-        end = now if app.status in LIVE else parse_timestamp(app.stopped_at) or now
+        end = (
+            now if app.status in ApplicationStatus.LIVE else parse_timestamp(app.stopped_at) or now
+        )
         hours += app.nvidia_gpu * max(0.0, end - start) / 3600
     report.gpu_hours = round(hours, 6)
-
-
-def _since(timestamp: str, now: float) -> float:
-    started = parse_timestamp(timestamp)
-    return 0.0 if started is None else max(0.0, now - started)
 
 
 # ---------------------------------------------------------------------------- rendering

@@ -1,5 +1,5 @@
-"""What the operator commands share: a client from a cluster YAML, one-line error
-explanations, and where a node can be reached.
+"""What the operator commands share: a client from a cluster YAML and where a node can be
+reached (CML errors are explained by ``provider.workspace_check.explain``).
 
 CML's API has no IP address or URL field for an application; each node's launcher
 publishes its address and ports in ``<cluster dir>/nodes/<id>/node.json``, and the URL of
@@ -24,7 +24,6 @@ from ray_cml_provider.cml import (
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
 from ray_cml_provider.provider.naming import cluster_dir
-from ray_cml_provider.provider.workspace_check import explain  # noqa: F401 - for the commands
 
 # An operator command answers in seconds or says why; the provider keeps its patient policy.
 INTERACTIVE_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=0.5, backoff_cap_s=2.0)

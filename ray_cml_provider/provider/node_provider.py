@@ -44,7 +44,7 @@ from ray_cml_provider.cml import (
     CMLRateLimitedError,
     CMLServerError,
 )
-from ray_cml_provider.cml.models import parse_timestamp
+from ray_cml_provider.cml.models import parse_timestamp, seconds_since
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -69,7 +69,6 @@ DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
 MAX_HIDDEN_S = 500.0
-LIVE_STATUSES = (ApplicationStatus.STARTING, ApplicationStatus.RUNNING)
 
 
 TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
@@ -92,11 +91,6 @@ class _Progress:
         cli_logger.print(
             f"ray-cml: {what} is {status.removeprefix('APPLICATION_')} ({now - self.started:.1f} s)"
         )
-
-
-def _age_s(timestamp: str) -> float:
-    started = parse_timestamp(timestamp)
-    return 0.0 if started is None else time.time() - started
 
 
 @dataclass
@@ -178,18 +172,21 @@ class CMLNodeProvider(NodeProvider):
                 # CML would restart it (up to 3 times): a node we consider dead must go.
                 self._delete_in_background(node, "it FAILED")
                 continue
-            if status not in LIVE_STATUSES:
+            if status not in ApplicationStatus.LIVE:
                 continue
             if (
                 status == ApplicationStatus.STARTING
                 and node.node_id not in self._launching
-                and _age_s(node.app.created_at) > self.launch_timeout_s
+                and seconds_since(node.app.created_at) > self.launch_timeout_s
             ):
                 self._delete_in_background(
                     node, f"still STARTING after {self.launch_timeout_s:.0f} s"
                 )
                 continue
-            if node.node_id in self._launching and _age_s(node.app.created_at) < MAX_HIDDEN_S:
+            if (
+                node.node_id in self._launching
+                and seconds_since(node.app.created_at) < MAX_HIDDEN_S
+            ):
                 # Our create_node is still waiting for it. Autoscaler v2 would match it to its
                 # launch request now and then lose a launch failure (no "Recent failures");
                 # hidden, the failure fails the still-open request. Never longer than
@@ -209,7 +206,7 @@ class CMLNodeProvider(NodeProvider):
     def is_terminated(self, node_id: str) -> bool:
         with self._lock:
             node = self._nodes.get(node_id)
-        return node is None or node.app.status not in LIVE_STATUSES
+        return node is None or node.app.status not in ApplicationStatus.LIVE
 
     def node_tags(self, node_id: str) -> dict[str, str]:
         return dict(self._node(node_id).tags)
@@ -321,7 +318,7 @@ class CMLNodeProvider(NodeProvider):
                     failures.append(f"{node.app.name} disappeared while starting")
                 elif app.status == ApplicationStatus.RUNNING:
                     pass
-                elif app.status in LIVE_STATUSES and time.monotonic() < deadline:
+                elif app.status in ApplicationStatus.LIVE and time.monotonic() < deadline:
                     continue
                 else:
                     reason = (
