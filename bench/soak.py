@@ -2,10 +2,13 @@
 Prints numbers; the test suite runs a short variant and checks them.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--workers 2] [--fault-rate 0.25]
+                                   [--start-delay-s 20]
 
-Each cycle pins a demand of N one-GPU bundles (the autoscaler must create N GPU worker
-applications), waits for them, clears the demand and waits until they are gone. A sampler
-lists the applications every second through its own client. At the end: `ray down`, then
+Worker applications take ``--start-delay-s`` to start (their scripts run meanwhile, as on
+CML, so raylets join before RUNNING). Each cycle pins a demand of N one-GPU bundles (the
+autoscaler must create N GPU worker applications), waits for them, clears the demand and
+waits until they are gone. A sampler lists the applications every second through its own
+client. At the end: `ray status` must show nothing pending; `ray down`, then
 the emulator is asked what is left.
 """
 
@@ -77,6 +80,7 @@ def soak(
     latency_ms: float,
     drop_rate: float,
     max_cycles: int | None = None,
+    start_delay_s: float = 20.0,
 ) -> dict:
     results: dict = {"cycles": 0, "slowest_scale_up_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="soak-") as work, RunningEmulator() as emulator:
@@ -99,6 +103,7 @@ def soak(
         )
         if cluster.up().returncode != 0:
             sys.exit("ray up failed")
+        emulator.set_faults(start_delay_s=start_delay_s)  # the workers' starts, not the head's
         sampler = Sampler(emulator, cluster.cluster_name)
         sampler.start()
         deadline = time.monotonic() + minutes * 60
@@ -121,6 +126,12 @@ def soak(
             results["cycles"] += 1
         monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.* 2>/dev/null")
         results["autoscaler_exceptions"] = monitor.stdout.count("Traceback")
+        # After the last scale-down Ray must wait for nothing (no phantom pending instance).
+        status = cluster.exec("ray status").stdout
+        pending = status.split("Pending:", 1)[-1].split("Recent failures:", 1)[0]
+        results["ray_status_pending"] = sum(
+            1 for line in pending.splitlines() if line.strip() and "(no pending" not in line
+        )
         groups = [p["pgid"] for p in emulator.processes() if p.get("pgid")]
         down = cluster.down()
         sampler.stop.set()
@@ -159,6 +170,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20)
     parser.add_argument("--drop-rate", type=float, default=0.02)
     parser.add_argument("--max-cycles", type=int)
+    parser.add_argument("--start-delay-s", type=float, default=20.0)
     args = parser.parse_args()
     started = time.monotonic()
     results = soak(
@@ -168,6 +180,7 @@ def main() -> None:
         args.latency_ms,
         args.drop_rate,
         args.max_cycles,
+        args.start_delay_s,
     )
     results["wall_s"] = round(time.monotonic() - started)
     print(json.dumps(results, indent=2))

@@ -12,7 +12,10 @@ Standard library only: it starts before anything is installed (it is the applica
   autoscaler's updaters are disabled) with the type's exact resources;
 - keeps the application alive, and on a worker exits (deleting its own application) once
   the head has been unreachable for ``RAY_CML_HEAD_LOST_TIMEOUT_S``, so a dead head never
-  leaves GPU applications running.
+  leaves GPU applications running;
+- on a worker, answers HTTP on the application's port (``CDSW_APP_PORT``) with the node's
+  state from its first second: CML polls that port to learn the application is up (the
+  head's dashboard answers there), so a worker that answered nothing might never be RUNNING.
 
 Every command runs with ``HOME`` set to the cluster's own folder (so ``~/ray_bootstrap_config
 .yaml`` of two clusters in one project never collide), its own ``RAY_TMPDIR``, and a ``ray``
@@ -33,6 +36,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 POLL_S = 0.2
@@ -79,6 +83,7 @@ class NodeLauncher:
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
         self.done: set[str] = set()  # commands already run (each runs once)
+        self.state = "starting"  # what the status page on the application's port says
         self._head_lost_since: float | None = None
         self._next_head_check = 0.0
 
@@ -269,6 +274,37 @@ class NodeLauncher:
                 log(f"could not delete my application yet: {exc}")
                 time.sleep(3)
 
+    def serve_status_page(self) -> None:
+        """Answer ``GET /`` on ``CDSW_APP_PORT`` in a thread: what CML's status poll and the
+        worker's application URL see."""
+        port = int(self.env.get("CDSW_APP_PORT") or 0)
+        if not port:
+            return
+        launcher = self
+
+        class StatusPage(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                body = (
+                    f"ray-cml {launcher.kind} node {launcher.node_id} of cluster "
+                    f"{launcher.cluster}: {launcher.state}\n"
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass  # CML polls often: keep the application's log for what matters
+
+        try:
+            server = ThreadingHTTPServer((self.ip, port), StatusPage)
+        except OSError as exc:
+            log(f"no status page on port {port}: {exc}")
+            return
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="status-page", daemon=True).start()
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
@@ -277,10 +313,13 @@ class NodeLauncher:
             self.delete_own_application()
             return 0
         self.prepare()
+        if self.kind == "worker":
+            self.serve_status_page()
         try:
             if self.kind == "worker" and not self.start_worker_ray():
                 stop_ray_of_this_node()
                 return 1
+            self.state = "running Ray"
             while True:
                 self.serve_inbox_once()
                 if self.kind == "worker" and self.head_gone_too_long():

@@ -52,8 +52,14 @@ def engine_dump(project_dir: Path, app_id: str) -> dict:
 
 
 @pytest.fixture
-def start_emulator(tmp_path: Path) -> Callable[..., RunningEmulator]:
-    """Start emulators with extra flags; on teardown stop them and fail on leftovers."""
+def start_emulator(request, tmp_path: Path) -> Callable[..., RunningEmulator]:
+    """Start emulators with extra flags; on teardown stop them and fail on leftovers.
+
+    Applications start as slowly as the emulator's default (8 s: a worker's raylet joins
+    before RUNNING) unless the test module sets ``EMULATOR_ARGS``: modules whose engines run
+    no Ray use a shorter, still non-zero, start. A test's own flags come last and win.
+    """
+    module_args = list(getattr(request.module, "EMULATOR_ARGS", []))
     started: list[RunningEmulator] = []
 
     def start(*extra_args: str, api_key: str | None = None) -> RunningEmulator:
@@ -65,7 +71,7 @@ def start_emulator(tmp_path: Path) -> Callable[..., RunningEmulator]:
             project_dir=project_dir,
             log_dir=tmp_path / f"logs{n}",
             api_key=api_key,
-            extra_args=["--stop-grace-s", "1", *extra_args],
+            extra_args=["--stop-grace-s", "1", *module_args, *extra_args],
         )
         started.append(emulator)
         return emulator

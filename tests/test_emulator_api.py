@@ -16,6 +16,9 @@ from ray_cml_provider.cml import (
 )
 from tests.conftest import FAST_RETRY
 
+# These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
+EMULATOR_ARGS = ["--start-delay-s", "0.5"]
+
 PROJECT = "/api/v2/projects/{project_id}"
 
 

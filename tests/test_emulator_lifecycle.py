@@ -11,6 +11,9 @@ from ray_cml_provider.cml import ApplicationStatus, CMLAuthenticationError, CMLC
 from ray_cml_provider.emulator.processes import live_group_members
 from tests.conftest import engine_dump, wait_until
 
+# These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
+EMULATOR_ARGS = ["--start-delay-s", "0.5"]
+
 RUNNING = ApplicationStatus.RUNNING
 STARTING = ApplicationStatus.STARTING
 STOPPED = ApplicationStatus.STOPPED
@@ -83,6 +86,22 @@ def test_start_delay_keeps_a_live_process_in_starting(start_emulator, make_app, 
     started = time.monotonic()
     wait_status(client, app.id, RUNNING)
     assert time.monotonic() - started > 0.5
+
+
+def test_schedule_delay_keeps_an_application_starting_with_no_process(start_emulator, runtime):
+    emulator = start_emulator("--schedule-delay-s", "1.5", "--start-delay-s", "1")
+    client = CMLClient(**emulator.client_settings())
+    spec = {"script": "engine.py", "runtime_identifier": runtime}
+    created = time.monotonic()
+    app = client.create_application({"name": "queued", "subdomain": "queued", **spec})
+    wait_until(lambda: engine_of(emulator, app.id)["pgid"], what="the process after the delay")
+    assert time.monotonic() - created >= 1.4, "the process started before the schedule delay"
+    assert status_of(client, app.id) == STARTING  # the script runs, CML still says STARTING
+    wait_status(client, app.id, RUNNING)
+    # Both delays change at run time (the test-control faults endpoint).
+    emulator.set_faults(schedule_delay_s=0, start_delay_s=0)
+    quick = client.create_application({"name": "quick", "subdomain": "quick", **spec})
+    wait_status(client, quick.id, RUNNING)
 
 
 def test_non_zero_exit_fails_and_zero_exit_stops(client, emulator, make_app):

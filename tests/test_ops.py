@@ -29,6 +29,9 @@ from tests.test_provider_contract import (
     provider_on,
 )
 
+# These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
+EMULATOR_ARGS = ["--start-delay-s", "2"]
+
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()  # drop what the test's own set-up printed

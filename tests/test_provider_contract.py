@@ -7,23 +7,30 @@ empty), so these tests are fast while exercising the same API calls, files and p
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
+    TAG_RAY_LAUNCH_REQUEST,
     TAG_RAY_NODE_KIND,
     TAG_RAY_NODE_STATUS,
     TAG_RAY_USER_NODE_TYPE,
 )
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient
+from ray_cml_provider.provider.launches import REQUEST_TIMEOUT_ENV
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 from tests.conftest import wait_until
+
+# These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
+EMULATOR_ARGS = ["--start-delay-s", "2"]
 
 RUNTIME = (
     "docker.repository.cloudera.com/cloudera/cdsw/"
@@ -111,6 +118,12 @@ def test_workers_get_their_identity_and_exact_resources(provider, emulator):
         assert emulator.api_key not in json.dumps(app.raw), "the user's key stays on the laptop"
         assert app.nvidia_gpu == 1
     assert sorted(provider.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: "gpu_worker"})) == workers
+    # Each worker answers CML's status poll on its application's port (its URL shows it).
+    engines = {p["id"]: p for p in emulator.processes()}
+    engine = engines[provider._node(workers[0]).app.id]
+    page = requests.get(f"http://{engine['ip_address']}:{engine['app_port']}/", timeout=5)
+    assert page.status_code == 200
+    assert page.text == f"ray-cml worker node {workers[0]} of cluster c1: running Ray\n"
     provider.terminate_nodes(workers)
     assert provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER}) == []
 
@@ -154,7 +167,8 @@ def test_a_failed_node_is_dropped_and_deleted(provider, emulator):
 
 
 def test_over_quota_launch_times_out_is_deleted_and_reported(start_emulator, monkeypatch):
-    emulator = start_emulator("--max-gpus", "0")
+    # Starts faster than the launch timeout; only the quota holds the worker back.
+    emulator = start_emulator("--max-gpus", "0", "--start-delay-s", "0.5")
     provider = provider_on(emulator, monkeypatch, "quota", launch_timeout_s=1.5)
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     started = time.monotonic()
@@ -177,7 +191,8 @@ def test_a_create_cml_rejects_reports_cmls_message(provider):
 
 
 def test_a_worker_whose_head_is_gone_deletes_itself(make_provider):
-    provider = make_provider(head_lost_timeout_s=1)
+    # Longer than the start delay: the worker gives up on its head only once it is RUNNING.
+    provider = make_provider(head_lost_timeout_s=5)
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)  # no GCS ever listens
     [worker] = launch(provider)
     provider.terminate_node(head)
@@ -298,3 +313,62 @@ def test_a_node_restarted_by_cml_removes_itself_instead_of_rejoining(start_emula
     log = (emulator.log_dir / f"{app_id}.log").read_text()
     assert "was restarted by CML after a failure: removing it" in log
     assert provider.non_terminated_nodes({}) == [head]
+
+
+def launch_in_background(provider, tags) -> threading.Thread:
+    """``create_node`` as the autoscaler's launcher threads call it: it returns once the
+    application runs, meanwhile the test looks at what the provider shows."""
+    thread = threading.Thread(
+        target=provider.create_node_with_resources_and_labels,
+        args=(GPU_CONFIG, tags, 1, {"CPU": 1, "GPU": 1}, {}),
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+CREATE = "POST /api/v2/projects/{project_id}/applications"
+
+
+def test_a_slow_launch_asked_again_by_v2_creates_no_second_application(start_emulator, monkeypatch):
+    emulator = start_emulator("--start-delay-s", "4")
+    provider = provider_on(emulator, monkeypatch)
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    emulator.reset_stats()
+    tags = {**WORKER_TAGS, TAG_RAY_LAUNCH_REQUEST: "request-1"}
+    first = launch_in_background(provider, tags)
+    wait_until(lambda: emulator.stats()["requests"].get(CREATE), what="the first create")
+    started = time.monotonic()
+    # v2 re-launches a request it has waited on: the application still starting counts.
+    provider.create_node_with_resources_and_labels(GPU_CONFIG, tags, 1, {}, {})
+    assert time.monotonic() - started < 1, "the repeated launch must not wait"
+    first.join(30)
+    assert emulator.stats()["requests"][CREATE] == 1
+    workers = provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER})
+    assert len(workers) == 1
+    # Another request of the same type is new work: it gets its own application.
+    other = {**WORKER_TAGS, TAG_RAY_LAUNCH_REQUEST: "request-2"}
+    provider.create_node_with_resources_and_labels(GPU_CONFIG, other, 1, {}, {})
+    assert emulator.stats()["requests"][CREATE] == 2
+
+
+def test_a_starting_node_is_hidden_only_until_v2_would_give_its_request_up(
+    start_emulator, monkeypatch
+):
+    # v2 keeps a request open for about 4 request timeouts; shown after 3.5 (here 3.5 s).
+    monkeypatch.setenv(REQUEST_TIMEOUT_ENV, "1")
+    emulator = start_emulator()
+    provider = provider_on(emulator, monkeypatch)
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    emulator.set_faults(schedule_delay_s=8)  # from now on: 8 s with no process, then 2 s
+    workers = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER}
+    started = time.monotonic()
+    thread = launch_in_background(provider, WORKER_TAGS)
+    wait_until(lambda: provider.nodes_for_teardown(workers), what="the worker application")
+    assert provider.non_terminated_nodes(workers) == []  # STARTING, no process, Ray can't know
+    [worker] = wait_until(lambda: provider.non_terminated_nodes(workers), what="shown")
+    assert 3.5 <= time.monotonic() - started < 8  # before its process even started
+    assert provider.node_tags(worker)[TAG_RAY_USER_NODE_TYPE] == "gpu_worker"
+    assert not provider.is_running(worker)  # still STARTING: shown, not running
+    thread.join(30)
+    assert provider.is_running(worker)

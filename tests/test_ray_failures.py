@@ -48,7 +48,7 @@ def test_gpu_workers_beyond_quota_time_out_are_reported_and_not_retried_hot(
     emulator = start_emulator("--max-gpus", "0")
 
     def short_launch_timeout(config: dict) -> None:
-        config["provider"]["launch_timeout_s"] = 8
+        config["provider"]["launch_timeout_s"] = 20  # the head starts in 8 s
 
     cluster = LocalCluster(
         emulator, tmp_path / "work", cluster_name="quota", config_overrides=short_launch_timeout
@@ -81,6 +81,41 @@ def test_gpu_workers_beyond_quota_time_out_are_reported_and_not_retried_hot(
         assert status.returncode == 0
         failures = status.stdout.split("Recent failures:")[1].split("Resources")[0]
         assert "gpu_worker" in failures, status.stdout
+    finally:
+        os.killpg(waiting.pid, signal.SIGKILL)
+        waiting.wait()
+    assert cluster.down().returncode == 0
+    assert cluster.applications() == []
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_that_fails_while_starting_is_a_launch_failure_in_ray_status(
+    start_emulator, tmp_path
+):
+    """The worker's start command fails while CML still says STARTING (its Ray never ran):
+    the application FAILED, is deleted, and `ray status` lists the failed launch."""
+    emulator = start_emulator("--start-delay-s", "10")
+
+    def failing_worker_start(config: dict) -> None:
+        config["worker_start_ray_commands"] = ["echo cannot start Ray here; exit 3"]
+
+    cluster = LocalCluster(
+        emulator, tmp_path / "work", cluster_name="fails", config_overrides=failing_worker_start
+    )
+    assert cluster.up().returncode == 0
+    waiting = cluster.start_ray(
+        "submit", "--no-config-cache", str(cluster.config_path), str(GPU_TASK)
+    )
+
+    def failure_listed() -> str:
+        status = cluster.exec("ray status")
+        failures = status.stdout.split("Recent failures:")[-1].split("Resources")[0]
+        return failures if "gpu_worker: LaunchFailed" in failures else ""
+
+    try:
+        cluster.wait_for(failure_listed, 120, "the failed launch in ray status")
+        monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*")
+        assert "ended as APPLICATION_FAILED while starting" in monitor.stdout
     finally:
         os.killpg(waiting.pid, signal.SIGKILL)
         waiting.wait()

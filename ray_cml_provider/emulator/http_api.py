@@ -303,11 +303,17 @@ class EmulatorAPI:
             self.faults.latency_ms = float(body["latency_ms"])
         if "drop_rate" in body:
             self.faults.drop_rate = float(body["drop_rate"])
+        # Start delays apply to applications not yet RUNNING too.
+        for delay in ("start_delay_s", "schedule_delay_s"):
+            if delay in body:
+                setattr(self.state.config, delay, float(body[delay]))
         return Response(
             body={
                 "fault_rate": self.faults.rate,
                 "latency_ms": self.faults.latency_ms,
                 "drop_rate": self.faults.drop_rate,
+                "start_delay_s": self.state.config.start_delay_s,
+                "schedule_delay_s": self.state.config.schedule_delay_s,
             }
         )
 

@@ -107,6 +107,8 @@ class RunningEmulator:
         fault_rate: float | None = None,
         latency_ms: float | None = None,
         drop_rate: float | None = None,
+        start_delay_s: float | None = None,
+        schedule_delay_s: float | None = None,
     ) -> None:
         body = {
             k: v
@@ -114,6 +116,8 @@ class RunningEmulator:
                 ("fault_rate", fault_rate),
                 ("latency_ms", latency_ms),
                 ("drop_rate", drop_rate),
+                ("start_delay_s", start_delay_s),
+                ("schedule_delay_s", schedule_delay_s),
             )
             if v is not None
         }

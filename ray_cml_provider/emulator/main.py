@@ -17,7 +17,12 @@ from pathlib import Path
 
 from ray_cml_provider.emulator.http_api import EmulatorAPI, Faults, make_http_server
 from ray_cml_provider.emulator.project_files import ProjectFiles
-from ray_cml_provider.emulator.state import EmulatorConfig, Quota, WorkspaceState
+from ray_cml_provider.emulator.state import (
+    DEFAULT_START_DELAY_S,
+    EmulatorConfig,
+    Quota,
+    WorkspaceState,
+)
 
 API_KEY_ENV = "CML_EMULATOR_API_KEY"
 
@@ -50,8 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--start-delay-s",
         type=float,
+        default=DEFAULT_START_DELAY_S,
+        help="seconds an application's process runs while still STARTING before it is "
+        f"RUNNING, as on CML, where it is never instant (default: {DEFAULT_START_DELAY_S:g})",
+    )
+    parser.add_argument(
+        "--schedule-delay-s",
+        type=float,
         default=0.0,
-        help="seconds an application's process runs before it is RUNNING",
+        help="seconds an application waits in STARTING before its process starts (CML "
+        "scheduling it, adding a GPU node, pulling the runtime image)",
     )
     parser.add_argument(
         "--stop-grace-s",
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         project_name=args.project_name,
         python=args.python,
         start_delay_s=args.start_delay_s,
+        schedule_delay_s=args.schedule_delay_s,
         stop_grace_s=args.stop_grace_s,
         restart_failed=args.restart_failed,
         restart_delay_s=args.restart_delay_s,

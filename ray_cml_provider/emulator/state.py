@@ -4,8 +4,10 @@ This module knows nothing about HTTP (see ``http_api``); it takes validated-or-r
 requests as Python values and answers with CML-shaped dicts. A reconciler thread moves
 applications through CML's states by watching their real processes:
 
-    STARTING (waits here, with no process, while over quota)
-      -> process started; after ``start_delay_s`` alive -> RUNNING
+    STARTING (waits here, with no process, for ``schedule_delay_s`` and while over quota:
+              CML scheduling the engine, adding a GPU node, pulling the runtime image)
+      -> process started; after ``start_delay_s`` alive -> RUNNING (the script runs while
+         CML still says STARTING: CML reports RUNNING once the engine answers its poll)
     RUNNING -> process exits non-zero -> FAILED; exits 0 -> STOPPED
     :stop -> STOPPING (SIGTERM to the group, SIGKILL after the grace) -> STOPPED
     :restart -> (stop as above) -> STARTING
@@ -41,6 +43,12 @@ RUNNING = "APPLICATION_RUNNING"
 STOPPING = "APPLICATION_STOPPING"
 STOPPED = "APPLICATION_STOPPED"
 FAILED = "APPLICATION_FAILED"
+
+# Seconds an application's script runs while CML still says STARTING. Real starts take tens
+# of seconds to minutes; 8 s here is enough for a worker's raylet to join Ray before its
+# application is RUNNING (its `ray start` takes about 5 s on 2 cores): the window every test
+# and the demo must cross.
+DEFAULT_START_DELAY_S = 8.0
 
 SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 FILTER_KEYS = {
@@ -139,7 +147,8 @@ class EmulatorConfig:
     project_id: str = "emul-ator-proj-0001"
     project_name: str = "ray-on-cml"
     python: str = ""
-    start_delay_s: float = 0.0
+    start_delay_s: float = DEFAULT_START_DELAY_S
+    schedule_delay_s: float = 0.0
     stop_grace_s: float = 5.0
     # CML restarts a FAILED application (by default 3 times, 5 minutes apart).
     restart_failed: int = 0
@@ -158,6 +167,7 @@ class Application:
     failed_restarts: int = 0
     restart_at: float | None = None  # when CML will restart this FAILED application
     engine_key: str | None = None
+    starting_since: float = field(default_factory=time.monotonic)
 
     @property
     def id(self) -> str:
@@ -179,6 +189,8 @@ class Application:
         }.get(status)
         if timestamp_field:
             self.fields[timestamp_field] = stamp
+        if status == STARTING:
+            self.starting_since = time.monotonic()
 
     def requested(self) -> Resources:
         return Resources(
@@ -399,8 +411,11 @@ class WorkspaceState:
             app.failed_restarts += 1
             app.set_status(STARTING)
         if process is None:
-            if app.status == STARTING and self.config.quota.admits(
-                self._reserved(), app.requested()
+            scheduled = time.monotonic() - app.starting_since >= self.config.schedule_delay_s
+            if (
+                app.status == STARTING
+                and scheduled
+                and self.config.quota.admits(self._reserved(), app.requested())
             ):
                 self._start_process(app)
             return

@@ -31,6 +31,7 @@ from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
     TAG_RAY_CLUSTER_NAME,
+    TAG_RAY_LAUNCH_REQUEST,
     TAG_RAY_NODE_KIND,
     TAG_RAY_USER_NODE_TYPE,
 )
@@ -52,6 +53,7 @@ from ray_cml_provider.provider.config import (
     validate_cluster_name,
     validate_provider_config,
 )
+from ray_cml_provider.provider.launches import Launch, LaunchTracker
 from ray_cml_provider.provider.naming import (
     application_name,
     cluster_dir,
@@ -68,10 +70,17 @@ LAUNCHER_SOURCE = Path(__file__).resolve().parent.parent / "node_launcher.py"
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
-MAX_HIDDEN_S = 500.0
 
 
 TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
+
+
+def _own_gcs_address() -> str | None:
+    """The GCS of the head this provider runs in (the autoscaler's), else None (a laptop)."""
+    if os.environ.get("RAY_CML_NODE_KIND") != NODE_KIND_HEAD:
+        return None
+    ip, port = os.environ.get("CDSW_IP_ADDRESS"), os.environ.get("RAY_CML_GCS_PORT")
+    return f"{ip}:{port}" if ip and port else None
 
 
 class _Progress:
@@ -123,7 +132,7 @@ class CMLNodeProvider(NodeProvider):
         self._lock = threading.RLock()
         self._nodes: dict[str, Node] = {}  # every application of this cluster, last listing
         self._ips: dict[str, str] = {}
-        self._launching: set[str] = set()
+        self._launches = LaunchTracker(_own_gcs_address())
         self._launcher_uploaded = False
 
     # ------------------------------------------------------------------ listing
@@ -165,33 +174,37 @@ class CMLNodeProvider(NodeProvider):
             logger.warning("listing applications failed (%s); using the last listing", exc)
             with self._lock:
                 nodes = dict(self._nodes)
-        alive = []
+        live = []
         for node in nodes.values():
             status = node.app.status
             if status == ApplicationStatus.FAILED:
                 # CML would restart it (up to 3 times): a node we consider dead must go.
                 self._delete_in_background(node, "it FAILED")
+            elif status not in ApplicationStatus.LIVE:
                 continue
-            if status not in ApplicationStatus.LIVE:
-                continue
-            if (
+            elif (
                 status == ApplicationStatus.STARTING
-                and node.node_id not in self._launching
+                and not self._launches.is_launching(node.node_id)
                 and seconds_since(node.app.created_at) > self.launch_timeout_s
             ):
                 self._delete_in_background(
                     node, f"still STARTING after {self.launch_timeout_s:.0f} s"
                 )
+            else:
+                live.append(node)
+        # A node being launched is hidden while STARTING, until Ray could know it (see
+        # provider/launches.py): a launch failure then still fails the open request.
+        starting = [
+            n.node_id
+            for n in live
+            if n.app.status == ApplicationStatus.STARTING and self._launches.is_launching(n.node_id)
+        ]
+        shown = self._launches.visible(starting)
+        alive = []
+        for node in live:
+            if node.node_id in starting and node.node_id not in shown:
                 continue
-            if (
-                node.node_id in self._launching
-                and seconds_since(node.app.created_at) < MAX_HIDDEN_S
-            ):
-                # Our create_node is still waiting for it. Autoscaler v2 would match it to its
-                # launch request now and then lose a launch failure (no "Recent failures");
-                # hidden, the failure fails the still-open request. Never longer than
-                # MAX_HIDDEN_S, under v2's 600 s limit for a request to be matched.
-                continue
+            self._launches.mark_shown(node.node_id)
             if self._matches(node, tag_filters):
                 alive.append(node.node_id)
         return alive
@@ -252,17 +265,32 @@ class CMLNodeProvider(NodeProvider):
 
         Waiting lets a failure reach Ray as a ``NodeLaunchException`` (shown under "Recent
         failures" in ``ray status``, and backing the node type off) instead of a node that
-        silently never joins.
+        silently never joins. Autoscaler v2 launches a request again when it has waited long
+        for it; applications of that request still starting count towards it, so a slow
+        start never becomes two applications.
         """
         self._upload_launcher()
         kind = tags.get(TAG_RAY_NODE_KIND, NODE_KIND_WORKER)
+        node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
+        request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
+        in_flight = self._launches.in_flight(request_id, node_type)
+        if in_flight:
+            logger.info(
+                "launch request %s: %d %s node(s) asked again, %d still starting",
+                request_id,
+                count,
+                node_type,
+                in_flight,
+            )
+            count -= in_flight
+            if count <= 0:
+                return {}
         tags = {**tags, TAG_RAY_CLUSTER_NAME: self.cluster_name}
         specs = [
             self._application_spec(secrets.token_hex(4), kind, node_config, tags, resources, labels)
             for _ in range(count)
         ]
-        with self._lock:
-            self._launching.update(node_id for node_id, _ in specs)
+        self._launches.add([Launch(node_id, node_type, request_id) for node_id, _ in specs])
         try:
             with ThreadPoolExecutor(min(count, MAX_PARALLEL_CALLS)) as pool:
                 created = list(pool.map(self._create_one, specs))
@@ -273,13 +301,15 @@ class CMLNodeProvider(NodeProvider):
                     self._nodes[node.node_id] = node
             failures += self._wait_until_running(started, show_progress=kind == NODE_KIND_HEAD)
         finally:
-            with self._lock:
-                self._launching.difference_update(node_id for node_id, _ in specs)
+            for node_id, _ in specs:
+                self._launches.finish(node_id)
+        if failures and kind == NODE_KIND_HEAD:
+            # Only `ray up` launches a head: one sentence, not a traceback.
+            raise SystemExit(f"ray-cml: the head did not start: {'; '.join(failures)}")
         if failures:
             raise NodeLaunchException(
                 "CMLLaunchFailed",
-                f"{len(failures)} of {count} {tags.get(TAG_RAY_USER_NODE_TYPE, kind)} "
-                f"node(s) failed: " + "; ".join(failures),
+                f"{len(failures)} of {count} {node_type} node(s) failed: " + "; ".join(failures),
                 None,
             )
         return {}
@@ -296,6 +326,9 @@ class CMLNodeProvider(NodeProvider):
     def _wait_until_running(self, nodes: list[Node], show_progress: bool = False) -> list[str]:
         """Poll (one list call per round) until each node runs; delete the ones that fail.
 
+        Returns the launch failures: nodes that failed before Ray was shown them. A node
+        that fails after it was shown is a lost node to Ray (its instance ends), not a
+        failed launch, so it is deleted and logged but not reported against the request.
         ``ray up`` waits here for the head: it shows what it waits for, with elapsed time.
         """
         failures = []
@@ -315,9 +348,9 @@ class CMLNodeProvider(NodeProvider):
                 if progress:
                     progress.report(f"head application {app.name}", app.status)
                 if node_id not in current:
-                    failures.append(f"{node.app.name} disappeared while starting")
+                    reason = f"{node.app.name} disappeared while starting"
                 elif app.status == ApplicationStatus.RUNNING:
-                    pass
+                    reason = ""
                 elif app.status in ApplicationStatus.LIVE and time.monotonic() < deadline:
                     continue
                 else:
@@ -327,9 +360,13 @@ class CMLNodeProvider(NodeProvider):
                         if app.status == ApplicationStatus.STARTING
                         else f"{app.name} ended as {app.status} while starting"
                     )
-                    failures.append(reason)
-                    self._delete(node, reason)
+                    self._delete(current[node_id], reason)
                 del pending[node_id]
+                if reason and self._launches.was_shown(node_id):
+                    logger.warning("node %s was lost while starting: %s", node_id, reason)
+                elif reason:
+                    failures.append(reason)
+                self._launches.finish(node_id)
         return failures
 
     def _application_spec(

@@ -1,0 +1,92 @@
+"""Scale to zero under slow application starts. Prints numbers; asserts nothing.
+
+    .venv/bin/python bench/slow_start_bench.py [--delays 0,20,120] [--autoscalers v2,v1]
+                                               [--mode start|schedule]
+
+For each start delay and autoscaler: ``ray up`` on a fresh emulator (the head starts with
+the emulator's default delay), then every later application takes DELAY seconds to start,
+``ray submit`` of a 1-GPU task (the autoscaler creates a GPU worker application), and the
+wait until that worker's application is deleted again. ``--mode start`` (default): the
+script runs while CML says STARTING, so the raylet joins before RUNNING; ``--mode schedule``:
+the application waits with no process (scheduling, a GPU node added, the image pulled).
+
+Columns: scale-up (submit -> task done), given back (task done -> application deleted,
+with idle_timeout_minutes 0.25 = 15 s), applications created, and what ``ray status`` shows
+pending / failed afterwards (both should be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ray_cml_provider.demo import GPU_TASK
+from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.local_cluster import LocalCluster
+
+CREATE = "POST /api/v2/projects/{project_id}/applications"
+
+
+def section_lines(text: str, start: str, end: str) -> int:
+    body = text.split(start, 1)[-1].split(end, 1)[0]
+    return sum(1 for line in body.splitlines() if line.strip() and not line.strip().startswith("("))
+
+
+def one_run(delay_s: float, autoscaler: str, mode: str) -> dict[str, float | str]:
+    env = {"RAY_UP_enable_autoscaler_v2": "0"} if autoscaler == "v1" else {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as work, RunningEmulator() as emulator:
+        cluster = LocalCluster(emulator, Path(work), cluster_name="slow", extra_env=env)
+        try:
+            if cluster.up().returncode != 0:
+                return {"error": "ray up failed"}
+            delay = {"start_delay_s" if mode == "start" else "schedule_delay_s": delay_s}
+            emulator.set_faults(**delay)
+            emulator.reset_stats()
+            started = time.monotonic()
+            submitted = cluster.submit(GPU_TASK)
+            done = time.monotonic()
+            if submitted.returncode != 0:
+                return {"error": "ray submit failed"}
+            cluster.wait_for(lambda: not cluster.workers(), 900, "scale to zero")
+            given_back = time.monotonic() - done
+            status = cluster.exec("ray status").stdout
+            return {
+                "scale_up_s": done - started,
+                "given_back_s": given_back,
+                "creates": emulator.stats()["requests"].get(CREATE, 0),
+                "pending": section_lines(status, "Pending:", "Recent failures:"),
+                "failures": section_lines(status, "Recent failures:", "Resources"),
+            }
+        except TimeoutError as exc:
+            return {"error": str(exc)}
+        finally:
+            cluster.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--delays", default="0,20,120")
+    parser.add_argument("--autoscalers", default="v2,v1")
+    parser.add_argument("--mode", choices=["start", "schedule"], default="start")
+    args = parser.parse_args()
+    print(f"mode: {args.mode} delay; idle timeout 15 s; autoscaler loop 5 s", flush=True)
+    print("delay  autoscaler  scale-up  given back  creates  pending  failures", flush=True)
+    for delay in [float(d) for d in args.delays.split(",")]:
+        for autoscaler in args.autoscalers.split(","):
+            result = one_run(delay, autoscaler, args.mode)
+            if "error" in result:
+                print(f"{delay:5.0f}  {autoscaler:10}  {result['error']}", flush=True)
+                continue
+            print(
+                f"{delay:5.0f}  {autoscaler:10}  {result['scale_up_s']:6.1f} s  "
+                f"{result['given_back_s']:8.1f} s  {result['creates']:7}  "
+                f"{result['pending']:7}  {result['failures']:8}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
