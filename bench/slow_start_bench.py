@@ -12,7 +12,9 @@ the application waits with no process (scheduling, a GPU node added, the image p
 
 Columns: scale-up (submit -> task done), given back (task done -> application deleted,
 with idle_timeout_minutes 0.25 = 15 s), applications created, and what ``ray status`` shows
-pending / failed afterwards (both should be 0).
+afterwards (given 30 s to settle): pending nodes and failed launches (both should be 0),
+and ended nodes (v2 lists the worker it scaled down as NodeTerminated under "Recent
+failures"; v1 does not).
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ from ray_cml_provider.local_cluster import LocalCluster
 CREATE = "POST /api/v2/projects/{project_id}/applications"
 
 
-def section_lines(text: str, start: str, end: str) -> int:
+def section(text: str, start: str, end: str) -> list[str]:
     body = text.split(start, 1)[-1].split(end, 1)[0]
-    return sum(1 for line in body.splitlines() if line.strip() and not line.strip().startswith("("))
+    return [line for line in body.splitlines() if line.strip() and not line.strip().startswith("(")]
 
 
 def one_run(delay_s: float, autoscaler: str, mode: str) -> dict[str, float | str]:
     env = {"RAY_UP_enable_autoscaler_v2": "0"} if autoscaler == "v1" else {}
     with tempfile.TemporaryDirectory(prefix="bench-") as work, RunningEmulator() as emulator:
-        cluster = LocalCluster(emulator, Path(work), cluster_name="slow", extra_env=env)
+
+        def patient(config: dict) -> None:
+            config["provider"]["launch_timeout_s"] = 900  # as cml-cluster.yaml: past DELAY
+
+        cluster = LocalCluster(
+            emulator, Path(work), cluster_name="slow", extra_env=env, config_overrides=patient
+        )
         try:
             if cluster.up().returncode != 0:
                 return {"error": "ray up failed"}
@@ -52,13 +60,27 @@ def one_run(delay_s: float, autoscaler: str, mode: str) -> dict[str, float | str
                 return {"error": "ray submit failed"}
             cluster.wait_for(lambda: not cluster.workers(), 900, "scale to zero")
             given_back = time.monotonic() - done
-            status = cluster.exec("ray status").stdout
+            # `ray status` is published once per autoscaler loop: give it a few to settle.
+            deadline = time.monotonic() + 30
+            while True:
+                status = cluster.exec("ray status").stdout
+                if not section(status, "Pending:", "Recent failures:"):
+                    break
+                if time.monotonic() > deadline:
+                    break
             return {
                 "scale_up_s": done - started,
                 "given_back_s": given_back,
                 "creates": emulator.stats()["requests"].get(CREATE, 0),
-                "pending": section_lines(status, "Pending:", "Recent failures:"),
-                "failures": section_lines(status, "Recent failures:", "Resources"),
+                "pending": len(section(status, "Pending:", "Recent failures:")),
+                "launch_failures": sum(
+                    "LaunchFailed" in line
+                    for line in section(status, "Recent failures:", "Resources")
+                ),
+                "ended": sum(
+                    "NodeTerminated" in line
+                    for line in section(status, "Recent failures:", "Resources")
+                ),
             }
         except TimeoutError as exc:
             return {"error": str(exc)}
@@ -73,7 +95,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=["start", "schedule"], default="start")
     args = parser.parse_args()
     print(f"mode: {args.mode} delay; idle timeout 15 s; autoscaler loop 5 s", flush=True)
-    print("delay  autoscaler  scale-up  given back  creates  pending  failures", flush=True)
+    print(
+        "delay  autoscaler  scale-up  given back  creates  pending  failed launches  ended nodes",
+        flush=True,
+    )
     for delay in [float(d) for d in args.delays.split(",")]:
         for autoscaler in args.autoscalers.split(","):
             result = one_run(delay, autoscaler, args.mode)
@@ -83,7 +108,7 @@ def main() -> None:
             print(
                 f"{delay:5.0f}  {autoscaler:10}  {result['scale_up_s']:6.1f} s  "
                 f"{result['given_back_s']:8.1f} s  {result['creates']:7}  "
-                f"{result['pending']:7}  {result['failures']:8}",
+                f"{result['pending']:7}  {result['launch_failures']:15}  {result['ended']:11}",
                 flush=True,
             )
 

@@ -372,3 +372,14 @@ def test_a_starting_node_is_hidden_only_until_v2_would_give_its_request_up(
     assert not provider.is_running(worker)  # still STARTING: shown, not running
     thread.join(30)
     assert provider.is_running(worker)
+
+
+def test_a_head_that_does_not_start_ends_ray_up_with_one_sentence(start_emulator, monkeypatch):
+    emulator = start_emulator("--max-cpu", "0")  # nothing can start
+    provider = provider_on(emulator, monkeypatch, launch_timeout_s=1)
+    with pytest.raises(SystemExit) as info:
+        launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    message = str(info.value)
+    assert message.startswith("ray-cml: the head did not start: ray-c1-head-")
+    assert "is APPLICATION_STARTING after 1 s (over the workspace's quota?)" in message
+    assert provider.nodes_for_teardown({}) == []  # the stuck application was deleted

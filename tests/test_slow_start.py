@@ -5,8 +5,9 @@ application's script) starts Ray while CML still says STARTING. These tests chec
 GPU worker Ray asked for joins, runs the task, and is deleted again once idle, with
 ``ray status`` clean afterwards (nothing pending, no failed launch), when:
 
-- the script runs for 20 s while STARTING (the raylet joins long before RUNNING), on
-  autoscaler v2 and v1;
+- the script runs for 20 s while STARTING (the raylet joins long before RUNNING, and the
+  start outlasts ``launch_timeout_s``: a node in Ray is not a failed launch), on autoscaler
+  v2 and v1;
 - the application waits in STARTING with no process for longer than autoscaler v2's
   REQUESTED->ALLOCATED and ALLOCATED->RAY_RUNNING timeouts (shortened here through their
   RAY_AUTOSCALER_RECONCILE_* variables), so v2 launches the request again meanwhile.
@@ -85,16 +86,29 @@ def run_gpu_task_and_wait_for_scale_to_zero(cluster: LocalCluster) -> dict:
 def test_a_worker_whose_ray_joins_while_starting_scales_up_and_to_zero(
     start_emulator, tmp_path, autoscaler
 ):
-    emulator = start_emulator("--start-delay-s", "20")
+    emulator = start_emulator()
     env = {"RAY_UP_enable_autoscaler_v2": "0"} if autoscaler == "v1" else {}
+
+    def short_launch_timeout(config: dict) -> None:
+        # Shorter than the start: a node whose Ray joined is kept while CML says STARTING.
+        config["provider"]["launch_timeout_s"] = 14
+
     cluster = LocalCluster(
-        emulator, tmp_path / "work", cluster_name=f"slow-{autoscaler}", extra_env=env
+        emulator,
+        tmp_path / "work",
+        cluster_name=f"slow-{autoscaler}",
+        extra_env=env,
+        config_overrides=short_launch_timeout,
     )
     up = cluster.up()
     assert up.returncode == 0, up.stdout[-3000:]
+    emulator.set_faults(start_delay_s=20)  # the workers' starts; the head started in 8 s
 
     worker = run_gpu_task_and_wait_for_scale_to_zero(cluster)
     assert_ray_status_clean(cluster, worker["worker_id"])
+    monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*").stdout
+    assert "runs Ray while CML still says STARTING" in monitor
+    assert "APPLICATION_STARTING after" not in monitor
 
     down = cluster.down()
     assert down.returncode == 0, down.stdout[-3000:]

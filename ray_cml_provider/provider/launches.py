@@ -90,9 +90,9 @@ class LaunchTracker:
         with self._lock:
             self._launches.update((launch.node_id, launch) for launch in launches)
 
-    def finish(self, node_id: str) -> Launch | None:
+    def finish(self, node_id: str) -> None:
         with self._lock:
-            return self._launches.pop(node_id, None)
+            self._launches.pop(node_id, None)
 
     def is_launching(self, node_id: str) -> bool:
         with self._lock:
@@ -128,24 +128,26 @@ class LaunchTracker:
         shown = {launch.node_id for launch in launches if launch.shown}
         shown |= {launch.node_id for launch in launches if now - launch.started >= limit}
         if len(shown) < len(launches):
-            shown |= self._registered_with_ray({launch.node_id for launch in launches})
-        with self._lock:
-            for node_id in shown:
-                if node_id in self._launches:
-                    self._launches[node_id].shown = True
+            shown |= self.joined_ray({launch.node_id for launch in launches})
         return shown
 
     def mark_shown(self, node_id: str) -> None:
+        """The provider returned this node to Ray: from now on Ray may have matched it."""
         with self._lock:
             if node_id in self._launches:
                 self._launches[node_id].shown = True
 
-    def _registered_with_ray(self, node_ids: set[str]) -> set[str]:
+    @property
+    def can_ask_ray(self) -> bool:
+        """True in the head's autoscaler (it can reach its GCS); False on a laptop."""
+        return bool(self._gcs_address)
+
+    def joined_ray(self, node_ids: set[str]) -> set[str]:
         """The nodes among ``node_ids`` whose raylet the head's GCS knows (alive or dead).
 
         Only the head's provider launches workers, and it can reach its own GCS. If the GCS
-        cannot be asked, every node is shown: a node Ray runs on must never be hidden from
-        it, and a late launch failure then shows as a lost node instead.
+        cannot be asked, every node counts as joined: a node Ray runs on must never be hidden
+        from it or deleted as stuck, and a late launch failure then shows as a lost node.
         """
         if not self._gcs_address:
             return set()

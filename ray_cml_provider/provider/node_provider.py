@@ -174,7 +174,7 @@ class CMLNodeProvider(NodeProvider):
             logger.warning("listing applications failed (%s); using the last listing", exc)
             with self._lock:
                 nodes = dict(self._nodes)
-        live = []
+        live, stuck = [], []
         for node in nodes.values():
             status = node.app.status
             if status == ApplicationStatus.FAILED:
@@ -187,11 +187,10 @@ class CMLNodeProvider(NodeProvider):
                 and not self._launches.is_launching(node.node_id)
                 and seconds_since(node.app.created_at) > self.launch_timeout_s
             ):
-                self._delete_in_background(
-                    node, f"still STARTING after {self.launch_timeout_s:.0f} s"
-                )
+                stuck.append(node)
             else:
                 live.append(node)
+        live += self._reap_stuck(stuck)
         # A node being launched is hidden while STARTING, until Ray could know it (see
         # provider/launches.py): a launch failure then still fails the open request.
         starting = [
@@ -208,6 +207,21 @@ class CMLNodeProvider(NodeProvider):
             if self._matches(node, tag_filters):
                 alive.append(node.node_id)
         return alive
+
+    def _reap_stuck(self, stuck: list[Node]) -> list[Node]:
+        """Delete the applications STARTING past ``launch_timeout_s`` that never joined Ray
+        (over quota, no GPU node); return the ones Ray knows, which are kept (CML's status
+        can lag behind a node that works). Only the head's autoscaler reaps: it can ask its
+        GCS, and the cluster's lifecycle is its job, not that of a laptop's ``ray exec``."""
+        if not stuck or not self._launches.can_ask_ray:
+            return stuck
+        joined = self._launches.joined_ray({node.node_id for node in stuck})
+        for node in stuck:
+            if node.node_id not in joined:
+                self._delete_in_background(
+                    node, f"still STARTING after {self.launch_timeout_s:.0f} s"
+                )
+        return [node for node in stuck if node.node_id in joined]
 
     def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
         """Every application of the cluster, stopped and failed ones included."""
@@ -353,6 +367,11 @@ class CMLNodeProvider(NodeProvider):
                     reason = ""
                 elif app.status in ApplicationStatus.LIVE and time.monotonic() < deadline:
                     continue
+                elif app.status == ApplicationStatus.STARTING and self._launches.joined_ray(
+                    {node_id}
+                ):
+                    logger.info("%s runs Ray while CML still says STARTING", app.name)
+                    reason = ""
                 else:
                     reason = (
                         f"{app.name} is {app.status} after {self.launch_timeout_s:.0f} s "
