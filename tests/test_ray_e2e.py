@@ -87,7 +87,12 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     submitted = cluster.submit(GPU_TASK)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     [worker] = cluster.workers()
-    assert worker.status == RUNNING and worker.nvidia_gpu == 1
+    # Ray ran the task as soon as the worker's raylet joined, maybe while CML still said
+    # STARTING (the emulator's start takes 8 s); CML reports it RUNNING soon after.
+    assert worker.status in ApplicationStatus.LIVE and worker.nvidia_gpu == 1
+    cluster.wait_for(
+        lambda: [w.status for w in cluster.workers()] == [RUNNING], 30, "the worker RUNNING"
+    )
     worker_engine = engine(emulator, worker.id)
     pgids.add(worker_engine["pgid"])
     ran_on = re.search(r"GPU task ran on \{'node_ip': '([\d.]+)'", submitted.stdout)
