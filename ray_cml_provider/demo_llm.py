@@ -33,7 +33,10 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
     ):
         cluster = LocalCluster(emulator, Path(work))
         steps.step("ray up local-emulator.yaml")
-        if cluster.up().returncode != 0:
+        up = cluster.up()
+        if up.returncode != 0:
+            print(up.stdout[-4000:], file=sys.stderr)
+            steps.say("ray up failed")
             return 1
         show_applications(steps, cluster)
         head_ip = cluster.head_ip()
@@ -42,7 +45,10 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
         config = with_model_source(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), model_dir)
         deploy = cluster.serve_deploy(config, "vllm_app_cpu.yaml")
         if deploy.returncode != 0:
+            print(deploy.stdout[-4000:], file=sys.stderr)
+            steps.say("serve deploy failed")
             return 1
+        cluster.wait_for_serve_app("llm")  # as `serve status` would show: routes answer now
         show_applications(steps, cluster)
 
         steps.step(f"POST http://{head_ip}:8000/v1/chat/completions (cold start from zero)")

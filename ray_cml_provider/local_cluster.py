@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import requests
 import yaml
 
 from ray_cml_provider.cml import Application, CMLClient
@@ -129,6 +130,22 @@ class LocalCluster:
         if copied.returncode != 0:
             return copied
         return self.exec(f"serve deploy ~/{name} -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT")
+
+    def wait_for_serve_app(self, name: str = "default", timeout_s: float = 300) -> None:
+        """Wait until Serve reports application ``name`` RUNNING, as a user watches
+        ``serve status``: its routes answer only from then on (before, the proxy says 404)."""
+        head = next(a for a in self.applications() if "-head-" in a.name)
+        engine = next(p for p in self.emulator.processes() if p["id"] == head.id)
+        url = f"http://{engine['ip_address']}:{engine['app_port']}/api/serve/applications/"
+
+        def running() -> bool:
+            try:
+                apps = requests.get(url, timeout=10).json().get("applications", {})
+            except (requests.RequestException, ValueError):
+                return False
+            return apps.get(name, {}).get("status") == "RUNNING"
+
+        self.wait_for(running, timeout_s, f"the Serve application {name!r} to be RUNNING")
 
     # ------------------------------------------------------------------ what CML says
 

@@ -86,3 +86,16 @@ def test_demo_shows_an_application_created_running_stopped(tmp_path):
     ):
         assert expected in out, expected
     assert list(tmp_path.iterdir()) == [], "the demo removes its temporary folders"
+
+
+def test_the_engines_interpreter_is_resolved_once_to_an_absolute_path(tmp_path, monkeypatch):
+    """Engines run in the project folder: a relative --python (what the Makefile passes for
+    the vLLM environment) must already be absolute there, and a venv's symlink kept."""
+    from ray_cml_provider.emulator.main import interpreter
+
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    assert interpreter("venv/bin/python") == str(venv_python)  # absolute, symlink not followed
+    assert interpreter("python3") == shutil.which("python3")

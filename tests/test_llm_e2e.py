@@ -70,7 +70,7 @@ def test_cpu_twin_serves_real_vllm_from_zero_and_scales_back_to_zero(start_emula
     serve_config = with_model_source(load(CONFIGS / "vllm_app_cpu.yaml"), Path(MODEL_DIR))
     deploy = cluster.serve_deploy(serve_config, "vllm_app_cpu.yaml")
     assert deploy.returncode == 0, deploy.stdout[-3000:]
-    time.sleep(10)
+    cluster.wait_for_serve_app("llm")  # the routes answer only once the app is RUNNING
     assert cluster.workers() == [], "zero replicas: no worker before the first request"
 
     started = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,6 +26,15 @@ from ray_cml_provider.emulator.state import (
 )
 
 API_KEY_ENV = "CML_EMULATOR_API_KEY"
+
+
+def interpreter(python: str) -> str:
+    """The ``--python`` interpreter as an absolute path, resolved once here: engines run in
+    the project folder, where a relative path would name nothing. A bare name is looked up
+    on PATH. Symlinks are kept (a venv's ``bin/python`` is one, and must stay the venv's)."""
+    if os.sep in python:
+        return os.path.abspath(python)
+    return shutil.which(python) or python
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         api_url="",  # known once the socket is bound
         project_id=args.project_id,
         project_name=args.project_name,
-        python=args.python,
+        python=interpreter(args.python),
         start_delay_s=args.start_delay_s,
         schedule_delay_s=args.schedule_delay_s,
         stop_grace_s=args.stop_grace_s,
