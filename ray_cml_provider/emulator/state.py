@@ -7,7 +7,7 @@ applications through CML's states by watching their real processes:
     STARTING (waits here, with no process, for ``schedule_delay_s`` and while over quota:
               CML scheduling the engine, adding a GPU node, pulling the runtime image)
       -> process started; after ``start_delay_s`` alive -> RUNNING (the script runs while
-         CML still says STARTING: CML reports RUNNING once the engine answers its poll)
+         still STARTING, as on CML, which reports RUNNING only once it sees the engine up)
     RUNNING -> process exits non-zero -> FAILED; exits 0 -> STOPPED
     :stop -> STOPPING (SIGTERM to the group, SIGKILL after the grace) -> STOPPED
     :restart -> (stop as above) -> STARTING
