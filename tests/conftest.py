@@ -17,7 +17,8 @@ ENGINE_SCRIPT = r"""
 import json, os, signal, subprocess, sys, time
 app_id = os.environ["CDSW_APP_ID"]
 with open(f"engine-{app_id}-{os.getpid()}.json", "w") as f:
-    json.dump({"env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}, f)
+    dump = {"env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}
+    json.dump({**dump, "executable": sys.executable}, f)
 mode = os.environ.get("MODE", "sleep")
 print(f"engine {app_id} up in mode {mode}", flush=True)
 if mode == "exit":

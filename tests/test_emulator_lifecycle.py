@@ -7,9 +7,15 @@ import time
 
 import pytest
 
-from ray_cml_provider.cml import ApplicationStatus, CMLAuthenticationError, CMLClient
+from ray_cml_provider.cml import (
+    ApplicationStatus,
+    CMLAuthenticationError,
+    CMLClient,
+    CMLNotFoundError,
+)
+from ray_cml_provider.emulator.launcher import plain_python
 from ray_cml_provider.emulator.processes import live_group_members
-from tests.conftest import engine_dump, wait_until
+from tests.conftest import FAST_RETRY, engine_dump, wait_until
 
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
 EMULATOR_ARGS = ["--start-delay-s", "0.5"]
@@ -262,3 +268,74 @@ def test_failed_applications_are_restarted_like_cml_does(start_emulator, runtime
     time.sleep(1.0)
     assert len(dumps()) == 3, "no restart after the second"
     assert status_of(client, app.id) == FAILED
+
+
+def test_a_runtime_given_an_interpreter_runs_its_engines_with_it(start_emulator):
+    """A CML runtime is an image with its own Python: ``--runtime ID=PYTHON`` plays one,
+    and a runtime not named keeps the emulator's own interpreter."""
+    bare = os.path.abspath(plain_python())
+    emulator = start_emulator("--runtime", f"example.com/custom/bare-python:1={bare}")
+    client = CMLClient(**emulator.client_settings(), retry=FAST_RETRY)
+    listed = {r["image_identifier"] for r in client.list_runtimes()}
+    assert "example.com/custom/bare-python:1" in listed
+    standard = sorted(listed - {"example.com/custom/bare-python:1"})[0]
+    apps = {}
+    for name, runtime in (("bare", "example.com/custom/bare-python:1"), ("std", standard)):
+        apps[name] = client.create_application(
+            {
+                "name": name,
+                "subdomain": name,
+                "script": "engine.py",
+                "cpu": 1,
+                "memory": 1,
+                "runtime_identifier": runtime,
+            }
+        ).id
+    dumps = {
+        n: wait_until(lambda i=i: engine_dump(emulator.project_dir, i), 20) for n, i in apps.items()
+    }
+    assert dumps["bare"]["executable"] == bare
+    assert dumps["std"]["executable"] != bare
+    assert dumps["bare"]["env"]["PATH"].startswith(os.path.dirname(bare))
+
+
+def test_files_reach_the_other_side_of_the_project_filesystem_late(start_emulator):
+    """``--file-delay-s`` plays NFS's attribute cache: the API reads its own writes at once,
+    running engines see them late, the API sees what engines wrote late; an engine that
+    starts sees everything (a fresh mount)."""
+    emulator = start_emulator("--file-delay-s", "2")
+    client = CMLClient(**emulator.client_settings(), retry=FAST_RETRY)
+    project = emulator.project_dir
+    client.upload_file("mail/request.json", b"{}")
+    uploaded = time.monotonic()
+    assert client.download_file("mail/request.json") == b"{}"
+    assert [f.path for f in client.list_files("mail")] == ["mail/request.json"]
+    assert not (project / "mail" / "request.json").exists()
+    wait_until(lambda: (project / "mail" / "request.json").exists(), 10)
+    assert time.monotonic() - uploaded >= 1.5
+
+    (project / "mail" / "answer.rc").write_text("0")  # an engine writes
+    with pytest.raises(CMLNotFoundError):
+        client.download_file("mail/answer.rc")
+    assert [f.path for f in client.list_files("mail")] == ["mail/request.json"]
+    wait_until(
+        lambda: (
+            [f.path for f in client.list_files("mail")] == ["mail/answer.rc", "mail/request.json"]
+        ),
+        10,
+    )
+
+    emulator.set_faults(file_delay_s=60)
+    client.upload_file("engine-reads-me.txt", b"x")
+    app = client.create_application(
+        {
+            "name": "fresh",
+            "subdomain": "fresh",
+            "script": "engine.py",
+            "cpu": 1,
+            "memory": 1,
+            "runtime_identifier": client.list_runtimes()[0]["image_identifier"],
+        }
+    )
+    wait_until(lambda: engine_dump(project, app.id), 20)
+    assert (project / "engine-reads-me.txt").read_bytes() == b"x"

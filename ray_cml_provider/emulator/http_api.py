@@ -307,6 +307,8 @@ class EmulatorAPI:
         for delay in ("start_delay_s", "schedule_delay_s"):
             if delay in body:
                 setattr(self.state.config, delay, float(body[delay]))
+        if "file_delay_s" in body:
+            self.files.visibility_delay_s = float(body["file_delay_s"])
         return Response(
             body={
                 "fault_rate": self.faults.rate,
@@ -314,6 +316,7 @@ class EmulatorAPI:
                 "drop_rate": self.faults.drop_rate,
                 "start_delay_s": self.state.config.start_delay_s,
                 "schedule_delay_s": self.state.config.schedule_delay_s,
+                "file_delay_s": self.files.visibility_delay_s,
             }
         )
 

@@ -26,6 +26,15 @@ from ray_cml_provider.emulator.processes import live_group_members, signal_group
 READY_PREFIX = "CML emulator listening on "
 
 
+def plain_python() -> str:
+    """A Python with pip and without Ray, to play a CML runtime image: the interpreter this
+    virtualenv was made from (the same version as the machine running ``ray up``, as Ray
+    needs), or ``$RAY_CML_PLAIN_PYTHON``."""
+    major, minor = sys.version_info[:2]
+    default = Path(sys.base_prefix) / "bin" / f"python{major}.{minor}"
+    return os.environ.get("RAY_CML_PLAIN_PYTHON") or str(default)
+
+
 class RunningEmulator:
     """A started emulator. Use as a context manager, or call ``stop()``."""
 
@@ -109,6 +118,7 @@ class RunningEmulator:
         drop_rate: float | None = None,
         start_delay_s: float | None = None,
         schedule_delay_s: float | None = None,
+        file_delay_s: float | None = None,
     ) -> None:
         body = {
             k: v
@@ -118,6 +128,7 @@ class RunningEmulator:
                 ("drop_rate", drop_rate),
                 ("start_delay_s", start_delay_s),
                 ("schedule_delay_s", schedule_delay_s),
+                ("file_delay_s", file_delay_s),
             )
             if v is not None
         }

@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--python", default=sys.executable, help="interpreter that runs application scripts"
     )
     parser.add_argument(
+        "--runtime",
+        action="append",
+        default=[],
+        metavar="IMAGE_ID=PYTHON",
+        help="run the engines of runtime IMAGE_ID with interpreter PYTHON (repeatable). A "
+        "CML runtime has Python and pip but no Ray: give a plain Python to play one. An id "
+        "that is not a default runtime is added to the workspace's runtimes",
+    )
+    parser.add_argument(
+        "--file-delay-s",
+        type=float,
+        default=0.0,
+        help="seconds before a file written through the API is visible to running engines, "
+        "and one an engine wrote is visible to the API: the project filesystem is NFS, whose "
+        "clients cache directory attributes (Linux's acdirmin is 30 s). An engine that "
+        "starts sees everything written before it (a fresh mount)",
+    )
+    parser.add_argument(
         "--start-delay-s",
         type=float,
         default=DEFAULT_START_DELAY_S,
@@ -133,8 +151,27 @@ def machine_shared_memory_mb() -> int:
     return int(stats.f_frsize * stats.f_blocks / 1e6)
 
 
+def runtime_pythons(specs: list[str]) -> dict[str, str]:
+    """``IMAGE_ID=PYTHON`` pairs of ``--runtime``, interpreters resolved; ValueError if bad."""
+    pythons = {}
+    for spec in specs:
+        image, sep, python = spec.partition("=")
+        if not sep or not image.strip() or not python.strip():
+            raise ValueError(f"--runtime {spec!r}: expected IMAGE_ID=PYTHON")
+        resolved = interpreter(python.strip())
+        if not os.access(resolved, os.X_OK):
+            raise ValueError(f"--runtime {spec!r}: {python!r} is not an executable interpreter")
+        pythons[image.strip()] = resolved
+    return pythons
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        pythons = runtime_pythons(args.runtime)
+    except ValueError as exc:
+        print(f"ray-cml emulator: {exc}", file=sys.stderr)
+        return 2
     for flag, value in (("--fault-rate", args.fault_rate), ("--drop-rate", args.drop_rate)):
         if not 0.0 <= value <= 1.0:
             print(f"ray-cml emulator: {flag} must be between 0 and 1", file=sys.stderr)
@@ -153,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         project_id=args.project_id,
         project_name=args.project_name,
         python=interpreter(args.python),
+        runtime_pythons=pythons,
         start_delay_s=args.start_delay_s,
         schedule_delay_s=args.schedule_delay_s,
         stop_grace_s=args.stop_grace_s,
@@ -168,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         drop_rate=args.drop_rate,
     )
     api: EmulatorAPI | None = None
-    state = WorkspaceState(config, on_engine_key=lambda key, ok: api.set_engine_key(key, ok))
-    api = EmulatorAPI(state, ProjectFiles(project_dir), api_key, faults)
+    files = ProjectFiles(project_dir, visibility_delay_s=args.file_delay_s)
+    state = WorkspaceState(
+        config, on_engine_key=lambda key, ok: api.set_engine_key(key, ok), files=files
+    )
+    api = EmulatorAPI(state, files, api_key, faults)
     server = make_http_server(api, args.host, args.port, verbose=args.verbose)
     host, port = server.server_address[:2]
     config.api_url = f"http://{host}:{port}"

@@ -37,6 +37,7 @@ from ray_cml_provider.emulator.processes import (
     base_environment,
     start_engine,
 )
+from ray_cml_provider.emulator.project_files import ProjectFiles
 
 STARTING = "APPLICATION_STARTING"
 RUNNING = "APPLICATION_RUNNING"
@@ -106,6 +107,19 @@ DEFAULT_RUNTIMES = [
 ]
 
 
+def custom_runtime(image_identifier: str) -> dict[str, str]:
+    """A runtime given with ``--runtime`` that is not one of the defaults, as CML lists it."""
+    version = re.search(r"python(\d+\.\d+)", image_identifier)
+    return {
+        "image_identifier": image_identifier,
+        "editor": "PBJ Workbench",
+        "kernel": f"Python {version[1] if version else '3'}",
+        "edition": "Custom",
+        "full_version": image_identifier.rsplit(":", 1)[-1],
+        "status": "ENABLED",
+    }
+
+
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -147,6 +161,10 @@ class EmulatorConfig:
     project_id: str = "emul-ator-proj-0001"
     project_name: str = "ray-on-cml"
     python: str = ""
+    # Runtime image id -> the interpreter its engines run (a runtime not named here runs
+    # ``python``). A CML runtime is an image with Python and pip but no Ray: a plain
+    # interpreter plays one, and two node types may run two runtimes.
+    runtime_pythons: dict[str, str] = field(default_factory=dict)
     start_delay_s: float = DEFAULT_START_DELAY_S
     schedule_delay_s: float = 0.0
     stop_grace_s: float = 5.0
@@ -209,9 +227,17 @@ class Application:
 class WorkspaceState:
     """Applications of one project, their processes and the workspace quota. Thread-safe."""
 
-    def __init__(self, config: EmulatorConfig, on_engine_key: Callable[[str, bool], None]):
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        on_engine_key: Callable[[str, bool], None],
+        files: ProjectFiles | None = None,
+    ):
         self.config = config
+        self.files = files  # the project filesystem: its delayed writes land on each tick
         self.runtimes = list(DEFAULT_RUNTIMES)
+        known = {r["image_identifier"] for r in self.runtimes}
+        self.runtimes += [custom_runtime(i) for i in config.runtime_pythons if i not in known]
         self._apps: dict[str, Application] = {}
         self._deleted_processes: list[EngineProcess] = []
         self._seq = 0
@@ -396,6 +422,8 @@ class WorkspaceState:
                 print(f"emulator: reconcile error: {exc!r}", flush=True)
 
     def reconcile(self) -> None:
+        if self.files:
+            self.files.apply_due()
         with self._lock:
             for process in list(self._deleted_processes):
                 process.enforce_deadline()
@@ -458,7 +486,8 @@ class WorkspaceState:
         app.engine_key = "engine-" + secrets.token_urlsafe(24)
         self._on_engine_key(app.engine_key, True)
         host_port = cfg.api_url.split("://", 1)[-1]
-        env = base_environment(cfg.python)
+        python = cfg.runtime_pythons.get(app.fields["runtime_identifier"], cfg.python)
+        env = base_environment(python)
         env.update(app.fields["environment"])
         env.update(
             {
@@ -480,10 +509,12 @@ class WorkspaceState:
             }
         )
         log_path = cfg.log_dir / f"{app.id}.log"
+        if self.files:
+            self.files.flush()  # a starting engine mounts the project afresh: it sees it all
         try:
             app.process = start_engine(
                 script_path=cfg.project_dir / app.fields["script"],
-                python=cfg.python,
+                python=python,
                 cwd=cfg.project_dir,
                 env=env,
                 log_path=log_path,
