@@ -5,9 +5,11 @@ Standard library only: it starts before anything is installed (it is the applica
 
 - publishes the node's address (``nodes/<id>/node.json`` in the cluster's folder of the
   shared project filesystem), so the provider can answer ``internal_ip``;
+- makes the node's Python environment ready (``node_env``: Ray and the type's
+  ``pip_packages``, built once per project and shared; nothing when the runtime has them);
 - runs the commands the laptop's ``ray up``/``exec``/``submit``/``down`` post into
-  ``nodes/<id>/inbox/`` and writes their output and exit status to ``outbox/`` (CML has no
-  SSH: the project filesystem is the channel);
+  ``nodes/<id>/inbox/`` and publishes their output and exit status in ``outbox/`` (CML has
+  no SSH: the project files are the channel);
 - on a worker, runs the cluster's setup and ``worker_start_ray_commands`` itself (the
   autoscaler's updaters are disabled) with the type's exact resources;
 - keeps the application alive, and on a worker exits (deleting its own application) once
@@ -19,11 +21,21 @@ Standard library only: it starts before anything is installed (it is the applica
 
 Every command runs with ``HOME`` set to the cluster's own folder (so ``~/ray_bootstrap_config
 .yaml`` of two clusters in one project never collide), its own ``RAY_TMPDIR``, and a ``ray``
-shim first on PATH whose ``ray stop`` stops only this node's Ray processes.
+shim first on PATH whose ``ray stop`` stops only this node's Ray processes. CML's own
+convention is kept: ``PYTHONUSERBASE`` stays the project's ``~/.local``, so what the
+project's sessions ``pip install``-ed stays visible (the node environment, first on
+``PYTHONPATH``, wins where both have a package). The provider code ``ray up`` shipped
+(``RAY_CML_PROVIDER_ZIP``) comes before both.
+
+The project filesystem is NFS on CML: a file written on one side may reach the other only
+after the client's attribute cache expires (30 s and more). So what the provider must read
+(``node.json``, command results) is published through CML's files API, which reads its own
+writes at once, and the inbox is read both from the mount and, polled, through the API.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -34,13 +46,23 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+try:  # uploaded next to this file in the cluster's folder
+    import node_env
+except ImportError:  # imported from the package (tests, tools)
+    from ray_cml_provider import node_env
+
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
+# Polling the inbox through the API: quick while commands come, slower when idle.
+API_POLL_BUSY_S = 0.5
+API_POLL_IDLE_S = {"head": 5.0, "worker": 15.0}
+BUSY_FOR_S = 60.0
 
 
 class HeadGone(Exception):
@@ -64,6 +86,71 @@ def port_or_free(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
+class ProjectAPI:
+    """The few CML API v2 calls a node makes with its engine's key (``CDSW_APIV2_KEY``):
+    the project's files, and deleting its own application. Errors are ``OSError``."""
+
+    def __init__(self, env: dict[str, str]):
+        api = env.get("CDSW_API_URL", "").rsplit("/api/", 1)[0] or (
+            "https://" + env.get("CDSW_DOMAIN", "")
+        )
+        project = urllib.parse.quote(env.get("CDSW_PROJECT_ID", ""), safe="")
+        self.base = f"{api}/api/v2/projects/{project}"
+        self.available = bool(env.get("CDSW_APIV2_KEY") and env.get("CDSW_PROJECT_ID"))
+        self._headers = {
+            "Authorization": f"Bearer {env.get('CDSW_APIV2_KEY', '')}",
+            "Accept": "application/json",
+        }
+
+    def _call(self, method: str, path: str, body: bytes | None = None, **headers: str) -> bytes:
+        request = urllib.request.Request(
+            self.base + path, data=body, method=method, headers={**self._headers, **headers}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.read()
+        except urllib.error.HTTPError as exc:
+            raise OSError(f"{method} {path}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, TimeoutError, ValueError) as exc:
+            raise OSError(f"{method} {path}: {exc}") from None
+
+    def list_names(self, folder: str) -> list[str]:
+        """Names in ``folder``; [] when it does not exist."""
+        try:
+            data = json.loads(self._call("GET", "/files/" + urllib.parse.quote(folder)))
+        except OSError as exc:
+            if "HTTP 404" in str(exc):
+                return []
+            raise
+        return [entry["path"].rsplit("/", 1)[-1] for entry in data.get("files") or []]
+
+    def download(self, path: str) -> bytes:
+        return self._call("POST", "/files/" + urllib.parse.quote(path) + ":download")
+
+    def upload(self, path: str, data: bytes) -> None:
+        boundary = "ray-cml-" + os.urandom(8).hex()
+        name = path.rsplit("/", 1)[-1]
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{path}"; '
+                f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        self._call(
+            "POST", "/files", body, **{"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+
+    def delete_application_named(self, name: str) -> None:
+        query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
+        apps = json.loads(self._call("GET", f"/applications?{query}")).get("applications", [])
+        for app in apps:
+            if app.get("name") == name:
+                log(f"deleting my application {app['id']}")
+                self._call("DELETE", f"/applications/{urllib.parse.quote(app['id'])}")
+
+
 class NodeLauncher:
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -82,7 +169,15 @@ class NodeLauncher:
         self.agent_port = port_or_free(52365)
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
+        self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
+        self.api = ProjectAPI(env)
         self.done: set[str] = set()  # commands already run (each runs once)
+        self.results = Path(self.tmp_dir) / "commands"  # output while a command runs
+        self._next_api_poll = 0.0
+        self._busy_until = 0.0
+        self.environment: node_env.Environment | None = None
+        self.environment_error = ""
+        self.environment_ready = threading.Event()
         self.state = "starting"  # what the status page on the application's port says
         self._head_lost_since: float | None = None
         self._next_head_check = 0.0
@@ -122,34 +217,102 @@ class NodeLauncher:
             "pid": os.getpid(),
             "started_at": time.time(),
         }
-        tmp = self.node_dir / "node.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.node_dir / "node.json")
+        self.publish("node.json", json.dumps(info).encode())
         log(f"{self.kind} node {self.node_id} of cluster {self.cluster} on {self.ip}")
+
+    def publish(self, name: str, data: bytes) -> None:
+        """Write ``nodes/<id>/<name>`` for the provider to read: through the files API, which
+        the provider reads back at once (the NFS mount may show it much later); on the mount
+        when the API cannot be reached. Names are written once (CML never overwrites)."""
+        if self.api.available:
+            for attempt in range(3):
+                try:
+                    self.api.upload(f"{self.node_rel}/{name}", data)
+                    return
+                except OSError as exc:
+                    log(f"could not publish {name} through the API ({exc})")
+                    time.sleep(1 + attempt)
+        target = self.node_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+    # ------------------------------------------------------------------ environment
+
+    def prepare_environment(self) -> bool:
+        """Make the node's packages ready (see ``node_env``); False, with the reason kept in
+        ``environment_error``, when they cannot be."""
+        packages = json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]"))
+        try:
+            if packages:
+                build = node_env.EnvironmentBuild(
+                    self.project_dir,
+                    self.env.get("RAY_CML_RUNTIME", ""),
+                    packages,
+                    self.node_id,
+                    log,
+                )
+                self.environment = build.ensure()
+            else:
+                self.environment = node_env.Environment(None, "no packages asked for")
+            log(self.environment.summary)
+            return True
+        except node_env.NodeEnvironmentError as exc:
+            self.environment_error = str(exc)
+            log(self.environment_error)
+            return False
+        except Exception as exc:  # an unexpected failure must still reach the user
+            self.environment_error = f"ray-cml: preparing the node environment failed: {exc!r}"
+            log(self.environment_error)
+            return False
+        finally:
+            self.environment_ready.set()
+
+    def environment_report(self) -> tuple[int, str]:
+        """What a ``{"report": "environment"}`` request answers: the summary and the Ray
+        version commands see, or the failure."""
+        self.environment_ready.wait()
+        if self.environment_error:
+            return 1, self.environment_error + "\n"
+        ray_version = node_env.ray_pin(json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]")))
+        return 0, f"{self.environment.summary}\nRAY_VERSION={ray_version}\n"
 
     def command_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(self.env)
+        extra = extra or {}
+        site = self.environment.site if self.environment else None
+        # The provider code `ray up` shipped (the request's: a newer `ray up` ships newer
+        # code), then the node environment, then what was there.
+        shipped = extra.get("RAY_CML_PROVIDER_ZIP") or env.get("RAY_CML_PROVIDER_ZIP", "")
+        python_path = [str(self.project_dir / shipped)] if shipped else []
+        python_path += [str(site)] if site else []
+        python_path += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        bin_dirs = [str(self.node_dir / "bin")]  # the shim first
+        bin_dirs += [str(site / "bin")] if site else []
         env.update(
             {
                 "HOME": str(self.home),
+                # CML's convention: what sessions `pip install`-ed lives in ~/.local of the
+                # project; moving HOME must not hide it.
+                "PYTHONUSERBASE": self.env.get("PYTHONUSERBASE")
+                or str(self.project_dir / ".local"),
                 "RAY_TMPDIR": self.tmp_dir,
                 "RAY_CML_GCS_PORT": str(self.gcs_port),
                 "RAY_CML_CLIENT_PORT": str(self.client_port),
                 "RAY_CML_AGENT_PORT": str(self.agent_port),
                 "RAY_CML_PROJECT_DIR": str(self.project_dir),
+                "RAY_CML_PYTHON": sys.executable,  # the runtime's: what `ray` runs with
                 "RAY_CML_LAUNCHER_PGID": str(os.getpgrp()),
                 "RAY_CML_LAUNCHER_PID": str(os.getpid()),
-                # The shim first; then what `pip install --user` puts in the cluster's HOME.
                 "PATH": os.pathsep.join(
-                    [
-                        str(self.node_dir / "bin"),
-                        str(self.home / ".local" / "bin"),
-                        self.env.get("PATH", ""),
-                    ]
+                    [*bin_dirs, str(self.project_dir / ".local" / "bin"), self.env.get("PATH", "")]
                 ),
             }
         )
-        env.update(extra or {})
+        env.update(extra)
+        if python_path:
+            env["PYTHONPATH"] = os.pathsep.join(python_path)
         return env
 
     # ------------------------------------------------------------------ commands
@@ -194,30 +357,98 @@ class NodeLauncher:
 
     def serve_inbox_once(self) -> None:
         """Start each new command in its own thread: a long one (a `ray submit` waiting for
-        a GPU) must not hold up the next (a `ray exec 'ray status'`)."""
-        for request in sorted(self.inbox.glob("*.json")):
-            name = request.stem
-            if name in self.done:
-                continue  # the runner deletes the request once it has read the result
+        a GPU) must not hold up the next (a `ray exec 'ray status'`).
+
+        The mount is looked at every round; the API now and then (every half second while
+        commands come, more slowly when idle), since NFS may show a new request late."""
+        names = {path.stem for path in self.inbox.glob("*.json")}
+        now = time.monotonic()
+        if self.api.available and now >= self._next_api_poll:
+            idle_s = API_POLL_IDLE_S.get(self.kind, 15.0)
+            self._next_api_poll = now + (API_POLL_BUSY_S if now < self._busy_until else idle_s)
             try:
-                spec = json.loads(request.read_text())
-            except (OSError, ValueError):
+                names |= {
+                    n[: -len(".json")]
+                    for n in self.api.list_names(f"{self.node_rel}/inbox")
+                    if n.endswith(".json")
+                }
+            except OSError as exc:
+                log(f"could not list the inbox through the API: {exc}")
+        for name in sorted(names - self.done):
+            spec = self.read_request(name)
+            if spec is None:
                 continue  # still being written
             self.done.add(name)
+            self._busy_until = time.monotonic() + BUSY_FOR_S
             threading.Thread(target=self.run_request, args=(name, spec), daemon=True).start()
 
+    def read_request(self, name: str) -> dict | None:
+        for read in (
+            lambda: (self.inbox / f"{name}.json").read_bytes(),
+            lambda: self.api.download(f"{self.node_rel}/inbox/{name}.json"),
+        ):
+            try:
+                spec = json.loads(read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(spec, dict):
+                return spec
+        return None
+
     def run_request(self, name: str, spec: dict) -> None:
+        """Run one request and publish ``outbox/<name>.out`` then ``.rc`` (the runner polls
+        for ``.rc``, so the output is there when it looks). A request may carry files to
+        write first (``ray up``'s file mounts) or ask for the environment's report."""
         log(f"running command {name}")
-        code = self.run_command(spec["cmd"], spec.get("env") or {}, self.outbox / f"{name}.out")
-        rc = self.outbox / f"{name}.rc"
-        tmp = rc.with_suffix(".rc.tmp")
-        tmp.write_text(str(code))
-        tmp.replace(rc)  # the runner polls for .rc: it appears whole, after the output
+        self.results.mkdir(parents=True, exist_ok=True)
+        output = self.results / f"{name}.out"
+        output.write_bytes(b"")
+        if spec.get("report") == "environment":
+            code, text = self.environment_report()
+            output.write_text(text)
+        elif not self.wait_for_environment():
+            code = 1
+            output.write_text(self.environment_error + "\n")
+        else:
+            code = self.write_files(spec.get("files") or [], output)
+            if code == 0 and spec.get("cmd"):
+                code = self.run_command(spec["cmd"], spec.get("env") or {}, output)
+        self.publish(f"outbox/{name}.out", output.read_bytes())
+        self.publish(f"outbox/{name}.rc", str(code).encode())
+        output.unlink(missing_ok=True)
         log(f"command {name} exited with {code}")
+
+    def wait_for_environment(self) -> bool:
+        self.environment_ready.wait()
+        return not self.environment_error
+
+    def write_files(self, files: list[dict], output: Path) -> int:
+        """Write the files a request carries (``~`` is the cluster's HOME): how file mounts
+        reach a node without waiting for NFS to show a staged copy."""
+        try:
+            for item in files:
+                path = item["path"]
+                if path == "~" or path.startswith("~/"):
+                    path = str(self.home) + path[1:]
+                target = Path(path) if path.startswith("/") else self.home / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(item["data"]))
+                if item.get("mode"):
+                    target.chmod(int(item["mode"]) & 0o777)
+            return 0
+        except (OSError, KeyError, ValueError) as exc:
+            with open(output, "a") as out:
+                out.write(f"ray-cml: could not write the files of the request: {exc}\n")
+            return 1
 
     # ------------------------------------------------------------------ worker
 
     def start_worker_ray(self) -> bool:
+        self.state = "preparing its Python environment"
+        if not self.prepare_environment():
+            # The provider reads this to say why the node failed (`ray status`, monitor.log).
+            self.publish("failure.txt", self.environment_error.encode())
+            return False
         ray_env = {
             "RAY_HEAD_IP": self.env.get("RAY_HEAD_IP", ""),
             "RAY_CLOUD_INSTANCE_ID": self.node_id,
@@ -225,11 +456,15 @@ class NodeLauncher:
         commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
         commands += json.loads(self.env.get("RAY_CML_START_COMMANDS", "[]"))
         log_path = self.node_dir / "setup.log"
+        self.state = "starting Ray"
         for command in commands:
             log(f"$ {command}")
             code = self.run_command(command, ray_env, log_path, watch_head=True)
             if code != 0:
                 log(f"command failed with exit status {code}; see {log_path}")
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                failure = f"`{command}` failed with exit status {code}:\n" + "\n".join(tail)
+                self.publish("failure.txt", failure.encode())
                 return False
         log("Ray started; watching the head")
         return True
@@ -245,30 +480,9 @@ class NodeLauncher:
 
     def delete_own_application(self) -> None:
         """Remove this worker's application, so a lost cluster leaves nothing billing."""
-        api = self.env.get("CDSW_API_URL", "").rsplit("/api/", 1)[0] or (
-            "https://" + self.env.get("CDSW_DOMAIN", "")
-        )
-        key = self.env.get("CDSW_APIV2_KEY", "")
-        project = self.env.get("CDSW_PROJECT_ID", "")
-        name = self.env.get("RAY_CML_APP_NAME", "")
-        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
-        base = f"{api}/api/v2/projects/{project}/applications"
-        query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
         for _ in range(5):
             try:
-                with urllib.request.urlopen(
-                    urllib.request.Request(f"{base}?{query}", headers=headers), timeout=30
-                ) as answer:
-                    apps = json.load(answer).get("applications", [])
-                for app in apps:
-                    if app.get("name") == name:
-                        log(f"deleting my application {app['id']}")
-                        urllib.request.urlopen(
-                            urllib.request.Request(
-                                f"{base}/{app['id']}", headers=headers, method="DELETE"
-                            ),
-                            timeout=30,
-                        ).close()
+                self.api.delete_application_named(self.env.get("RAY_CML_APP_NAME", ""))
                 return
             except OSError as exc:
                 log(f"could not delete my application yet: {exc}")
@@ -315,6 +529,8 @@ class NodeLauncher:
         self.prepare()
         if self.kind == "worker":
             self.serve_status_page()
+        else:  # the head: ray up's commands wait for it, and meanwhile can be answered
+            threading.Thread(target=self.prepare_environment, daemon=True).start()
         try:
             if self.kind == "worker" and not self.start_worker_ray():
                 stop_ray_of_this_node()

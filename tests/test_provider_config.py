@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 from ray_cml_provider.provider import node_provider
@@ -52,7 +53,10 @@ def test_bootstrap_wires_workers_to_start_ray_themselves(monkeypatch):
     worker = boot["available_node_types"]["gpu_worker"]["node_config"]["_ray_cml"]
     assert worker["setup_commands"] == ["echo common", "echo worker"]
     assert worker["start_commands"] == config["worker_start_ray_commands"]
-    assert "_ray_cml" not in boot["available_node_types"]["head"]["node_config"]
+    head = boot["available_node_types"]["head"]["node_config"]["_ray_cml"]
+    assert "setup_commands" not in head  # the head's come from `ray up` itself
+    # Every node type installs Ray pinned to the laptop's version (the runtime has none).
+    assert head["pip_packages"] == worker["pip_packages"] == [f"ray[default]=={ray.__version__}"]
     validate_cluster_config(boot)  # the bootstrapped config is still valid (head side)
 
 

@@ -5,12 +5,17 @@ runner. CML engines have no SSH, but every engine of a project mounts the same f
 which the API can write and read from anywhere. So a command is a JSON file posted to
 ``<cluster dir>/nodes/<node id>/inbox/``; the node's launcher runs it and writes
 ``outbox/<name>.out`` and ``outbox/<name>.rc``, which this runner polls for and prints.
-File mounts travel the same way: uploaded to a staging folder, then copied into place by a
-command on the node.
+File mounts travel inside the request (``files``), and a file comes back as a command's
+output: nothing waits for NFS to show a staged copy on the other side.
+
+The first contact with a node asks for its environment report (``report: environment``):
+``ray up`` shows how the node's packages were made ready, a failed build ends ``ray up``
+with pip's last lines, and a node whose Ray differs from this one is one clear error.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,6 +30,7 @@ from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import CMLError, CMLNotFoundError
+from ray_cml_provider.provider.packages import local_ray_version
 
 ATTACH_HINT = (
     "ray attach is not available on CML (applications have no SSH). Use "
@@ -32,6 +38,7 @@ ATTACH_HINT = (
     "script, or open a terminal in a CML session of the same project."
 )
 MAX_COMMAND_WAIT_S = 3600.0
+ENV_FAILED = 86  # exit status of a command that could not run: the node has no environment
 # What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
 ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 
@@ -62,26 +69,17 @@ class CMLCommandRunner(CommandRunnerInterface):
             print(ATTACH_HINT, file=sys.stderr)
             sys.exit(2)
         self._wait_for_launcher()
-        name = f"{time.time_ns()}-{secrets.token_hex(3)}"
         env = {
             k: v if isinstance(v, str) else json.dumps(v)
             for k, v in (environment_variables or {}).items()
         }
-        request = json.dumps({"cmd": cmd, "env": env})
-        self.client.upload_file(f"{self.node_dir}/inbox/{name}.json", request)
-        code = self._wait_for_exit_code(name)
-        try:
-            output = self.client.download_file(f"{self.node_dir}/outbox/{name}.out")
-        except CMLNotFoundError:
-            output = b""  # the command printed nothing
+        code, output = self._request({"cmd": cmd, "env": env})
         text = output.decode("utf-8", "replace")
-        self.client.delete_file(f"{self.node_dir}/inbox/{name}.json", missing_ok=True)
-        for suffix in (".out", ".rc"):
-            self.client.delete_file(f"{self.node_dir}/outbox/{name}{suffix}", missing_ok=True)
         if not with_output and text:
             sys.stdout.write(text)
             sys.stdout.flush()
         if code == 0 and re.search(r"\bray start\b.*--head\b", cmd, re.S):
+            self._check_head_loads_provider()
             _note(self._how_to_connect())
         if code != 0:
             if exit_on_fail:
@@ -96,8 +94,52 @@ class CMLCommandRunner(CommandRunnerInterface):
             )
         return text if with_output else ""
 
+    def _request(self, request: dict[str, Any]) -> tuple[int, bytes]:
+        """Post one request to the node's inbox; wait for and return (exit status, output)."""
+        name = f"{time.time_ns()}-{secrets.token_hex(3)}"
+        request = {**request, "env": {**request.get("env", {}), **self._shipped_env()}}
+        self.client.upload_file(f"{self.node_dir}/inbox/{name}.json", json.dumps(request))
+        code = self._wait_for_exit_code(name)
+        try:
+            output = self.client.download_file(f"{self.node_dir}/outbox/{name}.out")
+        except CMLNotFoundError:
+            output = b""  # the command printed nothing
+        self.client.delete_file(f"{self.node_dir}/inbox/{name}.json", missing_ok=True)
+        for suffix in (".out", ".rc"):
+            self.client.delete_file(f"{self.node_dir}/outbox/{name}{suffix}", missing_ok=True)
+        return code, output
+
+    def _shipped_env(self) -> dict[str, str]:
+        """Where this provider's own code lies in the project (``ray up`` shipped it)."""
+        return {"RAY_CML_PROVIDER_ZIP": self.provider.ship_code()}
+
     def _wait_for_launcher(self) -> None:
-        """Like waiting for SSH: until the node's launcher has published itself."""
+        """Like waiting for SSH: until the node's launcher has published itself and made its
+        Python environment ready (once per node and process)."""
+        if self.node_id in self.provider.ready_nodes:
+            return
+        self._wait_for_node_json()
+        started = time.monotonic()
+        code, output = self._request({"report": "environment"})
+        text = output.decode("utf-8", "replace").strip()
+        if code != 0:
+            print(text, file=sys.stderr, flush=True)
+            sys.exit(ENV_FAILED)
+        summary, _, version = text.rpartition("RAY_VERSION=")
+        local = local_ray_version()
+        if version.strip() and local and version.strip() != local:
+            print(
+                f"ray-cml: node {self.node_id} runs Ray {version.strip()}, but this machine "
+                f"runs Ray {local}: use Ray {local} here, or let the cluster's pip_packages "
+                "pin it (leave ray's version out)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(ENV_FAILED)
+        _note(f"node {self.node_id}: {summary.strip()} ({time.monotonic() - started:.0f} s)")
+        self.provider.ready_nodes.add(self.node_id)
+
+    def _wait_for_node_json(self) -> None:
         started = time.monotonic()
         deadline = started + self.provider.launch_timeout_s
         next_note = started + 5
@@ -139,42 +181,62 @@ class CMLCommandRunner(CommandRunnerInterface):
     # ------------------------------------------------------------------ files
 
     def run_rsync_up(self, source: str, target: str, options: Any = None) -> None:
-        staging = f"{self.provider.dir}/staging/{secrets.token_hex(6)}"
+        """Copy ``source`` (a file or a folder) to ``target`` on the node, in the request."""
         source_path = Path(os.path.expanduser(source))
         if source_path.is_dir():
-            for path in sorted(p for p in source_path.rglob("*") if p.is_file()):
-                relative = path.relative_to(source_path).as_posix()
-                self.client.upload_file(f"{staging}/{relative}", path.read_bytes())
-            copy = (
-                f'mkdir -p {_remote(target)} && cp -a "$RAY_CML_PROJECT_DIR"/{staging}/. '
-                f"{_remote(target)}/"
-            )
+            paths = sorted(p for p in source_path.rglob("*") if p.is_file())
+            pairs = [
+                (p, f"{target.rstrip('/')}/{p.relative_to(source_path).as_posix()}") for p in paths
+            ]
         else:
-            self.client.upload_file(f"{staging}/{source_path.name}", source_path.read_bytes())
-            copy = (
-                f"mkdir -p $(dirname {_remote(target)}) && cp "
-                f'"$RAY_CML_PROJECT_DIR"/{staging}/{shlex.quote(source_path.name)} '
-                f"{_remote(target)}"
+            pairs = [(source_path, target)]
+        files = [
+            {
+                "path": remote,
+                "data": base64.b64encode(path.read_bytes()).decode(),
+                "mode": path.stat().st_mode & 0o777,
+            }
+            for path, remote in pairs
+        ]
+        self._wait_for_launcher()
+        code, output = self._request({"files": files})
+        if code != 0:
+            raise ProcessRunnerError(
+                output.decode("utf-8", "replace").strip() or "copying files failed",
+                "ssh_command_failed",
+                code=code,
+                command=f"rsync {source} {target}",
             )
-        try:
-            self.run(copy)
-        finally:
-            self.client.delete_file(staging, missing_ok=True)
 
     def run_rsync_down(self, source: str, target: str, options: Any = None) -> None:
-        staging = f"{self.provider.dir}/staging/{secrets.token_hex(6)}"
-        self.run(
-            f'mkdir -p "$RAY_CML_PROJECT_DIR"/{staging} && cp {_remote(source)} '
-            f'"$RAY_CML_PROJECT_DIR"/{staging}/file'
-        )
-        try:
-            data = self.client.download_file(f"{staging}/file")
-        finally:
-            self.client.delete_file(staging, missing_ok=True)
+        """Fetch ``source`` from the node: it comes back as the output of ``cat``."""
+        self._wait_for_launcher()
+        code, data = self._request({"cmd": f"cat {_remote(source)}"})
+        if code != 0:
+            raise ProcessRunnerError(
+                f"cannot read {source} on node {self.node_id}",
+                "ssh_command_failed",
+                code=code,
+                command=f"cat {source}",
+            )
         target_path = Path(os.path.expanduser(target))
         if target_path.is_dir():
             target_path = target_path / Path(source).name
         target_path.write_bytes(data)
+
+    def _check_head_loads_provider(self) -> None:
+        """The head's autoscaler imports this provider with the head's Python and paths; try
+        the same import there, so a head that could never scale fails ``ray up`` now."""
+        module = type(self.provider).__module__
+        code, output = self._request({"cmd": f'"$RAY_CML_PYTHON" -c "import {module}"', "env": {}})
+        if code != 0:
+            lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            print(
+                f"ray-cml: the head's autoscaler cannot load the provider ({module}): {lines[-1]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(ENV_FAILED)
 
     def _how_to_connect(self) -> str:
         """After the head's ``ray start``: where the dashboard is and how to connect."""

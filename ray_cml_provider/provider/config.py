@@ -14,6 +14,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ray_cml_provider.provider.packages import PackagesError, validate_packages
+
 CLUSTER_NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 MAX_CLUSTER_NAME = 40  # "ray-" + name + "-worker-" + 8 hex digits must fit 63 characters
 
@@ -31,6 +33,7 @@ PROVIDER_SCHEMA: dict[str, Any] = {
         "launch_timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "head_lost_timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "poll_interval_s": {"type": "number", "exclusiveMinimum": 0},
+        "pip_packages": {"type": "array", "items": {"type": "string", "minLength": 1}},
         # Keys Ray itself reads from the provider section.
         "use_internal_ips": {"type": "boolean"},
         "disable_node_updaters": {"type": "boolean"},
@@ -56,6 +59,7 @@ NODE_CONFIG_SCHEMA: dict[str, Any] = {
         "environment": {"type": "object", "additionalProperties": {"type": "string"}},
         "bypass_authentication": {"type": "boolean"},
         "kernel": {"type": "string"},
+        "pip_packages": {"type": "array", "items": {"type": "string", "minLength": 1}},
     },
     "patternProperties": {"^_": {}},  # _ray_cml: added by bootstrap_config, not by users
 }
@@ -126,6 +130,10 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
                     f"{where}: the head coordinates only and gets no GPUs; set "
                     "node_config.nvidia_gpu and resources.GPU to 0 and put GPUs on a worker type"
                 )
+    try:
+        validate_packages(config)
+    except PackagesError as exc:
+        raise ClusterConfigError(str(exc)) from None
 
 
 def node_type_resources(node_type: dict[str, Any], is_head: bool) -> dict[str, float]:

@@ -22,7 +22,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray.autoscaler.node_launch_exception import NodeLaunchException
@@ -42,6 +41,7 @@ from ray_cml_provider.cml import (
     CMLClient,
     CMLConnectionError,
     CMLError,
+    CMLNotFoundError,
     CMLRateLimitedError,
     CMLServerError,
 )
@@ -62,11 +62,12 @@ from ray_cml_provider.provider.naming import (
     ledger_entry,
     parse_application,
 )
+from ray_cml_provider.provider.packages import node_type_packages
+from ray_cml_provider.provider.shipping import launcher_files, provider_zip
 from ray_cml_provider.provider.workspace_check import check_workspace
 
 logger = logging.getLogger(__name__)
 
-LAUNCHER_SOURCE = Path(__file__).resolve().parent.parent / "node_launcher.py"
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
@@ -134,6 +135,8 @@ class CMLNodeProvider(NodeProvider):
         self._ips: dict[str, str] = {}
         self._launches = LaunchTracker(_own_gcs_address())
         self._launcher_uploaded = False
+        self._shipped_zip: str | None = None
+        self.ready_nodes: set[str] = set()  # nodes whose environment the runner has seen
 
     # ------------------------------------------------------------------ listing
 
@@ -378,6 +381,7 @@ class CMLNodeProvider(NodeProvider):
                         "(over the workspace's quota?)"
                         if app.status == ApplicationStatus.STARTING
                         else f"{app.name} ended as {app.status} while starting"
+                        + self._failure_of(node_id)
                     )
                     self._delete(current[node_id], reason)
                 del pending[node_id]
@@ -387,6 +391,14 @@ class CMLNodeProvider(NodeProvider):
                     failures.append(reason)
                 self._launches.finish(node_id)
         return failures
+
+    def _failure_of(self, node_id: str) -> str:
+        """Why the node's launcher gave up, as it published it (pip's last lines...)."""
+        try:
+            text = self.client.download_file(f"{self.dir}/nodes/{node_id}/failure.txt")
+        except CMLError:
+            return ""
+        return ": " + text.decode("utf-8", "replace").strip()
 
     def _application_spec(
         self,
@@ -410,8 +422,13 @@ class CMLNodeProvider(NodeProvider):
                 "RAY_CML_HEAD_LOST_TIMEOUT_S": str(self.head_lost_timeout_s),
                 "RAY_CLOUD_INSTANCE_ID": node_id,
                 "RAY_NODE_TYPE_NAME": tags.get(TAG_RAY_USER_NODE_TYPE, ""),
+                # What the launcher installs (once per project) before Ray can start.
+                "RAY_CML_PIP_PACKAGES": json.dumps(internal.get("pip_packages", [])),
+                "RAY_CML_RUNTIME": node_config["runtime_identifier"],
             }
         )
+        if kind == NODE_KIND_HEAD:
+            env["RAY_CML_PROVIDER_ZIP"] = self.ship_code()
         if kind == NODE_KIND_WORKER:
             head_ip, gcs_port = self._head_address()
             env.update(
@@ -456,13 +473,32 @@ class CMLNodeProvider(NodeProvider):
         return info["ip"], int(info["gcs_port"])
 
     def _upload_launcher(self) -> None:
+        """The node launcher and its environment builder: every application's script."""
         with self._lock:
             if self._launcher_uploaded:
                 return
-            self.client.upload_file(
-                f"{self.dir}/launcher.py", LAUNCHER_SOURCE.read_bytes(), overwrite=True
-            )
+            for name, data in launcher_files().items():
+                self.client.upload_file(f"{self.dir}/{name}", data, overwrite=True)
             self._launcher_uploaded = True
+
+    def ship_code(self) -> str:
+        """Put this provider's code in the cluster's folder (once; the name is its digest)
+        and return its path there: the head's autoscaler imports it from that zip."""
+        with self._lock:
+            if self._shipped_zip:
+                return self._shipped_zip
+            name, data = provider_zip()
+            path = f"{self.dir}/lib/{name}"
+            try:
+                present = any(
+                    f.path.endswith(f"/{name}") for f in self.client.list_files(f"{self.dir}/lib")
+                )
+            except CMLNotFoundError:
+                present = False
+            if not present:
+                self.client.upload_file(path, data)
+            self._shipped_zip = path
+            return path
 
     # ------------------------------------------------------------------ tags, termination
 
@@ -571,11 +607,10 @@ class CMLNodeProvider(NodeProvider):
         )
         start = list(config.get("worker_start_ray_commands") or [])
         for name, node_type in config["available_node_types"].items():
+            internal = {"pip_packages": node_type_packages(cluster_config, name)}
             if name != config["head_node_type"]:
-                node_type["node_config"]["_ray_cml"] = {
-                    "setup_commands": setup,
-                    "start_commands": start,
-                }
+                internal.update(setup_commands=setup, start_commands=start)
+            node_type["node_config"]["_ray_cml"] = internal
         return config
 
     def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
