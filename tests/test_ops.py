@@ -16,7 +16,7 @@ from ray.autoscaler._private.util import validate_config
 from ray_cml_provider import cli
 from ray_cml_provider.cml import Application, CMLClient
 from ray_cml_provider.local_cluster import REPO_CONFIGS
-from ray_cml_provider.ops.doctor import head_install_problems
+from ray_cml_provider.ops.doctor import setup_command_problems
 from ray_cml_provider.ops.workspace import application_url
 from ray_cml_provider.provider.config import validate_cluster_config
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
@@ -98,8 +98,9 @@ def test_init_writes_a_config_that_ray_up_accepts(target, tmp_path, capsys):
     )
     assert (gpu["min_workers"], gpu["max_workers"]) == (1, 3)
     assert "nvidia_gpu" not in types["cpu_worker"]["node_config"]
-    setup = " ".join(config["setup_commands"])
-    assert ("ray-cml-provider" in setup) == (target == "cml")
+    # Nothing to install by hand: the nodes' packages are pip_packages, the provider ships.
+    assert config["setup_commands"] == []
+    assert config["provider"]["pip_packages"] == ["ray[default,serve]"]
 
     code, _, err = run_cli(capsys, "init", "-o", str(out))
     assert code == 1 and "exists; pass --force" in err
@@ -141,6 +142,7 @@ def test_doctor_passes_a_ready_workspace(emulator, key_env, tmp_path, capsys):
         "GPU quota",
         "cluster",
         "provider module",
+        "node environment",
     ):
         assert re.search(rf"^ok\s+{check}: ", out, re.M), (check, out)
     assert out.strip().endswith("ready: ray up can start this cluster")
@@ -198,22 +200,17 @@ def test_doctor_names_each_problem_and_how_to_fix_it(start_emulator, tmp_path, c
     assert emulator.stats()["total"] == 0  # a broken config fails before any API call
 
 
-def test_doctor_checks_the_head_will_install_the_provider_and_the_same_ray():
-    ok = {"setup_commands": ['pip install "ray[default,serve]==2.60.0" ray-cml-provider']}
-    assert head_install_problems(ok, "2.60.0") == []
-    [missing] = head_install_problems({"setup_commands": ["pip install ray==2.60.0"]}, "2.60.0")
-    assert "installs ray-cml-provider" in missing
-    [unpinned] = head_install_problems(
-        {"head_setup_commands": ["pip install ray-cml-provider ray"]}, "2.60.0"
+def test_doctor_flags_setup_commands_that_undo_the_shipped_provider():
+    assert setup_command_problems({"setup_commands": ["pip install numpy"]}, "2.60.0") == []
+    [installs] = setup_command_problems(
+        {"setup_commands": ['pip install --user "ray[default]==2.60.0" ray-cml-provider']},
+        "2.60.0",
     )
-    assert "no setup command pins Ray" in unpinned
-    [other] = head_install_problems(
-        {"setup_commands": ["pip install ray==2.9.0 ray-cml-provider"]}, "2.60.0"
+    assert "no package index carries" in installs and "ships the provider" in installs
+    [other] = setup_command_problems(
+        {"worker_setup_commands": ["pip install ray==2.9.0"]}, "2.60.0"
     )
     assert "install Ray 2.9.0 but this machine runs 2.60.0" in other
-
-
-# ------------------------------------------------------------------------------ status
 
 
 def test_status_table_and_json_from_cml_alone(emulator, key_env, monkeypatch, tmp_path, capsys):

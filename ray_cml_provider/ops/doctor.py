@@ -12,9 +12,10 @@ when any check found a problem. Checks, in order (a failed one skips those that 
 7. the project's shared memory (``/dev/shm``) holds each node's Ray object store;
 8. the GPUs the cluster may hold fit the quota you name (``--gpu-quota``; CML's API does
    not publish quotas), counting GPUs other applications of the project hold now;
-9. the provider module will import on the head: it imports here, and the head's setup
-   commands install this package and the same Ray version (or the engines run this
-   machine's Python, as on the emulator);
+9. the provider module imports here (``ray up`` ships this very code to the head), no
+   setup command installs ray-cml-provider or another Ray; then, for each node type, the
+   packages its nodes install and whether the project already has that environment built
+   (or its last build failed, with pip's last lines);
 10. whether a head of this cluster already runs (``ray up`` would reuse it).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -29,15 +31,16 @@ from typing import Any
 
 import requests
 
-from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError
+from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError, CMLNotFoundError
+from ray_cml_provider.node_env import ENVS_DIR
 from ray_cml_provider.ops.workspace import (
     OperatorError,
     client_for,
-    is_local_host,
     key_env_of,
 )
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, parse_application
+from ray_cml_provider.provider.packages import local_ray_version, node_type_packages
 from ray_cml_provider.provider.workspace_check import explain
 
 OK, PROBLEM, SKIP = "ok", "problem", "skip"
@@ -243,6 +246,8 @@ class Doctor:
     # ------------------------------------------------------------------ head software
 
     def provider_imports_on_head(self) -> None:
+        """The provider imports here (``ray up`` ships this code to the head), and what the
+        nodes install is consistent; then the node environments already in the project."""
         module = self.provider["module"]
         path, _, attr = module.rpartition(".")
         try:
@@ -255,49 +260,87 @@ class Doctor:
         if not (isinstance(provider_class, type) and issubclass(provider_class, NodeProvider)):
             self.add("provider module", PROBLEM, f"{module} is not a Ray NodeProvider")
             return
-        if is_local_host(self.client.settings.host):
-            self.add(
-                "provider module",
-                OK,
-                f"{module} imports; the emulator's applications run this machine's Python",
-            )
-            return
-        import ray
-
-        problems = head_install_problems(self.config, ray.__version__)
+        problems = setup_command_problems(self.config, local_ray_version())
         if problems:
             self.add("provider module", PROBLEM, "; ".join(problems))
-        else:
+            return
+        self.add(
+            "provider module",
+            OK,
+            f"{module} imports here; ray up ships this code to the head (nothing to install)",
+        )
+        self.node_environments()
+
+    def node_environments(self) -> None:
+        """What each node type installs, and whether the project already has it built."""
+        wanted = {
+            name: node_type_packages(self.config, name)
+            for name in self.config["available_node_types"]
+        }
+        try:
+            listing = self.client.list_files(ENVS_DIR)
+        except CMLNotFoundError:
+            listing = []
+        built, failures = [], []
+        for entry in listing:
+            name = entry.path.rsplit("/", 1)[-1]
+            try:
+                if entry.is_dir and "." not in name:
+                    built.append(json.loads(self.client.download_file(f"{entry.path}/env.json")))
+                elif name.endswith(".failed.json"):
+                    failures.append(json.loads(self.client.download_file(entry.path)))
+            except (CMLError, ValueError):
+                continue  # being built, or half-gone: nothing to say
+        for failure in failures:
+            if failure.get("packages") in wanted.values():
+                tail = " | ".join(failure.get("pip_tail", [])[-3:])
+                self.add(
+                    "node environment",
+                    PROBLEM,
+                    f"the last build of {' '.join(failure['packages'])} failed on node "
+                    f"{failure.get('node')}: {failure.get('problem')} ({tail}); a new node "
+                    "tries again: fix the package list or the index",
+                )
+                return
+        for name, packages in wanted.items():
+            runtime = self.config["available_node_types"][name]["node_config"]["runtime_identifier"]
+            ready = any(
+                b.get("packages") == packages and b.get("runtime") == runtime for b in built
+            )
             self.add(
-                "provider module",
+                "node environment",
                 OK,
-                f"{module} imports here; setup_commands install it and Ray {ray.__version__}",
+                f"{name}: {' '.join(packages)} "
+                + (
+                    "is built in the project: nodes start without pip"
+                    if ready
+                    else "is built by the first node of its runtime, once per project (pip: "
+                    "minutes for large packages), then reused"
+                ),
             )
 
 
-def head_install_problems(config: dict[str, Any], ray_version: str) -> list[str]:
-    """What keeps the head's autoscaler from importing the provider: the package is not
-    installed by the setup commands, or Ray is not pinned to this machine's version."""
+def setup_command_problems(config: dict[str, Any], ray_version: str) -> list[str]:
+    """Setup commands that would undo what the provider does for the nodes: installing
+    ray-cml-provider (no index carries it; ``ray up`` ships it) or another Ray."""
     commands = " ".join(
-        list(config.get("setup_commands") or []) + list(config.get("head_setup_commands") or [])
+        list(config.get("setup_commands") or [])
+        + list(config.get("head_setup_commands") or [])
+        + list(config.get("worker_setup_commands") or [])
     )
     problems = []
-    if not re.search(r"ray-cml-provider|ray_cml_provider|PYTHONPATH", commands):
+    if re.search(r"pip[^;&|]*\bray-cml-provider\b", commands):
         problems.append(
-            "no setup command installs ray-cml-provider on the head (the head's autoscaler "
-            "imports it): add it to setup_commands' pip install"
+            "a setup command pip-installs ray-cml-provider, which no package index carries: "
+            "remove it, ray up ships the provider to the head"
         )
     unquoted = commands.replace('"', "").replace("'", "")
     pins = re.findall(r"\bray(?:\[[^\]]*\])?==([0-9][\w.]*)", unquoted)
-    if not pins:
-        problems.append(
-            f'no setup command pins Ray; install "ray[default,serve]=={ray_version}" so the '
-            "head runs the same Ray as this machine"
-        )
-    elif any(pin != ray_version for pin in pins):
+    if any(pin != ray_version for pin in pins):
         problems.append(
             f"setup_commands install Ray {', '.join(sorted(set(pins)))} but this machine runs "
-            f"{ray_version}; Ray needs the same version everywhere"
+            f"{ray_version}; Ray needs the same version everywhere: list ray in pip_packages "
+            "without a version instead"
         )
     return problems
 

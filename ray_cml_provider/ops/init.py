@@ -120,6 +120,12 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
     if emulator:
         out.append("  poll_interval_s: 0.5")
     out += [
+        "  # Installed once per runtime into the project (.ray-cml/_envs) and reused by every",
+        "  # node and cluster; Ray is pinned to the version running `ray up`, and `ray up`",
+        "  # ships ray-cml-provider itself. A runtime that already has that Ray skips it.",
+        '  pip_packages: ["ray[default,serve]"]',
+    ]
+    out += [
         "",
         "auth:",
         "  ssh_user: cdsw                 # unused: CML applications have no SSH",
@@ -166,19 +172,9 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
         "rsync_filter: []",
         "initialization_commands: []",
     ]
-    if emulator:
-        out += [
-            "# The emulator's applications run this machine's Python, which has Ray and ray-cml.",
-            "setup_commands: []",
-        ]
-    else:
-        out += [
-            "# Every node installs Ray (the same version as your machine's) and the provider.",
-            "setup_commands:",
-            f'  - pip install --user --quiet "ray[default,serve]=={_ray_version()}" '
-            "ray-cml-provider",
-        ]
     out += [
+        "# Other setup before Ray starts (packages belong in provider.pip_packages).",
+        "setup_commands: []",
         "head_setup_commands: []",
         "worker_setup_commands: []",
         "",
@@ -206,15 +202,6 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
         "    --disable-usage-stats",
     ]
     return "\n".join(out) + "\n"
-
-
-def _ray_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("ray")
-    except Exception:
-        return "2.60.0"
 
 
 def check_with_ray(config: dict) -> None:
