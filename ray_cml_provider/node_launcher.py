@@ -174,7 +174,7 @@ class NodeLauncher:
         self.done: set[str] = set()  # commands already run (each runs once)
         self.results = Path(self.tmp_dir) / "commands"  # output while a command runs
         self._next_api_poll = 0.0
-        self._busy_until = 0.0
+        self._busy_until = time.monotonic() + BUSY_FOR_S  # `ray up` talks to a new head now
         self.environment: node_env.Environment | None = None
         self.environment_error = ""
         self.environment_ready = threading.Event()
@@ -278,6 +278,25 @@ class NodeLauncher:
         ray_version = node_env.ray_pin(json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]")))
         return 0, f"{self.environment.summary}\nRAY_VERSION={ray_version}\n"
 
+    def shipped_code(self, relative: str) -> str:
+        """Where to import the provider code ``ray up`` shipped from: the project's copy,
+        or, while NFS does not show it here yet (a newer ``ray up`` just uploaded it), a
+        copy fetched through the API. Its name is its digest: a copy is never stale."""
+        in_project = self.project_dir / relative
+        if in_project.exists() or not self.api.available:
+            return str(in_project)
+        local = Path(self.tmp_dir) / "lib" / Path(relative).name
+        if not local.exists():
+            try:
+                data = self.api.download(relative)
+            except OSError as exc:
+                log(f"cannot fetch {relative} yet: {exc}")
+                return str(in_project)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.with_suffix(".tmp").write_bytes(data)
+            local.with_suffix(".tmp").replace(local)
+        return str(local)
+
     def command_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(self.env)
         extra = extra or {}
@@ -285,7 +304,7 @@ class NodeLauncher:
         # The provider code `ray up` shipped (the request's: a newer `ray up` ships newer
         # code), then the node environment, then what was there.
         shipped = extra.get("RAY_CML_PROVIDER_ZIP") or env.get("RAY_CML_PROVIDER_ZIP", "")
-        python_path = [str(self.project_dir / shipped)] if shipped else []
+        python_path = [self.shipped_code(shipped)] if shipped else []
         python_path += [str(site)] if site else []
         python_path += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
         bin_dirs = [str(self.node_dir / "bin")]  # the shim first
