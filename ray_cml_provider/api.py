@@ -134,7 +134,7 @@ class Cluster:
             f"bundles=json.loads({json.dumps(json.dumps(bundles or []))}))\n"
             "print('ray-cml: resource request set')\n"
         )
-        output = self.exec(f"python -c {shlex.quote(script)}")
+        output = self.exec(f'"${{RAY_CML_PYTHON:-python}}" -c {shlex.quote(script)}')
         if "ray-cml: resource request set" not in output:
             raise ClusterError(f"the head did not take the request: {output[-300:]}")
 

@@ -17,8 +17,9 @@ every later node of every cluster of the project uses that folder as it is:
   folder, after pip succeeded.
 - A builder that died does not block the others: a lock whose heartbeat is older than
   ``STALE_LOCK_S`` is taken over.
-- A failed build is reported, with pip's last lines, to the nodes that waited for it; a node
-  that starts later tries again (the cause may have been the network).
+- A failed build is reported, with pip's last lines, to the nodes that waited for it and to
+  those starting within ``FAILED_BUILD_HOLD_S``; a node that starts later tries again (the
+  cause may have been the network). Deleting the ``.failed.json`` allows it at once.
 - Waiting uses the files' contents, not directory listings, and polls: on NFS a file another
   engine wrote may show up to ``acdirmin`` (30 s) late, which costs a wait, never a mistake.
 
@@ -50,6 +51,9 @@ from pathlib import Path
 ENVS_DIR = ".ray-cml/_envs"
 HEARTBEAT_S = 10.0
 STALE_LOCK_S = 90.0
+# A failed build is reported, not retried, by nodes starting this soon after it: a GPU
+# worker relaunched by Ray after a failed build would otherwise run pip again, and again.
+FAILED_BUILD_HOLD_S = 300.0
 WAIT_POLL_S = 1.0
 PIP_TAIL_LINES = 15
 RAY_REQUIREMENT = re.compile(r"^\s*ray\s*(\[[^\]]*\])?\s*==\s*(?P<version>\S+)\s*$", re.I)
@@ -136,7 +140,7 @@ class EnvironmentBuild:
                 how = f"after waiting {waited:.0f} s for its build" if waited >= 1 else "reused"
                 return Environment(self.final / "site", f"environment {self.relative} {how}")
             failure = self._read_json(self.failed)
-            if failure and failure.get("at", 0) >= started - 1:
+            if failure and failure.get("at", 0) >= started - FAILED_BUILD_HOLD_S:
                 raise NodeEnvironmentError(self._failure_message(failure))
             if self._take_lock():
                 return self._build_holding_lock()
@@ -290,6 +294,7 @@ class EnvironmentBuild:
         return (
             f"ray-cml: the node environment {self.relative} could not be built on node "
             f"{failure.get('node', '?')}: {failure.get('problem', 'pip failed')} while "
-            f"installing {' '.join(failure.get('packages', self.packages))}. pip's last "
-            f"lines:\n{tail}"
+            f"installing {' '.join(failure.get('packages', self.packages))}. Nodes report "
+            f"this for {FAILED_BUILD_HOLD_S / 60:.0f} minutes, then try again (delete "
+            f"{ENVS_DIR}/{self.failed.name} to try at once). pip's last lines:\n{tail}"
         )

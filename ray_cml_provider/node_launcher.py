@@ -273,6 +273,9 @@ class NodeLauncher:
         """What a ``{"report": "environment"}`` request answers: the summary and the Ray
         version commands see, or the failure."""
         self.environment_ready.wait()
+        if self.environment_error:  # `ray up` again: try again (node_env says when it may)
+            self.environment_error = ""
+            self.prepare_environment()
         if self.environment_error:
             return 1, self.environment_error + "\n"
         ray_version = node_env.ray_pin(json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]")))

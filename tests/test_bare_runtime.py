@@ -15,6 +15,7 @@ the environment without pip.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def test_the_shipped_config_runs_on_bare_runtimes(start_emulator, tmp_path):
     cluster = LocalCluster(
         emulator, tmp_path / "work", config_path=SHIPPED, config_overrides=workspace_only
     )
+    # What a CML session of the project pip-installed (CML puts it in /home/cdsw/.local).
+    major_minor = subprocess.run(
+        [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    user_site = emulator.project_dir / ".local" / "lib" / f"python{major_minor}" / "site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "session_installed.py").write_text("WHERE = 'the session'\n")
+    (user_site / "jsonschema").mkdir()  # also in the node environment, which must win
+    (user_site / "jsonschema" / "__init__.py").write_text("")
     up = cluster.up()
     assert up.returncode == 0, up.stdout[-4000:]
     assert "environment .ray-cml/_envs/" in up.stdout and "built in" in up.stdout, up.stdout[-4000:]
@@ -79,6 +92,13 @@ def test_the_shipped_config_runs_on_bare_runtimes(start_emulator, tmp_path):
     lib = emulator.project_dir / ".ray-cml" / cluster.cluster_name / "lib"
     assert [p.name for p in lib.iterdir()][0].startswith("ray_cml_provider-")
     assert not list(head_env.glob("site/ray_cml_provider*"))
+
+    seen = cluster.exec(
+        '"$RAY_CML_PYTHON" -c "import session_installed, jsonschema; '
+        'print(session_installed.WHERE, jsonschema.__file__)"'
+    )
+    assert seen.returncode == 0, seen.stdout[-3000:]
+    assert "the session" in seen.stdout and "/.ray-cml/_envs/" in seen.stdout, seen.stdout
 
     script = tmp_path / "two_gpu_tasks.py"
     script.write_text(TWO_GPU_TASKS)
@@ -90,6 +110,11 @@ def test_the_shipped_config_runs_on_bare_runtimes(start_emulator, tmp_path):
     assert len(workers) == 2, [w.name for w in workers]
     creates = emulator.stats()["requests"]["POST /api/v2/projects/{project_id}/applications"]
     assert creates == 2
+    # Ray's view asked of the head runs the shipped provider code with the head's Python.
+    table = cluster.ray_cml("status", "--ray-view", "head", str(cluster.config_path))
+    assert table.returncode == 0 and "Ray's view asked of the head" in table.stdout, table.stdout
+    for worker in workers:
+        assert re.search(rf"{worker.name[-8:]}\s+gpu_worker\s+\S+\s+(alive|idle)", table.stdout)
 
     # Exactly one build of the workers' environment (their runtime is not the head's).
     built = [
@@ -125,3 +150,21 @@ def test_the_shipped_config_runs_on_bare_runtimes(start_emulator, tmp_path):
     down = cluster.down()
     assert down.returncode == 0, down.stdout[-3000:]
     assert cluster.applications() == []
+
+    # A head that cannot import the provider would never scale: `ray up` says so and fails.
+    def without_provider_code(config: dict) -> None:
+        workspace_only(config)
+        config["head_setup_commands"] = ['rm -f "$RAY_CML_PROJECT_DIR"/.ray-cml/*/lib/*.zip']
+
+    broken = LocalCluster(
+        emulator,
+        tmp_path / "broken",
+        config_path=SHIPPED,
+        cluster_name="broken",
+        config_overrides=without_provider_code,
+    )
+    up = broken.up()
+    assert up.returncode != 0
+    assert "ray-cml: the head's autoscaler cannot load the provider" in up.stdout, up.stdout[-3000:]
+    assert "Traceback" not in up.stdout
+    assert broken.down().returncode == 0 and broken.applications() == []

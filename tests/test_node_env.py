@@ -104,6 +104,12 @@ def test_a_failed_build_is_reported_with_pips_lines_and_trusted_by_nobody(tmp_pa
     key = node_env.environment_key("runtime-a", missing)
     assert sorted(p.name for p in envs.iterdir()) == [f"{key}.failed.json"]
 
+    # A node starting soon after (a worker Ray relaunched) reports it without running pip.
+    later: list[str] = []
+    with pytest.raises(NodeEnvironmentError, match="Nodes report this for 5 minutes"):
+        build(project, "relaunched", later, missing).ensure()
+    assert not any("building" in line for line in later)
+
 
 def test_nodes_that_waited_for_a_failed_build_report_it_instead_of_retrying(tmp_path):
     project, logs = tmp_path / "project", []

@@ -203,7 +203,14 @@ def test_a_worker_whose_head_is_gone_deletes_itself(make_provider):
     )
 
 
-def test_command_runner_runs_commands_and_copies_files(provider, tmp_path, capsys):
+@pytest.mark.parametrize("file_delay_s", [0, 600])
+def test_command_runner_runs_commands_and_copies_files(
+    provider, emulator, tmp_path, capsys, file_delay_s
+):
+    # With 600 s between a write and its sight on the other side (NFS's attribute cache,
+    # far longer than the test's timeout), nothing here may wait for the mount: requests,
+    # results, node.json and file mounts all travel through the files API.
+    emulator.set_faults(file_delay_s=file_delay_s)
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     runner = provider.get_command_runner("", head, {}, "c1", None, True)
     assert (

@@ -245,7 +245,8 @@ def _ray_view_through_head(config: dict, head_id: str) -> dict:
     provider = CMLNodeProvider(config["provider"], config["cluster_name"])
     runner = CMLCommandRunner(provider, head_id)
     output = runner.run(
-        "python -m ray_cml_provider.ops.ray_view $CDSW_IP_ADDRESS:$RAY_CML_GCS_PORT",
+        '"${RAY_CML_PYTHON:-python}" -m ray_cml_provider.ops.ray_view '
+        "$CDSW_IP_ADDRESS:$RAY_CML_GCS_PORT",
         with_output=True,
     )
     for line in reversed(output.splitlines()):

@@ -38,6 +38,8 @@ ATTACH_HINT = (
     "script, or open a terminal in a CML session of the same project."
 )
 MAX_COMMAND_WAIT_S = 3600.0
+# Node environments not worth a line on every `ray exec` (nothing was installed).
+TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
 ENV_FAILED = 86  # exit status of a command that could not run: the node has no environment
 # What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
 ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
@@ -136,7 +138,9 @@ class CMLCommandRunner(CommandRunnerInterface):
                 flush=True,
             )
             sys.exit(ENV_FAILED)
-        _note(f"node {self.node_id}: {summary.strip()} ({time.monotonic() - started:.0f} s)")
+        waited = time.monotonic() - started
+        if waited >= 1 or not summary.startswith(TRIVIAL_ENVIRONMENTS):
+            _note(f"node {self.node_id}: {summary.strip()} ({waited:.0f} s)")
         self.provider.ready_nodes.add(self.node_id)
 
     def _wait_for_node_json(self) -> None:

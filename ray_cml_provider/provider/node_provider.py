@@ -182,7 +182,7 @@ class CMLNodeProvider(NodeProvider):
             status = node.app.status
             if status == ApplicationStatus.FAILED:
                 # CML would restart it (up to 3 times): a node we consider dead must go.
-                self._delete_in_background(node, "it FAILED")
+                self._delete_in_background(node, "it FAILED", with_failure=True)
             elif status not in ApplicationStatus.LIVE:
                 continue
             elif (
@@ -545,10 +545,11 @@ class CMLNodeProvider(NodeProvider):
         except CMLError as exc:
             logger.warning("could not record GPU time of %s: %s", node.app.name, exc)
 
-    def _delete_in_background(self, node: Node, reason: str) -> None:
+    def _delete_in_background(self, node: Node, reason: str, with_failure: bool = False) -> None:
         def run() -> None:
             try:
-                self._delete(node, reason)
+                why = reason + (self._failure_of(node.node_id) if with_failure else "")
+                self._delete(node, why)
             except CMLError as exc:
                 logger.warning("could not delete %s yet: %s", node.app.name, exc)
 
