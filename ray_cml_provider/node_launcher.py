@@ -46,16 +46,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 try:  # uploaded next to this file in the cluster's folder
+    import node_api
     import node_env
 except ImportError:  # imported from the package (tests, tools)
-    from ray_cml_provider import node_env
+    from ray_cml_provider import node_api, node_env
 
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
@@ -86,71 +84,6 @@ def port_or_free(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-class ProjectAPI:
-    """The few CML API v2 calls a node makes with its engine's key (``CDSW_APIV2_KEY``):
-    the project's files, and deleting its own application. Errors are ``OSError``."""
-
-    def __init__(self, env: dict[str, str]):
-        api = env.get("CDSW_API_URL", "").rsplit("/api/", 1)[0] or (
-            "https://" + env.get("CDSW_DOMAIN", "")
-        )
-        project = urllib.parse.quote(env.get("CDSW_PROJECT_ID", ""), safe="")
-        self.base = f"{api}/api/v2/projects/{project}"
-        self.available = bool(env.get("CDSW_APIV2_KEY") and env.get("CDSW_PROJECT_ID"))
-        self._headers = {
-            "Authorization": f"Bearer {env.get('CDSW_APIV2_KEY', '')}",
-            "Accept": "application/json",
-        }
-
-    def _call(self, method: str, path: str, body: bytes | None = None, **headers: str) -> bytes:
-        request = urllib.request.Request(
-            self.base + path, data=body, method=method, headers={**self._headers, **headers}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                return answer.read()
-        except urllib.error.HTTPError as exc:
-            raise OSError(f"{method} {path}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-            raise OSError(f"{method} {path}: {exc}") from None
-
-    def list_names(self, folder: str) -> list[str]:
-        """Names in ``folder``; [] when it does not exist."""
-        try:
-            data = json.loads(self._call("GET", "/files/" + urllib.parse.quote(folder)))
-        except OSError as exc:
-            if "HTTP 404" in str(exc):
-                return []
-            raise
-        return [entry["path"].rsplit("/", 1)[-1] for entry in data.get("files") or []]
-
-    def download(self, path: str) -> bytes:
-        return self._call("POST", "/files/" + urllib.parse.quote(path) + ":download")
-
-    def upload(self, path: str, data: bytes) -> None:
-        boundary = "ray-cml-" + os.urandom(8).hex()
-        name = path.rsplit("/", 1)[-1]
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{path}"; '
-                f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-            ).encode()
-            + data
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        self._call(
-            "POST", "/files", body, **{"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        )
-
-    def delete_application_named(self, name: str) -> None:
-        query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
-        apps = json.loads(self._call("GET", f"/applications?{query}")).get("applications", [])
-        for app in apps:
-            if app.get("name") == name:
-                log(f"deleting my application {app['id']}")
-                self._call("DELETE", f"/applications/{urllib.parse.quote(app['id'])}")
-
-
 class NodeLauncher:
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -170,7 +103,7 @@ class NodeLauncher:
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
         self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
-        self.api = ProjectAPI(env)
+        self.api = node_api.ProjectAPI(env, log)
         self.done: set[str] = set()  # commands already run (each runs once)
         self.results = Path(self.tmp_dir) / "commands"  # output while a command runs
         self._next_api_poll = 0.0

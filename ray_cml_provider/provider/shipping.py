@@ -55,11 +55,15 @@ def provider_zip() -> tuple[str, bytes]:
     return f"{PACKAGE}-{digest}.zip", data
 
 
-LAUNCHER_FILES = {"launcher.py": "node_launcher.py", "node_env.py": "node_env.py"}
+LAUNCHER_FILES = {
+    "launcher.py": "node_launcher.py",
+    "node_api.py": "node_api.py",
+    "node_env.py": "node_env.py",
+}
 
 
 def launcher_files() -> dict[str, bytes]:
     """What every application runs, by its name in the cluster's folder: the node launcher
-    and the environment builder it imports (read from a folder or from a shipped zip)."""
+    and the two modules it imports (read from a folder or from a shipped zip)."""
     package = resources.files(PACKAGE)
     return {name: package.joinpath(module).read_bytes() for name, module in LAUNCHER_FILES.items()}
