@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from ray.autoscaler._private.util import validate_config
 
@@ -198,6 +199,40 @@ def test_doctor_names_each_problem_and_how_to_fix_it(start_emulator, tmp_path, c
     code, out, _ = run_cli(capsys, "doctor", str(broken))
     assert code == 1 and out.startswith("problem  config:") and "not valid YAML" in out
     assert emulator.stats()["total"] == 0  # a broken config fails before any API call
+
+
+def test_doctor_reports_node_environments_built_and_failed(emulator, key_env, tmp_path, capsys):
+    """What the nodes will install, whether the project has it built, and a failed build
+    with pip's last lines: read through the files API, as the nodes left them."""
+    path = cluster_yaml(tmp_path, emulator)
+    packages = [f"ray[default]=={ray.__version__}"]
+    client = CMLClient(**emulator.client_settings())
+    code, out, _ = run_cli(capsys, "doctor", str(path))
+    assert code == 0 and re.search(
+        r"^ok\s+node environment: gpu_worker: .* is built by the first node of its runtime",
+        out,
+        re.M,
+    ), out
+    client.upload_file(
+        ".ray-cml/_envs/0123abcd.failed.json",
+        json.dumps(
+            {
+                "at": time.time(),
+                "node": "deadbeef",
+                "packages": packages,
+                "problem": "pip exited with status 1",
+                "pip_tail": ["ERROR: No matching distribution found for ray==9.9"],
+            }
+        ),
+    )
+    code, out, _ = run_cli(capsys, "doctor", str(path))
+    assert code == 1
+    assert re.search(
+        r"^problem\s+node environment: the last build of .* failed on node deadbeef: .*"
+        r"No matching distribution",
+        out,
+        re.M,
+    ), out
 
 
 def test_doctor_flags_setup_commands_that_undo_the_shipped_provider():

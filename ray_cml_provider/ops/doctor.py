@@ -72,7 +72,8 @@ class Doctor:
 
     def run(self) -> list[Check]:
         self.add("config", OK, f"cluster {self.config['cluster_name']!r} is a valid CML config")
-        if self.host_answers() and self.key_accepted() and self.project_exists():
+        reachable = self.host_answers() and self.key_accepted() and self.project_exists()
+        if reachable:
             self.project_writable()
             self.runtimes_exist()
             self.shared_memory()
@@ -81,7 +82,11 @@ class Doctor:
         else:
             for name in ("project files", "runtimes", "shared memory", "GPU quota", "cluster"):
                 self.add(name, SKIP, "needs the checks above")
-        self.provider_imports_on_head()
+        if self.provider_imports_on_head():
+            if reachable:
+                self.node_environments()
+            else:
+                self.add("node environment", SKIP, "needs the checks above")
         return self.checks
 
     # ------------------------------------------------------------------ workspace
@@ -245,7 +250,7 @@ class Doctor:
 
     # ------------------------------------------------------------------ head software
 
-    def provider_imports_on_head(self) -> None:
+    def provider_imports_on_head(self) -> bool:
         """The provider imports here (``ray up`` ships this code to the head), and what the
         nodes install is consistent; then the node environments already in the project."""
         module = self.provider["module"]
@@ -253,23 +258,19 @@ class Doctor:
         try:
             provider_class = getattr(importlib.import_module(path), attr)
         except Exception as exc:
-            self.add("provider module", PROBLEM, f"{module} does not import here: {exc}")
-            return
+            return self.add("provider module", PROBLEM, f"{module} does not import here: {exc}")
         from ray.autoscaler.node_provider import NodeProvider
 
         if not (isinstance(provider_class, type) and issubclass(provider_class, NodeProvider)):
-            self.add("provider module", PROBLEM, f"{module} is not a Ray NodeProvider")
-            return
+            return self.add("provider module", PROBLEM, f"{module} is not a Ray NodeProvider")
         problems = setup_command_problems(self.config, local_ray_version())
         if problems:
-            self.add("provider module", PROBLEM, "; ".join(problems))
-            return
-        self.add(
+            return self.add("provider module", PROBLEM, "; ".join(problems))
+        return self.add(
             "provider module",
             OK,
             f"{module} imports here; ray up ships this code to the head (nothing to install)",
         )
-        self.node_environments()
 
     def node_environments(self) -> None:
         """What each node type installs, and whether the project already has it built."""
@@ -281,6 +282,9 @@ class Doctor:
             listing = self.client.list_files(ENVS_DIR)
         except CMLNotFoundError:
             listing = []
+        except CMLError as exc:
+            self.add("node environment", PROBLEM, f"cannot list {ENVS_DIR}: {explain(exc)}")
+            return
         built, failures = [], []
         for entry in listing:
             name = entry.path.rsplit("/", 1)[-1]
