@@ -8,6 +8,7 @@ worker's failure; and a worker deletes its own application with it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -42,8 +43,9 @@ class ProjectAPI:
                 return answer.read()
         except urllib.error.HTTPError as exc:
             raise OSError(f"{method} {path}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-            raise OSError(f"{method} {path}: {exc}") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # Refused, reset, timed out, or an answer cut off (a gateway dropping it).
+            raise OSError(f"{method} {path}: {exc!r}") from None
 
     def list_names(self, folder: str) -> list[str]:
         """Names in ``folder``; [] when it does not exist."""
@@ -53,6 +55,8 @@ class ProjectAPI:
             if "HTTP 404" in str(exc):
                 return []
             raise
+        except ValueError as exc:
+            raise OSError(f"GET /files/{folder}: not JSON ({exc})") from None
         return [entry["path"].rsplit("/", 1)[-1] for entry in data.get("files") or []]
 
     def download(self, path: str) -> bytes:
@@ -75,7 +79,10 @@ class ProjectAPI:
 
     def delete_application_named(self, name: str) -> None:
         query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
-        apps = json.loads(self._call("GET", f"/applications?{query}")).get("applications", [])
+        try:
+            apps = json.loads(self._call("GET", f"/applications?{query}"))["applications"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OSError(f"GET /applications: unexpected answer ({exc!r})") from None
         for app in apps:
             if app.get("name") == name:
                 self.log(f"deleting my application {app['id']}")

@@ -167,7 +167,7 @@ class NodeLauncher:
                     time.sleep(1 + attempt)
         target = self.node_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.tmp")
+        tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_bytes(data)
         tmp.replace(target)
 
@@ -358,6 +358,19 @@ class NodeLauncher:
         self.results.mkdir(parents=True, exist_ok=True)
         output = self.results / f"{name}.out"
         output.write_bytes(b"")
+        code = 1
+        try:
+            code = self.answer_request(spec, output)
+        except Exception as exc:  # the runner waits for an .rc: it must always get one
+            with open(output, "a") as out:
+                out.write(f"ray-cml launcher: the request failed: {exc!r}\n")
+        finally:
+            self.publish(f"outbox/{name}.out", output.read_bytes())
+            self.publish(f"outbox/{name}.rc", str(code).encode())
+            output.unlink(missing_ok=True)
+            log(f"command {name} exited with {code}")
+
+    def answer_request(self, spec: dict, output: Path) -> int:
         if spec.get("report") == "environment":
             code, text = self.environment_report()
             output.write_text(text)
@@ -368,10 +381,7 @@ class NodeLauncher:
             code = self.write_files(spec.get("files") or [], output)
             if code == 0 and spec.get("cmd"):
                 code = self.run_command(spec["cmd"], spec.get("env") or {}, output)
-        self.publish(f"outbox/{name}.out", output.read_bytes())
-        self.publish(f"outbox/{name}.rc", str(code).encode())
-        output.unlink(missing_ok=True)
-        log(f"command {name} exited with {code}")
+        return code
 
     def wait_for_environment(self) -> bool:
         self.environment_ready.wait()

@@ -29,7 +29,13 @@ from typing import Any
 from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
-from ray_cml_provider.cml import CMLError, CMLNotFoundError
+from ray_cml_provider.cml import (
+    CMLConnectionError,
+    CMLError,
+    CMLNotFoundError,
+    CMLRateLimitedError,
+    CMLServerError,
+)
 from ray_cml_provider.provider.packages import local_ray_version
 
 ATTACH_HINT = (
@@ -38,6 +44,7 @@ ATTACH_HINT = (
     "script, or open a terminal in a CML session of the same project."
 )
 MAX_COMMAND_WAIT_S = 3600.0
+TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
 # Node environments not worth a line on every `ray exec` (nothing was installed).
 TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
 ENV_FAILED = 86  # exit status of a command that could not run: the node has no environment
@@ -169,8 +176,11 @@ class CMLCommandRunner(CommandRunnerInterface):
         next_note = started + 15
         outbox = f"{self.node_dir}/outbox"
         while time.monotonic() - started < MAX_COMMAND_WAIT_S:
-            if any(f.path.endswith(f"/{name}.rc") for f in self.client.list_files(outbox)):
-                return int(self.client.download_file(f"{outbox}/{name}.rc").strip() or 1)
+            try:
+                if any(f.path.endswith(f"/{name}.rc") for f in self.client.list_files(outbox)):
+                    return int(self.client.download_file(f"{outbox}/{name}.rc").strip() or 1)
+            except TRANSIENT_ERRORS:
+                pass  # CML kept failing past the client's retries: this is a poll, poll again
             if time.monotonic() > next_note:
                 next_note = time.monotonic() + 15
                 _note(f"still running on {self.node_id} ({time.monotonic() - started:.0f} s)")
