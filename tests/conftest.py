@@ -98,6 +98,21 @@ def runtime(client: CMLClient) -> str:
     return client.list_runtimes()[0]["image_identifier"]
 
 
+def engine_app(name: str, runtime: str, mode: str = "sleep", **fields) -> dict:
+    """The create body of an application running tests' engine.py in ``mode``."""
+    env = {"MODE": mode, **fields.pop("environment", {})}
+    return {
+        "name": name,
+        "subdomain": name,
+        "script": "engine.py",
+        "cpu": 1,
+        "memory": 1,
+        "runtime_identifier": runtime,
+        "environment": env,
+        **fields,
+    }
+
+
 @pytest.fixture
 def make_app(client: CMLClient, runtime: str):
     """Create an application running tests' engine.py; keyword arguments override fields."""
@@ -105,17 +120,6 @@ def make_app(client: CMLClient, runtime: str):
 
     def make(name: str | None = None, mode: str = "sleep", **fields):
         name = name or f"app-{next(counter)}"
-        env = {"MODE": mode, **fields.pop("environment", {})}
-        spec = {
-            "name": name,
-            "subdomain": name,
-            "script": "engine.py",
-            "cpu": 1,
-            "memory": 1,
-            "runtime_identifier": runtime,
-            "environment": env,
-            **fields,
-        }
-        return client.create_application(spec)
+        return client.create_application(engine_app(name, runtime, mode, **fields))
 
     return make

@@ -15,7 +15,7 @@ from ray_cml_provider.cml import (
 )
 from ray_cml_provider.emulator.launcher import plain_python
 from ray_cml_provider.emulator.processes import live_group_members
-from tests.conftest import FAST_RETRY, engine_dump, wait_until
+from tests.conftest import FAST_RETRY, engine_app, engine_dump, wait_until
 
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
 EMULATOR_ARGS = ["--start-delay-s", "0.5"]
@@ -281,16 +281,7 @@ def test_a_runtime_given_an_interpreter_runs_its_engines_with_it(start_emulator)
     standard = sorted(listed - {"example.com/custom/bare-python:1"})[0]
     apps = {}
     for name, runtime in (("bare", "example.com/custom/bare-python:1"), ("std", standard)):
-        apps[name] = client.create_application(
-            {
-                "name": name,
-                "subdomain": name,
-                "script": "engine.py",
-                "cpu": 1,
-                "memory": 1,
-                "runtime_identifier": runtime,
-            }
-        ).id
+        apps[name] = client.create_application(engine_app(name, runtime)).id
     dumps = {
         n: wait_until(lambda i=i: engine_dump(emulator.project_dir, i), 20) for n, i in apps.items()
     }
@@ -327,15 +318,7 @@ def test_files_reach_the_other_side_of_the_project_filesystem_late(start_emulato
 
     emulator.set_faults(file_delay_s=60)
     client.upload_file("engine-reads-me.txt", b"x")
-    app = client.create_application(
-        {
-            "name": "fresh",
-            "subdomain": "fresh",
-            "script": "engine.py",
-            "cpu": 1,
-            "memory": 1,
-            "runtime_identifier": client.list_runtimes()[0]["image_identifier"],
-        }
-    )
+    runtime = client.list_runtimes()[0]["image_identifier"]
+    app = client.create_application(engine_app("fresh", runtime))
     wait_until(lambda: engine_dump(project, app.id), 20)
     assert (project / "engine-reads-me.txt").read_bytes() == b"x"
