@@ -209,7 +209,7 @@ def test_doctor_reports_node_environments_built_and_failed(emulator, key_env, tm
     client = CMLClient(**emulator.client_settings())
     code, out, _ = run_cli(capsys, "doctor", str(path))
     assert code == 0 and re.search(
-        r"^ok\s+node environment: gpu_worker: .* is built by the first node of its runtime",
+        r"^ok\s+node environment: gpu_worker: .* is not built in the project yet",
         out,
         re.M,
     ), out

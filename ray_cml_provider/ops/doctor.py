@@ -318,8 +318,9 @@ class Doctor:
                 + (
                     "is built in the project: nodes start without pip"
                     if ready
-                    else "is built by the first node of its runtime, once per project (pip: "
-                    "minutes for large packages), then reused"
+                    else "is not built in the project yet: the first node of a runtime that "
+                    "lacks it builds it once (pip: minutes for large packages), later nodes "
+                    "reuse it"
                 ),
             )
 
