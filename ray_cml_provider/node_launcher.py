@@ -108,6 +108,7 @@ class NodeLauncher:
         self.results = Path(self.tmp_dir) / "commands"  # output while a command runs
         self._next_api_poll = 0.0
         self._busy_until = time.monotonic() + BUSY_FOR_S  # `ray up` talks to a new head now
+        self.packages: list[str] = json.loads(env.get("RAY_CML_PIP_PACKAGES", "[]"))
         self.environment: node_env.Environment | None = None
         self.environment_error = ""
         self.environment_ready = threading.Event()
@@ -176,13 +177,12 @@ class NodeLauncher:
     def prepare_environment(self) -> bool:
         """Make the node's packages ready (see ``node_env``); False, with the reason kept in
         ``environment_error``, when they cannot be."""
-        packages = json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]"))
         try:
-            if packages:
+            if self.packages:
                 build = node_env.EnvironmentBuild(
                     self.project_dir,
                     self.env.get("RAY_CML_RUNTIME", ""),
-                    packages,
+                    self.packages,
                     self.node_id,
                     log,
                 )
@@ -211,7 +211,7 @@ class NodeLauncher:
             self.prepare_environment()
         if self.environment_error:
             return 1, self.environment_error + "\n"
-        ray_version = node_env.ray_pin(json.loads(self.env.get("RAY_CML_PIP_PACKAGES", "[]")))
+        ray_version = node_env.ray_pin(self.packages)
         return 0, f"{self.environment.summary}\nRAY_VERSION={ray_version}\n"
 
     def shipped_code(self, relative: str) -> str:

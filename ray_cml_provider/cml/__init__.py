@@ -2,6 +2,7 @@
 
 from ray_cml_provider.cml.client import CMLClient
 from ray_cml_provider.cml.errors import (
+    TRANSIENT_ERRORS,
     CMLAPIError,
     CMLAuthenticationError,
     CMLConfigurationError,
@@ -37,4 +38,5 @@ __all__ = [
     "ProjectFile",
     "RetryPolicy",
     "Secret",
+    "TRANSIENT_ERRORS",
 ]

@@ -62,6 +62,11 @@ class CMLConnectionError(CMLError):
         super().__init__(f"{method} {path} could not reach the CML API: {reason}")
 
 
+# Failures that may pass by themselves (CML busy or unreachable): worth asking again later,
+# after the transport's own retries gave up.
+TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
+
+
 class CMLOutcomeUnknownError(CMLError):
     """A non-idempotent request (create, upload) may or may not have taken effect.
 

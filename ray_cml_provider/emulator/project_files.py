@@ -73,9 +73,6 @@ class ProjectFiles:
             return False
         return age >= self.visibility_delay_s
 
-    def _exists(self, path: Path) -> bool:
-        return path in self._pending or (path.exists() and self._visible_to_api(path))
-
     def _pending_under(self, folder: Path) -> list[Path]:
         return [p for p in self._pending if folder in p.parents]
 
@@ -88,7 +85,7 @@ class ProjectFiles:
             raise invalid("an upload needs a file path as its form field name")
         with self._lock:
             candidate, n = target, 0
-            while self._exists(candidate) or candidate.exists():
+            while candidate in self._pending or candidate.exists():
                 n += 1
                 candidate = target.with_name(f"{target.stem}({n}){target.suffix}")
             self._written_by_api.add(candidate)

@@ -29,13 +29,7 @@ from typing import Any
 from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
-from ray_cml_provider.cml import (
-    CMLConnectionError,
-    CMLError,
-    CMLNotFoundError,
-    CMLRateLimitedError,
-    CMLServerError,
-)
+from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
 from ray_cml_provider.provider.packages import local_ray_version
 
 ATTACH_HINT = (
@@ -44,7 +38,6 @@ ATTACH_HINT = (
     "script, or open a terminal in a CML session of the same project."
 )
 MAX_COMMAND_WAIT_S = 3600.0
-TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
 # Node environments not worth a line on every `ray exec` (nothing was installed).
 TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
 ENV_FAILED = 86  # exit status of a command that could not run: the node has no environment
@@ -242,7 +235,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         """The head's autoscaler imports this provider with the head's Python and paths; try
         the same import there, so a head that could never scale fails ``ray up`` now."""
         module = type(self.provider).__module__
-        code, output = self._request({"cmd": f'"$RAY_CML_PYTHON" -c "import {module}"', "env": {}})
+        code, output = self._request({"cmd": f'"$RAY_CML_PYTHON" -c "import {module}"'})
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
             print(

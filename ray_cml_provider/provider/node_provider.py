@@ -36,14 +36,12 @@ from ray.autoscaler.tags import (
 )
 
 from ray_cml_provider.cml import (
+    TRANSIENT_ERRORS,
     Application,
     ApplicationStatus,
     CMLClient,
-    CMLConnectionError,
     CMLError,
     CMLNotFoundError,
-    CMLRateLimitedError,
-    CMLServerError,
 )
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
 from ray_cml_provider.provider.config import (
@@ -71,9 +69,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
-
-
-TRANSIENT_ERRORS = (CMLServerError, CMLRateLimitedError, CMLConnectionError)
 
 
 def _own_gcs_address() -> str | None:
