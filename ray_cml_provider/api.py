@@ -37,6 +37,7 @@ from ray_cml_provider.provider.config import (
     load_cluster_config,
     validate_cluster_config,
 )
+from ray_cml_provider.provider.ray_auth import TOKEN, session_line
 from ray_cml_provider.provider.workspace_check import explain
 
 
@@ -93,6 +94,8 @@ class Cluster:
             progress(f"cluster {self.name} is up after {time.monotonic() - started:.1f} s")
             if status.dashboard_url:
                 progress(f"  dashboard: {status.dashboard_url}")
+            if status.ray_auth == TOKEN:
+                progress(f"  Ray token: first {session_line(status.auth_token_path)}")
             if status.gcs_address:
                 progress(f'  inside CML: ray.init(address="{status.gcs_address}")')
         return status

@@ -20,6 +20,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.status",
         "the cluster's nodes as CML and Ray see them (--json for scripts)",
     ),
+    "token": (
+        "ray_cml_provider.ops.token",
+        "print the cluster's Ray token (every Ray port of the cluster asks for it)",
+    ),
     "gc": (
         "ray_cml_provider.ops.gc",
         "find (and with --yes delete) applications whose cluster's head is gone",

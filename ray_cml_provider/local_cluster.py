@@ -21,6 +21,7 @@ import yaml
 from ray_cml_provider.cml import Application, CMLClient
 from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.emulator.processes import signal_group
+from ray_cml_provider.provider.ray_auth import read_token
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
@@ -138,14 +139,28 @@ class LocalCluster:
         engine = next(p for p in self.emulator.processes() if p["id"] == head.id)
         url = f"http://{engine['ip_address']}:{engine['app_port']}/api/serve/applications/"
 
+        headers = self.auth_headers()
+
         def running() -> bool:
             try:
-                apps = requests.get(url, timeout=10).json().get("applications", {})
+                answer = requests.get(url, headers=headers, timeout=10)
+                apps = answer.json().get("applications", {})
             except (requests.RequestException, ValueError):
                 return False
             return apps.get(name, {}).get("status") == "RUNNING"
 
         self.wait_for(running, timeout_s, f"the Serve application {name!r} to be RUNNING")
+
+    # ------------------------------------------------------------------ Ray's token
+
+    def ray_token(self) -> str | None:
+        """The cluster's Ray token, read through the files API (None: auth is off)."""
+        return read_token(self.client, self.cluster_name)
+
+    def auth_headers(self) -> dict[str, str]:
+        """For the dashboard's HTTP API, which asks for the token like every Ray port."""
+        token = self.ray_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     # ------------------------------------------------------------------ what CML says
 

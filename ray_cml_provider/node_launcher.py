@@ -5,6 +5,9 @@ Standard library only: it starts before anything is installed (it is the applica
 
 - publishes the node's address (``nodes/<id>/node.json`` in the cluster's folder of the
   shared project filesystem), so the provider can answer ``internal_ip``;
+- makes the cluster's Ray token (``auth/token`` in the cluster's folder, created by ``ray
+  up``) owner-only and points every command at it (``RAY_AUTH_MODE=token``,
+  ``RAY_AUTH_TOKEN_PATH``): every Ray port of the cluster then asks for it;
 - makes the node's Python environment ready (``node_env``: Ray and the type's
   ``pip_packages``, built once per project and shared; nothing when the runtime has them);
 - runs the commands the laptop's ``ray up``/``exec``/``submit``/``down`` post into
@@ -61,10 +64,16 @@ HEAD_CHECK_S = 2.0
 API_POLL_BUSY_S = 0.5
 API_POLL_IDLE_S = {"head": 5.0, "worker": 15.0}
 BUSY_FOR_S = 60.0
+# How long a node waits for the cluster's token to show on the project's mount (NFS).
+TOKEN_WAIT_S = 120.0
 
 
 class HeadGone(Exception):
     """The worker's head has been unreachable for longer than the configured time."""
+
+
+class NoToken(Exception):
+    """The cluster asks for Ray's token authentication but its token file is not there."""
 
 
 def log(message: str) -> None:
@@ -102,6 +111,9 @@ class NodeLauncher:
         self.agent_port = port_or_free(52365)
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
+        # Ray's token (provider/ray_auth.py): the file's path only; Ray's processes read it.
+        token_file = env.get("RAY_CML_AUTH_TOKEN_FILE", "")
+        self.token_path = self.project_dir / token_file if token_file else None
         self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
         self.api = node_api.ProjectAPI(env, log)
         self.done: set[str] = set()  # commands already run (each runs once)
@@ -126,7 +138,31 @@ class NodeLauncher:
         """
         return (self.node_dir / "node.json").exists()
 
+    def secure_token(self) -> None:
+        """Wait for the cluster's token to show on the mount (``ray up`` wrote it through the
+        API before creating the head), then make it owner-only. Raises ``NoToken``."""
+        if self.token_path is None:
+            return
+        started = time.monotonic()
+        next_note = started + 15
+        while not self.token_path.is_file():
+            waited = time.monotonic() - started
+            if waited > TOKEN_WAIT_S:
+                raise NoToken(
+                    f"ray-cml: the cluster's Ray token ({self.token_path}) "
+                    f"is not in the project after {waited:.0f} s; "
+                    "`ray down` and `ray up` make a new one"
+                )
+            if time.monotonic() > next_note:
+                next_note = time.monotonic() + 15
+                log(f"waiting for the cluster's Ray token to show here ({waited:.0f} s)")
+            time.sleep(1.0)
+        with contextlib.suppress(OSError):  # another node may be doing the same now
+            self.token_path.parent.chmod(0o700)
+            self.token_path.chmod(0o600)
+
     def prepare(self) -> None:
+        self.secure_token()
         for folder in (self.inbox, self.outbox, self.home, self.node_dir / "bin"):
             folder.mkdir(parents=True, exist_ok=True)
         shim_dir = self.node_dir / "bin"
@@ -148,6 +184,9 @@ class NodeLauncher:
             "client_port": self.client_port,
             # The one port CML's proxy exposes (the application's URL); the head's dashboard.
             "app_port": int(self.env.get("CDSW_APP_PORT") or 0),
+            # Whether Ray asks for the token, and the file a session of the project uses.
+            "ray_auth": "token" if self.token_path else "disabled",
+            "auth_token_path": str(self.token_path or ""),
             "pid": os.getpid(),
             "started_at": time.time(),
         }
@@ -266,9 +305,19 @@ class NodeLauncher:
             }
         )
         env.update(extra)
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            env.pop(name, None)  # only the cluster's own setting counts (set last)
+        env.update(self.ray_auth_env())
         if python_path:
             env["PYTHONPATH"] = os.pathsep.join(python_path)
         return env
+
+    def ray_auth_env(self) -> dict[str, str]:
+        """Ray's authentication for every command: the token's file, or explicitly none (so
+        that no ``~/.ray/auth_token`` lying around decides it)."""
+        if self.token_path is None:
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     # ------------------------------------------------------------------ commands
 
@@ -491,7 +540,12 @@ class NodeLauncher:
             log(f"node {self.node_id} was restarted by CML after a failure: removing it")
             self.delete_own_application()
             return 0
-        self.prepare()
+        try:
+            self.prepare()
+        except NoToken as exc:
+            log(str(exc))
+            self.publish("failure.txt", str(exc).encode())
+            return 1
         if self.kind == "worker":
             self.serve_status_page()
         else:  # the head: ray up's commands wait for it, and meanwhile can be answered

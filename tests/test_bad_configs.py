@@ -36,6 +36,11 @@ CASES = [
     (lambda c: provider(c).update(launch_timeout_s="soon"), "provider.launch_timeout_s: 'soon'"),
     (lambda c: provider(c).update(launch_timeout_s=-5), "provider.launch_timeout_s: -5 is less"),
     (lambda c: provider(c).update(head_lost_timeout_s=0), "provider.head_lost_timeout_s: 0 is"),
+    (lambda c: provider(c).update(ray_auth_mode="off"), "provider.ray_auth_mode: 'off' is not one"),
+    (
+        lambda c: node(c).update(environment={"RAY_AUTH_TOKEN": "x"}),
+        "available_node_types.gpu_worker.node_config.environment.RAY_AUTH_TOKEN: ray-cml sets",
+    ),
     (
         lambda c: node(c).update(nvidia_gpu=-1),
         "available_node_types.gpu_worker.node_config.nvidia_gpu: -1 is less than the minimum",

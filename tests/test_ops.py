@@ -134,6 +134,7 @@ def test_doctor_passes_a_ready_workspace(emulator, key_env, tmp_path, capsys):
     assert code == 0, out
     for check in (
         "config",
+        "Ray authentication",
         "host",
         "API key",
         "project",
@@ -167,8 +168,12 @@ def test_doctor_names_each_problem_and_how_to_fix_it(start_emulator, tmp_path, c
         }
     )
     path = cluster_yaml(tmp_path, emulator, llm_cpu_worker={"runtime_identifier": "no/such:1"})
+    config = yaml.safe_load(path.read_text())
+    config["provider"]["ray_auth_mode"] = "disabled"  # allowed, but said: not a problem
+    path.write_text(yaml.safe_dump(config))
     code, out, _ = run_cli(capsys, "doctor", str(path), "--gpu-quota", "2")
     assert code == 1
+    assert re.search(r"^warning\s+Ray authentication: .*'disabled'.*CML API key", out, re.M)
     assert re.search(
         r"^problem\s+runtimes: .*llm_cpu_worker\.node_config\.runtime_identifier", out, re.M
     )
@@ -293,6 +298,12 @@ def test_status_table_and_json_from_cml_alone(emulator, key_env, monkeypatch, tm
         assert node["url"].startswith(f"http://{node['ip']}:")
     assert by_id["0badc0de"]["application_id"] == stray.id
     assert report["gcs_address"].startswith(by_id[head]["ip"] + ":")
+    # Where a session finds the Ray token, never the token; `ray-cml token` prints it.
+    token_file = emulator.project_dir / ".ray-cml" / "c1" / "auth" / "token"
+    assert report["ray_auth"] == "token" and report["auth_token_path"] == str(token_file)
+    assert token_file.read_text() not in out
+    code, out, _ = run_cli(capsys, "token", str(path))
+    assert code == 0 and out.strip() == token_file.read_text()
 
     # A deleted GPU worker's time stays in the cluster's GPU-hours (kept in whole seconds).
     time.sleep(2)
@@ -311,6 +322,8 @@ def test_status_of_a_cluster_that_is_down_and_of_a_bad_key(
     path = cluster_yaml(tmp_path, emulator, cluster="nothing-here")
     code, out, _ = run_cli(capsys, "status", str(path))
     assert code == 0 and "no applications: the cluster is down" in out
+    code, out, err = run_cli(capsys, "token", str(path))
+    assert code == 1 and out == "" and "has no Ray token: it is down" in err
     monkeypatch.setenv("TEST_CML_KEY", "wrong")
     code, out, err = run_cli(capsys, "status", str(path))
     assert code == 1 and out == "" and err.startswith("ray-cml: CML refused the API key")

@@ -128,6 +128,40 @@ def test_workers_get_their_identity_and_exact_resources(provider, emulator):
     assert provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_WORKER}) == []
 
 
+def test_nodes_are_told_where_the_ray_token_is_never_the_token(
+    make_provider, emulator, monkeypatch
+):
+    provider = make_provider()
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    [worker] = launch(provider)
+    token_file = emulator.project_dir / ".ray-cml" / "c1" / "auth" / "token"
+    token = token_file.read_text()
+    client = CMLClient(**emulator.client_settings())
+    for node_id in (head, worker):
+        app = client.get_application(provider._node(node_id).app.id)
+        assert app.environment["RAY_CML_AUTH_TOKEN_FILE"] == ".ray-cml/c1/auth/token"
+        assert token not in json.dumps(app.raw)
+    info = json.loads(client.download_file(f".ray-cml/c1/nodes/{head}/node.json"))
+    assert info["ray_auth"] == "token" and info["auth_token_path"] == str(token_file)
+    # A new head of the same cluster (`ray up` after its head died) keeps the token.
+    provider.terminate_nodes([head, worker])
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    assert token_file.read_text() == token and len(list(token_file.parent.iterdir())) == 1
+
+    # Turned off: no token, and the node is told nothing.
+    [off] = launch(
+        make_provider("c2", ray_auth_mode="disabled"), tags=HEAD_TAGS, config=HEAD_CONFIG
+    )
+    off_app = client.list_applications({"name": f"ray-c2-head-{off}"})[0]
+    assert "RAY_CML_AUTH_TOKEN_FILE" not in off_app.environment
+    assert not (emulator.project_dir / ".ray-cml" / "c2" / "auth").exists()
+    # The head's own autoscaler creates workers in its head's mode, whatever the config says.
+    monkeypatch.setenv("RAY_CML_NODE_KIND", "head")
+    assert make_provider("c2").ray_auth_mode == "disabled"
+    monkeypatch.setenv("RAY_CML_AUTH_TOKEN_FILE", ".ray-cml/c1/auth/token")
+    assert make_provider("c1", ray_auth_mode="disabled").ray_auth_mode == "token"
+
+
 def test_one_list_call_per_update_at_steady_state(provider, emulator):
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     nodes = launch(provider, count=2)
@@ -238,6 +272,13 @@ def test_command_runner_runs_commands_and_copies_files(
         == "onetwo"
     )
     assert runner.run("echo $HOME", with_output=True).strip().endswith(".ray-cml/c1/home")
+    # Every command asks Ray for token authentication, with the cluster's token file, which
+    # the node saw at once though the laptop wrote it through the API (NFS delay or not).
+    token_file = emulator.project_dir / ".ray-cml" / "c1" / "auth" / "token"
+    assert runner.run("echo $RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH", with_output=True).split() == [
+        "token",
+        str(token_file),
+    ]
     runner.run_rsync_down("~/tree/sub/two.txt", str(tmp_path / "back.txt"))
     assert (tmp_path / "back.txt").read_text() == "two"
 

@@ -12,6 +12,7 @@ from ray_cml_provider import Cluster
 from ray_cml_provider.api import ClusterError
 from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.local_cluster import REPO_CONFIGS
+from ray_cml_provider.provider.ray_auth import session_line
 
 
 def gpu_workers_in_ray(cluster: Cluster) -> list[str]:
@@ -56,7 +57,8 @@ def test_up_scale_hint_exec_status_down(start_emulator, monkeypatch):
     status = cluster.up(progress=progress.append)
     assert len(gpu_workers_in_ray(cluster)) == 1  # up() waited for min_workers to join Ray
     assert status.head and status.dashboard_url.startswith("http://127.0.0.")
-    assert progress[-3].startswith("cluster api is up after ")
+    assert progress[-4].startswith("cluster api is up after ")
+    assert progress[-2] == f"  Ray token: first {session_line(status.auth_token_path)}"
     assert f'ray.init(address="{status.gcs_address}")' in progress[-1]
     assert cluster.gcs_address == status.gcs_address
 

@@ -25,23 +25,31 @@ def engine(emulator, app_id: str) -> dict:
     return next(p for p in emulator.processes() if p["id"] == app_id)
 
 
-def assert_key_nowhere(cluster: LocalCluster, outputs: list[str], nodes_alive: bool = True) -> None:
+def assert_secrets_nowhere(
+    cluster: LocalCluster, outputs: list[str], token: str, nodes_alive: bool = True
+) -> None:
     """The user's API key is in no application, project file, engine log, Ray log of a live
-    node, or CLI output."""
-    key = cluster.emulator.api_key
+    node, or CLI output; nor is the cluster's Ray token, outside its own file."""
+    secrets = {"key": cluster.emulator.api_key, "Ray token": token}
+    token_file = cluster.emulator.project_dir / ".ray-cml" / cluster.cluster_name / "auth" / "token"
     for app in cluster.applications():
-        assert key not in json.dumps(app.raw), f"key in application {app.name}"
+        for what, secret in secrets.items():
+            assert secret not in json.dumps(app.raw), f"{what} in application {app.name}"
     places = [cluster.emulator.project_dir, cluster.emulator.log_dir]
     places += [Path(f"/tmp/rcml-{a.name.rsplit('-', 1)[-1]}") for a in cluster.applications()]
     checked = 0
     for place in places:
         for path in (p for p in place.rglob("*") if p.is_file() and not p.is_symlink()):
             checked += 1
-            assert key.encode() not in path.read_bytes(), f"key in {path}"
+            data = path.read_bytes()
+            for what, secret in secrets.items():
+                if path != token_file:
+                    assert secret.encode() not in data, f"{what} in {path}"
     if nodes_alive:
         assert checked > 10, f"the sweep should have read the nodes' logs: {places}"
     for output in outputs:
-        assert key not in output
+        for what, secret in secrets.items():
+            assert secret not in output, f"{what} in a command's output"
 
 
 def status_json(cluster: LocalCluster, *options: str) -> dict:
@@ -65,6 +73,8 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
 
     up = cluster.up()
     assert up.returncode == 0, up.stdout[-3000:]
+    token = cluster.ray_token()  # Ray's token authentication is on by default
+    assert token
     [head] = cluster.applications()
     assert head.name.startswith("ray-e2e-head-") and head.status == RUNNING
     # ray up shows what it waits for, then where the dashboard is and how to connect.
@@ -127,20 +137,20 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
         status.stdout,
         table.stdout,
     ]
-    assert_key_nowhere(cluster, outputs)  # head and GPU worker both alive here
+    assert_secrets_nowhere(cluster, outputs, token)  # head and GPU worker both alive here
 
     cluster.wait_for(lambda: not cluster.workers(), 180, "the idle worker to be deleted")
     assert [a.id for a in cluster.applications()] == [head.id]
     after = status_json(cluster)
     assert after["gpus_held"] == 0 and after["gpu_hours"] > 0  # the worker's time is kept
 
-    assert_key_nowhere(cluster, outputs)  # after scale-down
+    assert_secrets_nowhere(cluster, outputs, token)  # after scale-down
 
     down = cluster.down()
     assert down.returncode == 0, down.stdout[-3000:]
     assert_nothing_left(cluster, pgids)
     assert not (emulator.project_dir / ".ray-cml" / "e2e").exists()
-    assert_key_nowhere(cluster, [down.stdout], nodes_alive=False)
+    assert_secrets_nowhere(cluster, [down.stdout], token, nodes_alive=False)
 
 
 @pytest.mark.timeout(600)

@@ -1,9 +1,10 @@
 """``ray-cml doctor CONFIG``: is the workspace ready for this cluster, before anything runs?
 
-One line per check, ``ok``, ``problem`` (with what to do) or ``skip``; the exit status is 1
-when any check found a problem. Checks, in order (a failed one skips those that need it):
+One line per check, ``ok``, ``problem`` (with what to do), ``warning`` (works, but you
+should know) or ``skip``; the exit status is 1 when any check found a problem. Checks, in
+order (a failed one skips those that need it):
 
-1. the cluster YAML is valid (offline);
+1. the cluster YAML is valid, and whether Ray's token authentication is on (offline);
 2. the host answers HTTP;
 3. the API key is accepted;
 4. the project exists;
@@ -41,9 +42,10 @@ from ray_cml_provider.ops.workspace import (
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, parse_application
 from ray_cml_provider.provider.packages import local_ray_version, node_type_packages
+from ray_cml_provider.provider.ray_auth import DISABLED_WARNING, TOKEN, configured_mode
 from ray_cml_provider.provider.workspace_check import explain
 
-OK, PROBLEM, SKIP = "ok", "problem", "skip"
+OK, PROBLEM, WARNING, SKIP = "ok", "problem", "warning", "skip"
 RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default: 30% of the node's memory
 
 
@@ -72,6 +74,7 @@ class Doctor:
 
     def run(self) -> list[Check]:
         self.add("config", OK, f"cluster {self.config['cluster_name']!r} is a valid CML config")
+        self.ray_auth()
         reachable = self.host_answers() and self.key_accepted() and self.project_exists()
         if reachable:
             self.project_writable()
@@ -88,6 +91,17 @@ class Doctor:
             else:
                 self.add("node environment", SKIP, "needs the checks above")
         return self.checks
+
+    def ray_auth(self) -> None:
+        if configured_mode(self.provider) == TOKEN:
+            self.add(
+                "Ray authentication",
+                OK,
+                "token: every Ray port of the cluster asks for the cluster's token "
+                "(ray up makes it; ray-cml status says where a session finds it)",
+            )
+        else:
+            self.add("Ray authentication", WARNING, DISABLED_WARNING)
 
     # ------------------------------------------------------------------ workspace
 

@@ -7,13 +7,22 @@ not from a laptop; there ``ray-cml status`` runs this module on the head through
 command mailbox instead::
 
     python -m ray_cml_provider.ops.ray_view HEAD_IP:GCS_PORT   # prints the view as JSON
+
+The GCS asks for the cluster's Ray token (``provider/ray_auth.py``). Ray reads a token once
+per process, from its environment, so this machine reads the view in a child process that
+holds the token in its environment (``read_ray_view_from_here``), never in the caller's.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+from ray_cml_provider.provider.ray_auth import client_env
 
 
 def read_ray_view(gcs_address: str, timeout_s: int = 10) -> dict[str, Any]:
@@ -47,6 +56,30 @@ def read_ray_view(gcs_address: str, timeout_s: int = 10) -> dict[str, Any]:
             for r in status.failed_launches
         ],
     }
+
+
+def read_ray_view_from_here(
+    gcs_address: str, token: str | None, timeout_s: float = 30.0
+) -> dict[str, Any]:
+    """``read_ray_view`` in a child process with the cluster's token (or none)."""
+    env = client_env(token)
+    package_parent = str(Path(__file__).resolve().parents[2])  # works from a checkout too
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ray_cml_provider.ops.ray_view", gcs_address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no answer within {timeout_s:.0f} s") from None
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    raise RuntimeError(errors[-1] if errors else f"exit status {done.returncode}")
 
 
 def main(argv: list[str] | None = None) -> int:

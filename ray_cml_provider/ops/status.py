@@ -4,7 +4,9 @@ CML's side (one list call, plus each node's ``node.json``) works from anywhere t
 does. Ray's side comes from the head's GCS: directly when this machine can reach it (inside
 CML, or on the emulator), else by running ``ops.ray_view`` on the head through the command
 mailbox (from a laptop). With Ray's view an application Ray does not know is flagged as a
-stray; without it only what CML alone can tell is shown.
+stray; without it only what CML alone can tell is shown. The direct view reads the cluster's
+Ray token through the files API into a child process (``ops/ray_view.py``); the table shows
+where a session of the project finds the token, never the token.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from ray_cml_provider.provider.naming import (
     cluster_dir,
     parse_application,
     parse_ledger_entry,
+)
+from ray_cml_provider.provider.ray_auth import (
+    DISABLED,
+    DISABLED_WARNING,
+    TOKEN,
+    read_token,
+    session_line,
 )
 from ray_cml_provider.provider.workspace_check import explain
 
@@ -77,6 +86,8 @@ class ClusterStatus:
     dashboard_url: str = ""
     gcs_address: str = ""
     client_address: str = ""
+    ray_auth: str = ""  # "token" | "disabled" (the head's), "" without a running head
+    auth_token_path: str = ""  # the token's file, as the project's engines see it
 
     @property
     def head(self) -> NodeStatus | None:
@@ -126,8 +137,10 @@ def collect_status(
         report.gcs_address = f"{info['ip']}:{info['gcs_port']}"
         if info.get("client_port"):
             report.client_address = f"ray://{info['ip']}:{info['client_port']}"
+        report.ray_auth = info.get("ray_auth", DISABLED)
+        report.auth_token_path = info.get("auth_token_path", "")
         report.dashboard_url = application_url(report.host, head[0], info)
-        view = _ray_view(config, head[1], report, ray_view)
+        view = _ray_view(config, client, head[1], report, ray_view)
 
     for app, node_id, kind, node_type in ours:
         info = infos.get(node_id) or {}
@@ -205,7 +218,9 @@ def _join_ray_state(
     row.note = f"running for {_duration(running_for)} but not a live Ray node"
 
 
-def _ray_view(config: dict, head_id: str, report: ClusterStatus, mode: str) -> dict | None:
+def _ray_view(
+    config: dict, client: CMLClient, head_id: str, report: ClusterStatus, mode: str
+) -> dict | None:
     if mode == "none":
         report.ray_view_note = "not asked (--cml-only)"
         return None
@@ -214,9 +229,10 @@ def _ray_view(config: dict, head_id: str, report: ClusterStatus, mode: str) -> d
     if mode in ("auto", "direct"):
         if reachable(ip, int(port)):
             try:
-                from ray_cml_provider.ops.ray_view import read_ray_view
+                from ray_cml_provider.ops.ray_view import read_ray_view_from_here
 
-                view = read_ray_view(report.gcs_address)
+                token = read_token(client, report.cluster) if report.ray_auth == TOKEN else None
+                view = read_ray_view_from_here(report.gcs_address, token)
                 report.ray_view = "direct"
                 return view
             except Exception as exc:  # Ray's GCS client raises several types
@@ -343,6 +359,11 @@ def render(report: ClusterStatus) -> str:
             f'connect from inside CML: ray.init(address="{report.gcs_address}")'
             + (f' or ray.init("{report.client_address}")' if report.client_address else "")
         )
+    if report.ray_auth == TOKEN:
+        line = session_line(report.auth_token_path)
+        lines.append(f"Ray token: in a CML session of this project first {line}")
+    elif report.ray_auth == DISABLED:
+        lines.append(f"WARNING: Ray authentication is off: {DISABLED_WARNING}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,13 @@ from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
 from ray_cml_provider.provider.packages import local_ray_version
+from ray_cml_provider.provider.ray_auth import (
+    DISABLED,
+    DISABLED_WARNING,
+    TOKEN,
+    configured_mode,
+    session_line,
+)
 
 ATTACH_HINT = (
     "ray attach is not available on CML (applications have no SSH). Use "
@@ -259,8 +266,14 @@ class CMLCommandRunner(CommandRunnerInterface):
         lines = [
             f"the head's Ray started on {info['ip']}",
             f"  dashboard:   {url}",
-            f'  from a CML session of this project: ray.init(address="{gcs}")',
         ]
+        if info.get("ray_auth") == TOKEN:
+            lines += [
+                "  Ray token:   every Ray port asks for it; in a CML session of this project run",
+                f"               {session_line(info['auth_token_path'])}",
+                "               (elsewhere, or in the dashboard: ray-cml token CONFIG prints it)",
+            ]
+        lines.append(f'  from a CML session of this project: ray.init(address="{gcs}")')
         if info.get("client_port"):
             lines.append(f'  Ray Client:  ray.init("ray://{info["ip"]}:{info["client_port"]}")')
         lines += [
@@ -268,6 +281,15 @@ class CMLCommandRunner(CommandRunnerInterface):
             f"  Serve:       serve deploy my_app.yaml -a {url}",
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
         ]
+        running = info.get("ray_auth", DISABLED)
+        if running == DISABLED:
+            lines.append(f"WARNING: {DISABLED_WARNING}")
+        if running != configured_mode(self.provider.provider_config):
+            lines.append(
+                f"note: the running head has Ray authentication {running!r}; "
+                f"provider.ray_auth_mode {configured_mode(self.provider.provider_config)!r} "
+                "applies from the next `ray down` and `ray up`"
+            )
         return "\n".join(lines)
 
     def remote_shell_command_str(self) -> str:

@@ -34,6 +34,7 @@ PROVIDER_SCHEMA: dict[str, Any] = {
         "head_lost_timeout_s": {"type": "number", "exclusiveMinimum": 0},
         "poll_interval_s": {"type": "number", "exclusiveMinimum": 0},
         "pip_packages": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "ray_auth_mode": {"enum": ["token", "disabled"]},
         # Keys Ray itself reads from the provider section.
         "use_internal_ips": {"type": "boolean"},
         "disable_node_updaters": {"type": "boolean"},
@@ -119,6 +120,16 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
         if not isinstance(node_type, dict):
             raise ClusterConfigError(f"{where}: must be a mapping")
         _first_error(node_type.get("node_config", {}), NODE_CONFIG_SCHEMA, f"{where}.node_config")
+        for key in node_type.get("node_config", {}).get("environment") or {}:
+            if key.startswith("RAY_AUTH_"):
+                # A token there would sit in CML's record of the application, for anyone
+                # who can list the project's applications; a mode there would split the
+                # cluster (a node that cannot join).
+                raise ClusterConfigError(
+                    f"{where}.node_config.environment.{key}: "
+                    "ray-cml sets Ray's authentication on every node itself "
+                    "(provider.ray_auth_mode)"
+                )
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if isinstance(low, int) and isinstance(high, int) and low > high:
             raise ClusterConfigError(f"{where}.min_workers: {low} is more than max_workers {high}")

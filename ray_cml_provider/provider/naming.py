@@ -5,7 +5,8 @@ them back, so every application this project creates can be found again by its c
 
 - application name: ``ray-<cluster>-<head|worker>-<node id>`` (node id: 8 hex digits);
 - Ray's tags: JSON in the application's ``description``, after ``TAGS_PREFIX``;
-- the cluster's folder in the project: ``.ray-cml/<cluster>`` (launcher, home, mailboxes);
+- the cluster's folder in the project: ``.ray-cml/<cluster>`` (launcher, home, mailboxes),
+  and in it Ray's token, ``auth/token`` (see ``provider/ray_auth.py``);
 - the GPU ledger: one empty file per deleted GPU node, ``ledger/<id>_<gpus>_<start>_<end>``
   in the cluster's folder, so GPU-hours since the cluster started survive scale-down with
   one list call to read them all.
@@ -33,6 +34,11 @@ LEDGER_ENTRY = re.compile(r"(?P<id>[0-9a-f]+)_(?P<gpus>\d+)_(?P<start>\d+)_(?P<e
 def cluster_dir(cluster_name: str) -> str:
     """The cluster's folder in the project filesystem, relative to the project root."""
     return f"{CLUSTERS_DIR}/{cluster_name}"
+
+
+def auth_token_path(cluster_name: str) -> str:
+    """The cluster's Ray token, relative to the project root (``provider/ray_auth.py``)."""
+    return f"{cluster_dir(cluster_name)}/auth/token"
 
 
 def application_name(cluster_name: str, kind: str, node_id: str) -> str:

@@ -61,6 +61,7 @@ from ray_cml_provider.provider.naming import (
     parse_application,
 )
 from ray_cml_provider.provider.packages import node_type_packages
+from ray_cml_provider.provider.ray_auth import TOKEN, application_env, cluster_mode, ensure_token
 from ray_cml_provider.provider.shipping import launcher_files, provider_zip
 from ray_cml_provider.provider.workspace_check import check_workspace
 
@@ -124,6 +125,7 @@ class CMLNodeProvider(NodeProvider):
             provider_config.get("head_lost_timeout_s", DEFAULT_HEAD_LOST_TIMEOUT_S)
         )
         self.poll_interval_s = float(provider_config.get("poll_interval_s", 2.0))
+        self.ray_auth_mode = cluster_mode(provider_config)  # see provider/ray_auth.py
         self.dir = cluster_dir(cluster_name)
         self._lock = threading.RLock()
         self._nodes: dict[str, Node] = {}  # every application of this cluster, last listing
@@ -283,6 +285,13 @@ class CMLNodeProvider(NodeProvider):
         """
         self._upload_launcher()
         kind = tags.get(TAG_RAY_NODE_KIND, NODE_KIND_WORKER)
+        # The token exists before the head: its first `ray start` already asks for it.
+        if (
+            kind == NODE_KIND_HEAD
+            and self.ray_auth_mode == TOKEN
+            and ensure_token(self.client, self.cluster_name)
+        ):
+            logger.info("created the Ray token of cluster %s", self.cluster_name)
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
         request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
         in_flight = self._launches.in_flight(request_id, node_type)
@@ -420,6 +429,7 @@ class CMLNodeProvider(NodeProvider):
                 # What the launcher installs (once per project) before Ray can start.
                 "RAY_CML_PIP_PACKAGES": json.dumps(internal.get("pip_packages", [])),
                 "RAY_CML_RUNTIME": node_config["runtime_identifier"],
+                **application_env(self.cluster_name, self.ray_auth_mode),
             }
         )
         if kind == NODE_KIND_HEAD:
