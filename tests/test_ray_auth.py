@@ -4,8 +4,8 @@ The outsider is this test's own process with no token: it knows the head's addre
 ``ray-cml status`` prints) and reaches every port, as any engine of the workspace does on
 CML. It tries Ray's three ways in: ``ray.init`` to the GCS, a job posted to the dashboard's
 job API, and a Ray Client connection. Then a CML session of the project (the same process,
-following the one line ``ray up`` printed) does each, and a second ``ray up`` keeps the
-token it had.
+following the one line ``ray up`` printed) does each. (A new head of a cluster keeping its
+token is a provider contract test.)
 """
 
 from __future__ import annotations
@@ -78,10 +78,19 @@ def test_outsiders_are_refused_at_every_ray_port_and_the_project_gets_in(start_e
     assert report["ray_view"] == "direct" and report["ray_auth"] == "token"
     dashboard = report["dashboard_url"]
 
-    # The outsider: no token anywhere in its environment.
+    # The outsider: no token anywhere in its environment. (Ray Client retries a refused
+    # connection for 30 s by default; shorter tries keep the test short, and the session
+    # below connects with the defaults.)
     outsider = client_env(None)
     gcs_try = start_python(DRIVER.format(address=report["gcs_address"]), outsider)
-    client_try = start_python(DRIVER.format(address=report["client_address"]), outsider)
+    client_try = start_python(
+        DRIVER.format(address=report["client_address"]),
+        {
+            **outsider,
+            "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "2",
+            "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "5",
+        },
+    )
     marker = tmp_path / "ran-on-the-head"
     job = {"entrypoint": f"touch {marker}"}
     assert requests.post(f"{dashboard}/api/jobs/", json=job, timeout=10).status_code == 401
@@ -93,11 +102,6 @@ def test_outsiders_are_refused_at_every_ray_port_and_the_project_gets_in(start_e
     code, output = finish(client_try)
     assert code != 0 and "RAN" not in output, output[-2000:]
     assert not marker.exists()
-
-    # `ray up` again (Ray restarted on the head) keeps the cluster's token.
-    again = cluster.up()
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert cluster.ray_token() == token
 
     # A CML session of the project, after the line ray up printed: each way in works.
     session = {

@@ -124,6 +124,10 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
         "  # node and cluster; Ray is pinned to the version running `ray up`, and `ray up`",
         "  # ships ray-cml-provider itself. A runtime that already has that Ray skips it.",
         '  pip_packages: ["ray[default,serve]"]',
+        "  # Every Ray port asks for the cluster's token (`ray up` makes it; the line it prints",
+        "  # lets a CML session of the project in). 'disabled': any engine of the workspace",
+        "  # could run code on the cluster, with your CML key.",
+        "  ray_auth_mode: token",
     ]
     out += [
         "",
