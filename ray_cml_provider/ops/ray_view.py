@@ -16,7 +16,6 @@ holds the token in its environment (``read_ray_view_from_here``), never in the c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +61,17 @@ def read_ray_view_from_here(
     gcs_address: str, token: str | None, timeout_s: float = 30.0
 ) -> dict[str, Any]:
     """``read_ray_view`` in a child process with the cluster's token (or none)."""
-    env = client_env(token)
-    package_parent = str(Path(__file__).resolve().parents[2])  # works from a checkout too
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    # The package as this process has it, appended (never ahead of the standard library),
+    # in case the caller put it on sys.path by hand.
+    package_parent = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys; sys.path.append({package_parent!r}); "
+        "from ray_cml_provider.ops.ray_view import main; sys.exit(main())"
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "ray_cml_provider.ops.ray_view", gcs_address],
-            env=env,
+            [sys.executable, "-c", code, gcs_address],
+            env=client_env(token),
             capture_output=True,
             text=True,
             timeout=timeout_s,
