@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.ops.workspace import OperatorError, client_for, key_env_of
+from ray_cml_provider.ops.workspace import OperatorError, client_for, report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, cluster_dir, parse_application
-from ray_cml_provider.provider.workspace_check import explain
 
 
 @dataclass
@@ -107,12 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         with client_for(provider) as client:
             orphans = find_orphans(client, args.cluster)
             problems = delete_orphans(client, orphans) if args.yes and orphans else []
-    except (ClusterConfigError, OperatorError) as exc:
-        print(f"ray-cml: {exc}", file=sys.stderr)
-        return 1
-    except CMLError as exc:
-        print(f"ray-cml: {explain(exc, key_env_of(provider))}", file=sys.stderr)
-        return 1
+    except (ClusterConfigError, OperatorError, CMLError) as exc:
+        return report_failure(exc, provider)
     if args.json:
         print(json.dumps({**_report(orphans), "deleted": bool(args.yes), "problems": problems}))
     elif not orphans:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,9 +24,9 @@ from ray_cml_provider.ops.workspace import (
     OperatorError,
     application_url,
     client_for,
-    key_env_of,
     node_infos,
     reachable,
+    report_failure,
 )
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import (
@@ -43,7 +42,6 @@ from ray_cml_provider.provider.ray_auth import (
     read_token,
     session_line,
 )
-from ray_cml_provider.provider.workspace_check import explain
 
 RAY_VIEW_MODES = ("auto", "direct", "head", "none")
 DEFAULT_JOIN_GRACE_S = 900.0  # a running application not in Ray yet is "joining" this long
@@ -386,18 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cml-only", action="store_const", dest="ray_view", const="none", help="= --ray-view none"
     )
     args = parser.parse_args(argv)
+    config: dict[str, Any] = {"provider": {}}
     try:
         config = load_cluster_config(args.config)
         with client_for(config["provider"]) as client:
             report = collect_status(config, client, args.ray_view)
-    except ClusterConfigError as exc:
-        print(f"ray-cml: {exc}", file=sys.stderr)
-        return 1
-    except OperatorError as exc:
-        print(f"ray-cml: {exc}", file=sys.stderr)
-        return 1
-    except CMLError as exc:
-        print(f"ray-cml: {explain(exc, key_env_of(config['provider']))}", file=sys.stderr)
-        return 1
+    except (ClusterConfigError, OperatorError, CMLError) as exc:
+        return report_failure(exc, config["provider"])
     print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
     return 0

@@ -15,10 +15,9 @@ import argparse
 import sys
 
 from ray_cml_provider.cml import CMLError
-from ray_cml_provider.ops.workspace import OperatorError, client_for, key_env_of
+from ray_cml_provider.ops.workspace import OperatorError, client_for, report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.ray_auth import read_token
-from ray_cml_provider.provider.workspace_check import explain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="the cluster YAML")
     args = parser.parse_args(argv)
+    config: dict = {"provider": {}}
     try:
         config = load_cluster_config(args.config)
         with client_for(config["provider"]) as client:
             token = read_token(client, config["cluster_name"])
-    except (ClusterConfigError, OperatorError) as exc:
-        print(f"ray-cml: {exc}", file=sys.stderr)
-        return 1
-    except CMLError as exc:
-        print(f"ray-cml: {explain(exc, key_env_of(config['provider']))}", file=sys.stderr)
-        return 1
+    except (ClusterConfigError, OperatorError, CMLError) as exc:
+        return report_failure(exc, config["provider"])
     if token is None:
         print(
             f"ray-cml: cluster {config['cluster_name']!r} has no Ray token: it is down, or "

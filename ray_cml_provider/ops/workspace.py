@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +25,7 @@ from ray_cml_provider.cml import (
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
 from ray_cml_provider.provider.naming import cluster_dir
+from ray_cml_provider.provider.workspace_check import explain
 
 # An operator command answers in seconds or says why; the provider keeps its patient policy.
 INTERACTIVE_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=0.5, backoff_cap_s=2.0)
@@ -35,6 +37,14 @@ class OperatorError(Exception):
 
 def key_env_of(provider_config: dict[str, Any]) -> str:
     return provider_config.get("api_key_env", DEFAULT_API_KEY_ENV)
+
+
+def report_failure(exc: Exception, provider_config: dict[str, Any]) -> int:
+    """An operator command that cannot go on: one ``ray-cml:`` line on stderr (a CML error
+    explained with what to do), and exit status 1. Never a traceback."""
+    message = explain(exc, key_env_of(provider_config)) if isinstance(exc, CMLError) else exc
+    print(f"ray-cml: {message}", file=sys.stderr)
+    return 1
 
 
 def client_for(provider_config: dict[str, Any]) -> CMLClient:
