@@ -28,6 +28,7 @@ from ray_cml_provider.cml import ApplicationStatus, CMLClient, RetryPolicy
 from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.provider.naming import application_prefix
 
 DEMAND = Path(__file__).with_name("set_gpu_demand.py")
 REQUESTED_TIMEOUT_ENV = "RAY_AUTOSCALER_RECONCILE_REQUEST_STATUS_TIMEOUT_S"
@@ -40,10 +41,11 @@ class Sampler(threading.Thread):
 
     def __init__(self, emulator: RunningEmulator, cluster_name: str):
         super().__init__(daemon=True)
+        self.cluster = cluster_name
         self.client = CMLClient(
             **emulator.client_settings(), retry=RetryPolicy(max_attempts=10, backoff_base_s=0.05)
         )
-        self.prefix = f"ray-{cluster_name}-"
+        self.prefix = application_prefix(cluster_name)
         self.ids_by_name: dict[str, set[str]] = defaultdict(set)
         self.max_workers = 0
         self.stop = threading.Event()
@@ -54,7 +56,9 @@ class Sampler(threading.Thread):
                 apps = self.client.list_applications({"name": self.prefix})
             except Exception:  # noqa: BLE001 - a failed sample is just skipped
                 continue
-            workers = [a for a in apps if "-worker-" in a.name]
+            workers = [
+                a for a in apps if a.name.startswith(application_prefix(self.cluster, "worker"))
+            ]
             for app in apps:
                 self.ids_by_name[app.name].add(app.id)
             self.max_workers = max(self.max_workers, len(workers))

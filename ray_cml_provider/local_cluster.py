@@ -21,6 +21,7 @@ import yaml
 from ray_cml_provider.cml import Application, CMLClient
 from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.emulator.processes import signal_group
+from ray_cml_provider.provider.naming import application_prefix, parse_application
 from ray_cml_provider.provider.ray_auth import read_token
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
@@ -135,7 +136,7 @@ class LocalCluster:
     def wait_for_serve_app(self, name: str = "default", timeout_s: float = 300) -> None:
         """Wait until Serve reports application ``name`` RUNNING, as a user watches
         ``serve status``: its routes answer only from then on (before, the proxy says 404)."""
-        head = next(a for a in self.applications() if "-head-" in a.name)
+        [head] = self.nodes("head")
         engine = next(p for p in self.emulator.processes() if p["id"] == head.id)
         url = f"http://{engine['ip_address']}:{engine['app_port']}/api/serve/applications/"
 
@@ -166,17 +167,30 @@ class LocalCluster:
 
     def head_ip(self) -> str:
         """The head engine's address (the emulator knows it; CML's API does not)."""
-        head = next(a for a in self.applications() if "-head-" in a.name)
+        [head] = self.nodes("head")
         return next(p for p in self.emulator.processes() if p["id"] == head.id)["ip_address"]
 
     def applications(self) -> list[Application]:
-        prefix = f"ray-{self.cluster_name}-"
+        """Every application of this cluster, whatever its status (exactly this cluster:
+        ``ray-c-`` would also match cluster ``c-2``'s names)."""
+        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
         return [
-            a for a in self.client.list_applications({"name": prefix}) if a.name.startswith(prefix)
+            a
+            for a in apps
+            if (parsed := parse_application(a.name, a.description))
+            and parsed[0].cluster == self.cluster_name
+        ]
+
+    def nodes(self, kind: str) -> list[Application]:
+        """The cluster's applications of one kind: ``head`` or ``worker``."""
+        return [
+            a
+            for a in self.applications()
+            if parse_application(a.name, a.description)[0].kind == kind
         ]
 
     def workers(self) -> list[Application]:
-        return [a for a in self.applications() if "-worker-" in a.name]
+        return self.nodes("worker")
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
         started = time.monotonic()

@@ -24,7 +24,8 @@ Standard library only: it starts before anything is installed (it is the applica
 
 Every command runs with ``HOME`` set to the cluster's own folder (so ``~/ray_bootstrap_config
 .yaml`` of two clusters in one project never collide), its own ``RAY_TMPDIR``, and a ``ray``
-shim first on PATH whose ``ray stop`` stops only this node's Ray processes. CML's own
+shim first on PATH whose ``ray stop`` stops only this node's Ray processes and whose ``ray
+start`` keeps the node's files in its ``RAY_TMPDIR`` (``--temp-dir``, unless given). CML's own
 convention is kept: ``PYTHONUSERBASE`` stays the project's ``~/.local``, so what the
 project's sessions ``pip install``-ed stays visible (the node environment, first on
 ``PYTHONPATH``, wins where both have a package). The provider code ``ray up`` shipped
@@ -173,7 +174,15 @@ class NodeLauncher:
             'if [ "$1" = "stop" ]; then\n'
             f'  exec "{sys.executable}" "{Path(__file__).resolve()}" stop-ray\n'
             "fi\n"
-            f'PATH="${{PATH#{shim_dir}:}}" exec ray "$@"\n'
+            f'PATH="${{PATH#{shim_dir}:}}"\n'
+            "# ray-cml: 'ray start' keeps the node's files in its own RAY_TMPDIR. Ray would put a\n"
+            "# worker's in the head's path, where nodes sharing a host (the emulator) race for\n"
+            "# the same socket names.\n"
+            'if [ "$1" = "start" ] && [[ " $* " != *" --temp-dir"* ]]; then\n'
+            "  shift\n"
+            '  exec ray start --temp-dir="$RAY_TMPDIR/ray" "$@"\n'
+            "fi\n"
+            'exec ray "$@"\n'
         )
         shim.chmod(0o755)
         info = {

@@ -1,15 +1,29 @@
-"""The node launcher's Ray authentication settings, in-process (no application, no Ray)."""
+"""The node launcher in-process (no application, no Ray): the places it writes, which the
+provider reads by ``provider/naming.py`` (the launcher is standard library only and cannot
+import it), and its Ray authentication settings."""
 
 from __future__ import annotations
 
+import re
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from ray_cml_provider import node_launcher
 from ray_cml_provider.node_launcher import NodeLauncher, NoToken
+from ray_cml_provider.provider.naming import (
+    APPLICATION_ENV,
+    COMMAND_ENV,
+    auth_token_path,
+    cluster_dir,
+    node_dir,
+    node_failure_path,
+    node_info_path,
+)
 
-TOKEN_FILE = ".ray-cml/c1/auth/token"
+TOKEN_FILE = auth_token_path("c1")
 
 
 def launcher(project, monkeypatch, **env) -> NodeLauncher:
@@ -18,7 +32,7 @@ def launcher(project, monkeypatch, **env) -> NodeLauncher:
         "RAY_CML_CLUSTER": "c1",
         "RAY_CML_NODE_ID": "0123abcd",
         "RAY_CML_NODE_KIND": "worker",
-        "RAY_CML_DIR": ".ray-cml/c1",
+        "RAY_CML_DIR": cluster_dir("c1"),
         "CDSW_IP_ADDRESS": "127.0.0.1",
         "PATH": "/usr/bin",
     }
@@ -58,3 +72,48 @@ def test_a_token_that_never_shows_fails_the_node_with_one_sentence(tmp_path, mon
     node = launcher(tmp_path, monkeypatch, RAY_CML_AUTH_TOKEN_FILE=TOKEN_FILE)
     with pytest.raises(NoToken, match=r"the cluster's Ray token .* is not in the project after"):
         node.secure_token()
+
+
+def test_the_launcher_writes_where_the_provider_reads(tmp_path, monkeypatch):
+    node = launcher(tmp_path, monkeypatch)  # no CML API here: it writes to the mount
+    assert node.node_rel == node_dir("c1", "0123abcd")
+    node.prepare()
+    assert (tmp_path / node_info_path("c1", "0123abcd")).is_file()
+
+    monkeypatch.setattr(node_launcher, "TOKEN_WAIT_S", 0.2)
+    failing = launcher(
+        tmp_path, monkeypatch, RAY_CML_NODE_ID="4567cdef", RAY_CML_AUTH_TOKEN_FILE=TOKEN_FILE
+    )
+    assert failing.run() == 1
+    failure = (tmp_path / node_failure_path("c1", "4567cdef")).read_text()
+    assert "the cluster's Ray token" in failure
+
+
+def test_the_launcher_reads_and_sets_exactly_the_named_variables():
+    source = Path(node_launcher.__file__).read_text()
+    used = set(re.findall(r"RAY_CML_[A-Z_]+", source))
+    assert used == set(APPLICATION_ENV) | set(COMMAND_ENV)
+
+
+def test_the_ray_shim_keeps_each_nodes_files_in_its_own_folder(tmp_path, monkeypatch):
+    """A worker's `ray start` would use the head's temporary path; nodes sharing a host (the
+    emulator) then race for the same socket names. The shim gives it the node's own."""
+    node = launcher(tmp_path, monkeypatch)
+    node.prepare()
+    fake_bin = tmp_path / "fake-bin"
+    fake_bin.mkdir()
+    (fake_bin / "ray").write_text('#!/bin/bash\necho "ray $*"\n')
+    (fake_bin / "ray").chmod(0o755)
+    shim = node.node_dir / "bin" / "ray"
+    env = {"PATH": f"{shim.parent}:{fake_bin}:/usr/bin:/bin", "RAY_TMPDIR": "/tmp/rcml-x"}
+
+    def shim_says(*args: str) -> str:
+        return subprocess.run(
+            [str(shim), *args], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    assert shim_says("start", "--address=h:6379") == (
+        "ray start --temp-dir=/tmp/rcml-x/ray --address=h:6379"
+    )
+    assert shim_says("start", "--head", "--temp-dir=/mine") == "ray start --head --temp-dir=/mine"
+    assert shim_says("status", "--address", "h") == "ray status --address h"

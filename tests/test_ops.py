@@ -344,7 +344,7 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
     [gone_head] = launch(orphaned, tags=HEAD_TAGS, config=HEAD_CONFIG)
     orphan_workers = launch(orphaned, count=2, config={**GPU_CONFIG})
     client = CMLClient(**emulator.client_settings())
-    client.stop_application(orphaned._node(gone_head).app.id)  # e.g. stopped in CML's UI
+    client.stop_application(orphaned.application(gone_head).id)  # e.g. stopped in CML's UI
     foreign = client.create_application(
         {
             "name": "ray-my-head-lab-notes",

@@ -26,6 +26,7 @@ from ray.autoscaler.tags import (
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient
 from ray_cml_provider.provider.launches import REQUEST_TIMEOUT_ENV
+from ray_cml_provider.provider.naming import APPLICATION_ENV
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 from tests.conftest import wait_until
 
@@ -86,7 +87,7 @@ def launch(provider, count=1, tags=WORKER_TAGS, config=GPU_CONFIG, resources=Non
 def test_head_node_lifecycle_and_tags_live_on_the_cml_side(provider, make_provider, emulator):
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     assert len(head) == 8 and provider.is_running(head)
-    app = provider._node(head).app
+    app = provider.application(head)
     assert app.name == f"ray-c1-head-{head}" and app.nvidia_gpu == 0
     engine = next(p for p in emulator.processes() if p["id"] == app.id)
     assert provider.internal_ip(head) == engine["ip_address"]
@@ -108,7 +109,7 @@ def test_workers_get_their_identity_and_exact_resources(provider, emulator):
     assert len(workers) == 3
     client = CMLClient(**emulator.client_settings())
     for node_id in workers:
-        app = client.get_application(provider._node(node_id).app.id)
+        app = client.get_application(provider.application(node_id).id)
         env = app.environment
         assert env["RAY_CLOUD_INSTANCE_ID"] == node_id
         assert env["RAY_NODE_TYPE_NAME"] == "gpu_worker"
@@ -120,7 +121,7 @@ def test_workers_get_their_identity_and_exact_resources(provider, emulator):
     assert sorted(provider.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: "gpu_worker"})) == workers
     # Each worker answers CML's status poll on its application's port (its URL shows it).
     engines = {p["id"]: p for p in emulator.processes()}
-    engine = engines[provider._node(workers[0]).app.id]
+    engine = engines[provider.application(workers[0]).id]
     page = requests.get(f"http://{engine['ip_address']}:{engine['app_port']}/", timeout=5)
     assert page.status_code == 200
     assert page.text == f"ray-cml worker node {workers[0]} of cluster c1: running Ray\n"
@@ -138,9 +139,11 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     token = token_file.read_text()
     client = CMLClient(**emulator.client_settings())
     for node_id in (head, worker):
-        app = client.get_application(provider._node(node_id).app.id)
+        app = client.get_application(provider.application(node_id).id)
         assert app.environment["RAY_CML_AUTH_TOKEN_FILE"] == ".ray-cml/c1/auth/token"
         assert token not in json.dumps(app.raw)
+        # Only variables the launcher knows (naming.APPLICATION_ENV is the list of them).
+        assert {k for k in app.environment if k.startswith("RAY_CML_")} <= set(APPLICATION_ENV)
     info = json.loads(client.download_file(f".ray-cml/c1/nodes/{head}/node.json"))
     assert info["ray_auth"] == "token" and info["auth_token_path"] == str(token_file)
     # A new head of the same cluster (`ray up` after its head died) keeps the token.
@@ -195,7 +198,7 @@ def test_two_clusters_in_one_project_never_see_each_other(make_provider):
 def test_a_failed_node_is_dropped_and_deleted(provider, emulator):
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     [worker] = launch(provider)
-    emulator.crash(provider._node(worker).app.id)
+    emulator.crash(provider.application(worker).id)
     wait_until(lambda: worker not in provider.non_terminated_nodes({}), what="worker dropped")
     wait_until(lambda: worker not in provider.nodes_for_teardown({}), what="FAILED app deleted")
 
@@ -285,7 +288,7 @@ def test_command_runner_runs_commands_and_copies_files(
     # `ray stop` through the runner ends only this node's Ray, never the launcher.
     assert "Stopped Ray on this node" in runner.run("ray stop", with_output=True)
     assert runner.run("echo still here", with_output=True).strip() == "still here"
-    assert provider._node(head).app.status == ApplicationStatus.RUNNING
+    assert provider.application(head).status == ApplicationStatus.RUNNING
 
 
 def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):
@@ -351,7 +354,7 @@ def test_a_node_restarted_by_cml_removes_itself_instead_of_rejoining(start_emula
     provider = provider_on(emulator, monkeypatch, "zombie")
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     [worker] = launch(provider)
-    app_id = provider._node(worker).app.id
+    app_id = provider.application(worker).id
     emulator.crash(app_id)  # FAILED; CML restarts it before the provider looks again
     client = CMLClient(**emulator.client_settings())
     wait_until(

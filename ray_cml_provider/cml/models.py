@@ -28,11 +28,6 @@ class ApplicationStatus:
     # Starting or running: the application exists as a workload (and may hold resources).
     LIVE = (STARTING, RUNNING)
 
-    @staticmethod
-    def filter_value(status: str) -> str:
-        """``APPLICATION_RUNNING`` -> ``running``, the form ``search_filter`` expects."""
-        return status.removeprefix("APPLICATION_").lower()
-
 
 def _float(value: Any, default: float = 0.0) -> float:
     try:

@@ -40,7 +40,7 @@ from ray_cml_provider.ops.workspace import (
     key_env_of,
 )
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
-from ray_cml_provider.provider.naming import CLUSTERS_DIR, parse_application
+from ray_cml_provider.provider.naming import CLUSTERS_DIR, application_prefix, parse_application
 from ray_cml_provider.provider.packages import local_ray_version, node_type_packages
 from ray_cml_provider.provider.ray_auth import DISABLED_WARNING, TOKEN, configured_mode
 from ray_cml_provider.provider.workspace_check import explain
@@ -247,7 +247,7 @@ class Doctor:
     def existing_head(self) -> None:
         cluster = self.config["cluster_name"]
         try:
-            apps = self.client.list_applications({"name": f"ray-{cluster}-head-"})
+            apps = self.client.list_applications({"name": application_prefix(cluster, "head")})
         except CMLError as exc:
             self.add("cluster", PROBLEM, explain(exc))
             return

@@ -20,7 +20,12 @@ from typing import Any
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.ops.workspace import OperatorError, client_for, report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
-from ray_cml_provider.provider.naming import CLUSTERS_DIR, cluster_dir, parse_application
+from ray_cml_provider.provider.naming import (
+    CLUSTERS_DIR,
+    application_prefix,
+    cluster_dir,
+    parse_application,
+)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class ClusterApps:
 def find_orphans(client: CMLClient, cluster: str | None = None) -> list[ClusterApps]:
     """Clusters (with all their applications) that have no STARTING or RUNNING head."""
     clusters: dict[str, ClusterApps] = {}
-    search = {"name": f"ray-{cluster}-" if cluster else "ray-"}
+    search = {"name": application_prefix(cluster or "")}
     for app in client.list_applications(search):
         parsed = parse_application(app.name, app.description)
         if parsed is None or (cluster and parsed[0].cluster != cluster):
@@ -59,7 +64,7 @@ def delete_orphans(client: CMLClient, orphans: list[ClusterApps]) -> list[str]:
                 client.delete_application(app.id, missing_ok=True)
             except CMLError as exc:
                 problems.append(f"{app.name}: {exc}")
-        if not any(p.startswith(f"ray-{group.cluster}-") for p in problems):
+        if not any(p.startswith(application_prefix(group.cluster)) for p in problems):
             try:
                 client.delete_file(cluster_dir(group.cluster), missing_ok=True)
             except CMLError as exc:

@@ -31,6 +31,7 @@ from ray_cml_provider.ops.workspace import (
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import (
     TAG_USER_NODE_TYPE,
+    application_prefix,
     cluster_dir,
     parse_application,
     parse_ledger_entry,
@@ -114,10 +115,11 @@ def collect_status(
     cluster = config["cluster_name"]
     now = time.time()
     report = ClusterStatus(cluster, client.settings.host, client.settings.project_id or "")
-    apps = client.list_applications({"name": f"ray-{cluster}-"})
+    prefix = application_prefix(cluster)
+    apps = client.list_applications({"name": prefix})
     ours: list[tuple[Application, str, str, str]] = []  # app, node id, kind, node type
     for app in apps:
-        if not app.name.startswith(f"ray-{cluster}-"):
+        if not app.name.startswith(prefix):
             continue
         parsed = parse_application(app.name, app.description)
         if parsed is None:

@@ -24,7 +24,7 @@ from ray_cml_provider.cml import (
     RetryPolicy,
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
-from ray_cml_provider.provider.naming import cluster_dir
+from ray_cml_provider.provider.naming import node_info_path
 from ray_cml_provider.provider.workspace_check import explain
 
 # An operator command answers in seconds or says why; the provider keeps its patient policy.
@@ -78,7 +78,7 @@ def node_infos(client: CMLClient, cluster: str, node_ids: list[str]) -> dict[str
 
     def fetch(node_id: str) -> tuple[str, dict | None]:
         try:
-            data = client.download_file(f"{cluster_dir(cluster)}/nodes/{node_id}/node.json")
+            data = client.download_file(node_info_path(cluster, node_id))
             return node_id, json.loads(data)
         except (CMLError, ValueError):
             return node_id, None

@@ -30,6 +30,7 @@ from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
+from ray_cml_provider.provider.naming import node_dir, node_info_path
 from ray_cml_provider.provider.packages import local_ray_version
 from ray_cml_provider.provider.ray_auth import (
     DISABLED,
@@ -58,7 +59,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         self.client = provider.client
         self.node_id = node_id
         self.log_prefix = log_prefix
-        self.node_dir = f"{provider.dir}/nodes/{node_id}"
+        self.node_dir = node_dir(provider.cluster_name, node_id)
+        self.node_info = node_info_path(provider.cluster_name, node_id)
 
     # ------------------------------------------------------------------ commands
 
@@ -156,7 +158,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         next_note = started + 5
         while True:
             try:
-                self.client.list_files(f"{self.node_dir}/node.json")
+                self.client.list_files(self.node_info)
                 return
             except CMLError:
                 if time.monotonic() > deadline:
@@ -257,8 +259,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         from ray_cml_provider.ops.workspace import application_url
 
         try:
-            info = json.loads(self.client.download_file(f"{self.node_dir}/node.json"))
-            app = self.provider._node(self.node_id).app
+            info = json.loads(self.client.download_file(self.node_info))
+            app = self.provider.application(self.node_id)
         except (CMLError, KeyError, ValueError):
             return "the head's Ray started; `ray-cml status CONFIG` shows the cluster"
         url = application_url(self.client.settings.host, app, info)

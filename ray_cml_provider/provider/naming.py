@@ -6,7 +6,9 @@ them back, so every application this project creates can be found again by its c
 - application name: ``ray-<cluster>-<head|worker>-<node id>`` (node id: 8 hex digits);
 - Ray's tags: JSON in the application's ``description``, after ``TAGS_PREFIX``;
 - the cluster's folder in the project: ``.ray-cml/<cluster>`` (launcher, home, mailboxes),
-  and in it Ray's token, ``auth/token`` (see ``provider/ray_auth.py``);
+  and in it Ray's token, ``auth/token`` (see ``provider/ray_auth.py``), and each node's
+  folder, ``nodes/<id>``, where its launcher publishes ``node.json`` (address, ports) and,
+  when it gives up, ``failure.txt``;
 - the GPU ledger: one empty file per deleted GPU node, ``ledger/<id>_<gpus>_<start>_<end>``
   in the cluster's folder, so GPU-hours since the cluster started survive scale-down with
   one list call to read them all.
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 
 # Ray's tag keys (ray.autoscaler.tags), spelled out so readers of the names need no Ray.
 TAG_CLUSTER_NAME = "ray-cluster-name"
-TAG_NODE_KIND = "ray-node-type"
 TAG_USER_NODE_TYPE = "ray-user-node-type"
 
 TAGS_PREFIX = "ray-cml node "
@@ -28,6 +29,35 @@ CLUSTERS_DIR = ".ray-cml"
 NODE_NAME = re.compile(
     r"ray-(?P<cluster>[a-z0-9]+(?:-[a-z0-9]+)*)-(?P<kind>head|worker)-(?P<id>[0-9a-f]{8})"
 )
+# A node's variables. The provider sets APPLICATION_ENV on the node's application (a
+# node_config may set RAY_CML_GCS_PORT_PREFERRED); the node's launcher reads them and gives
+# every command it runs COMMAND_ENV too. The launcher is standard library only and spells
+# the names out: tests/test_node_launcher.py keeps it, the provider and these lists in step.
+APPLICATION_ENV = (
+    "RAY_CML_CLUSTER",  # the cluster's name
+    "RAY_CML_NODE_ID",  # this node's id (also RAY_CLOUD_INSTANCE_ID)
+    "RAY_CML_NODE_KIND",  # head | worker
+    "RAY_CML_APP_NAME",  # its application's name (a worker deletes itself by it)
+    "RAY_CML_DIR",  # the cluster's folder, relative to the project
+    "RAY_CML_HEAD_LOST_TIMEOUT_S",  # a worker leaves once its head is gone this long
+    "RAY_CML_PIP_PACKAGES",  # JSON list: the node environment's packages
+    "RAY_CML_RUNTIME",  # the runtime's image (part of the environment's key)
+    "RAY_CML_AUTH_TOKEN_FILE",  # the cluster's Ray token file (provider/ray_auth.py)
+    "RAY_CML_PROVIDER_ZIP",  # head: the shipped provider code (provider/shipping.py)
+    "RAY_CML_SETUP_COMMANDS",  # worker: JSON list, run before Ray starts
+    "RAY_CML_START_COMMANDS",  # worker: JSON list, worker_start_ray_commands
+    "RAY_CML_GCS_PORT_PREFERRED",  # head: the GCS port when free (default 6379)
+)
+COMMAND_ENV = (
+    "RAY_CML_GCS_PORT",
+    "RAY_CML_CLIENT_PORT",
+    "RAY_CML_AGENT_PORT",
+    "RAY_CML_PROJECT_DIR",
+    "RAY_CML_PYTHON",  # the runtime's interpreter, the one `ray` runs with
+    "RAY_CML_LAUNCHER_PGID",  # what the `ray stop` shim stops
+    "RAY_CML_LAUNCHER_PID",
+)
+
 LEDGER_ENTRY = re.compile(r"(?P<id>[0-9a-f]+)_(?P<gpus>\d+)_(?P<start>\d+)_(?P<end>\d+)")
 
 
@@ -41,8 +71,32 @@ def auth_token_path(cluster_name: str) -> str:
     return f"{cluster_dir(cluster_name)}/auth/token"
 
 
+def node_dir(cluster_name: str, node_id: str) -> str:
+    """A node's folder in the cluster's: its mailbox, ``node.json`` and ``failure.txt``."""
+    return f"{cluster_dir(cluster_name)}/nodes/{node_id}"
+
+
+def node_info_path(cluster_name: str, node_id: str) -> str:
+    """Where the node's launcher publishes its address and ports (``node.json``)."""
+    return f"{node_dir(cluster_name, node_id)}/node.json"
+
+
+def node_failure_path(cluster_name: str, node_id: str) -> str:
+    """Where a launcher that gave up says why (pip's last lines, a missing token...)."""
+    return f"{node_dir(cluster_name, node_id)}/failure.txt"
+
+
+def application_prefix(cluster_name: str = "", kind: str = "") -> str:
+    """What the names of the cluster's applications (of ``kind``) start with: the name
+    filter of a list call. CML's filter matches substrings, so a match is re-checked with
+    ``parse_application``. Without a cluster: every application of this project's."""
+    if not cluster_name:
+        return "ray-"
+    return f"ray-{cluster_name}-" + (f"{kind}-" if kind else "")
+
+
 def application_name(cluster_name: str, kind: str, node_id: str) -> str:
-    return f"ray-{cluster_name}-{kind}-{node_id}"
+    return f"{application_prefix(cluster_name, kind)}{node_id}"
 
 
 def encode_tags(tags: dict[str, str]) -> str:

@@ -54,10 +54,14 @@ from ray_cml_provider.provider.config import (
 from ray_cml_provider.provider.launches import Launch, LaunchTracker
 from ray_cml_provider.provider.naming import (
     application_name,
+    application_prefix,
     cluster_dir,
     decode_tags,
     encode_tags,
     ledger_entry,
+    node_dir,
+    node_failure_path,
+    node_info_path,
     parse_application,
 )
 from ray_cml_provider.provider.packages import node_type_packages
@@ -139,7 +143,7 @@ class CMLNodeProvider(NodeProvider):
 
     def _refresh(self) -> dict[str, Node]:
         """One application list call: the cluster's applications, whatever their status."""
-        apps = self.client.list_applications({"name": f"ray-{self.cluster_name}-"})
+        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
         nodes = {}
         for app in apps:
             parsed = parse_application(app.name, app.description)
@@ -159,6 +163,10 @@ class CMLNodeProvider(NodeProvider):
         if node is None:
             raise KeyError(f"no application for node {node_id} in cluster {self.cluster_name}")
         return node
+
+    def application(self, node_id: str) -> Application:
+        """The CML application of a node of this cluster (``KeyError`` if there is none)."""
+        return self._node(node_id).app
 
     @staticmethod
     def _matches(node: Node, tag_filters: dict[str, str]) -> bool:
@@ -244,7 +252,7 @@ class CMLNodeProvider(NodeProvider):
             if node_id in self._ips:
                 return self._ips[node_id]
         deadline = time.monotonic() + self.launch_timeout_s
-        path = f"{self.dir}/nodes/{node_id}/node.json"
+        path = node_info_path(self.cluster_name, node_id)
         while True:
             try:
                 info = json.loads(self.client.download_file(path))
@@ -399,7 +407,7 @@ class CMLNodeProvider(NodeProvider):
     def _failure_of(self, node_id: str) -> str:
         """Why the node's launcher gave up, as it published it (pip's last lines...)."""
         try:
-            text = self.client.download_file(f"{self.dir}/nodes/{node_id}/failure.txt")
+            text = self.client.download_file(node_failure_path(self.cluster_name, node_id))
         except CMLError:
             return ""
         return ": " + text.decode("utf-8", "replace").strip()
@@ -474,7 +482,7 @@ class CMLNodeProvider(NodeProvider):
         heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
         if not heads:
             raise NodeLaunchException("NoHead", "the cluster has no running head", None)
-        info = json.loads(self.client.download_file(f"{self.dir}/nodes/{heads[0]}/node.json"))
+        info = json.loads(self.client.download_file(node_info_path(self.cluster_name, heads[0])))
         return info["ip"], int(info["gcs_port"])
 
     def _upload_launcher(self) -> None:
@@ -532,7 +540,7 @@ class CMLNodeProvider(NodeProvider):
         logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
         self.client.delete_application(node.app.id, missing_ok=True)
         self._record_gpu_time(node)
-        self.client.delete_file(f"{self.dir}/nodes/{node.node_id}", missing_ok=True)
+        self.client.delete_file(node_dir(self.cluster_name, node.node_id), missing_ok=True)
         with self._lock:
             self._nodes.pop(node.node_id, None)
             self._ips.pop(node.node_id, None)
