@@ -58,6 +58,24 @@ def join_s(cluster: LocalCluster) -> float:
     return times["t_join"] - times["t_demand"]
 
 
+def timed_up(cluster: LocalCluster) -> float:
+    """``ray up``'s wall time; a failed ``ray up`` ends the bench with its output."""
+    started = time.monotonic()
+    up = cluster.up()
+    if up.returncode != 0:
+        raise SystemExit(f"ray up failed:\n{up.stdout[-3000:]}")
+    return time.monotonic() - started
+
+
+def joins_from_zero(cluster: LocalCluster, count: int, idle_timeout_s: float) -> list[float]:
+    """``count`` worker joins (``join_s``), each after the cluster scaled back to zero."""
+    joins = []
+    for _ in range(count):
+        joins.append(join_s(cluster))
+        cluster.wait_for(lambda: not cluster.workers(), idle_timeout_s + 90, "scale to zero")
+    return joins
+
+
 def scenario(
     python: str, joins: int, per_node_pip: bool = False, project_dir: Path | None = None
 ) -> dict[str, float]:
@@ -83,16 +101,9 @@ def scenario(
         )
         result: dict[str, float] = {}
         try:
-            started = time.monotonic()
-            up = cluster.up()
-            if up.returncode != 0:
-                raise SystemExit(f"ray up failed:\n{up.stdout[-3000:]}")
-            result["ray_up_s"] = time.monotonic() - started
-            for n in range(joins):
-                result[f"join{n + 1}_s"] = join_s(cluster)
-                cluster.wait_for(
-                    lambda: not cluster.workers(), IDLE_TIMEOUT_S + 90, "scale to zero"
-                )
+            result["ray_up_s"] = timed_up(cluster)
+            for n, joined_s in enumerate(joins_from_zero(cluster, joins, IDLE_TIMEOUT_S)):
+                result[f"join{n + 1}_s"] = joined_s
         finally:
             cluster.down()
         return result

@@ -24,7 +24,7 @@ from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.local_cluster import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bare_runtime_bench import join_s  # noqa: E402  (bench/ is not a package)
+from bare_runtime_bench import joins_from_zero, timed_up  # noqa: E402  (bench/ is not a package)
 
 IDLE_TIMEOUT_S = 15
 MODES = ("token", "disabled")
@@ -38,11 +38,7 @@ def one_cluster(emulator: RunningEmulator, work: Path, name: str, mode: str, joi
     cluster = LocalCluster(emulator, work, cluster_name=name, config_overrides=settings)
     result: dict = {"joins": []}
     try:
-        started = time.monotonic()
-        up = cluster.up()
-        if up.returncode != 0:
-            raise SystemExit(f"ray up failed:\n{up.stdout[-3000:]}")
-        result["up_s"] = time.monotonic() - started
+        result["up_s"] = timed_up(cluster)
         if (cluster.ray_token() is not None) != (mode == "token"):
             raise SystemExit(f"cluster {name} should run with ray_auth_mode {mode}")
         started = time.monotonic()
@@ -50,9 +46,7 @@ def one_cluster(emulator: RunningEmulator, work: Path, name: str, mode: str, joi
         if status.returncode != 0 or "Ray's view from the head's GCS" not in status.stdout:
             raise SystemExit(f"ray-cml status did not read Ray's view:\n{status.stdout}")
         result["status_s"] = time.monotonic() - started
-        for _ in range(joins):
-            result["joins"].append(join_s(cluster))
-            cluster.wait_for(lambda: not cluster.workers(), IDLE_TIMEOUT_S + 90, "scale to zero")
+        result["joins"] = joins_from_zero(cluster, joins, IDLE_TIMEOUT_S)
     finally:
         cluster.down()
     return result
