@@ -21,7 +21,11 @@ import yaml
 from ray_cml_provider.cml import Application, CMLClient
 from ray_cml_provider.emulator.launcher import RunningEmulator
 from ray_cml_provider.emulator.processes import signal_group
-from ray_cml_provider.provider.naming import application_prefix, parse_application
+from ray_cml_provider.provider.naming import (
+    NodeName,
+    application_prefix,
+    parse_application,
+)
 from ray_cml_provider.provider.ray_auth import read_token
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
@@ -173,21 +177,16 @@ class LocalCluster:
     def applications(self) -> list[Application]:
         """Every application of this cluster, whatever its status (exactly this cluster:
         ``ray-c-`` would also match cluster ``c-2``'s names)."""
-        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
-        return [
-            a
-            for a in apps
-            if (parsed := parse_application(a.name, a.description))
-            and parsed[0].cluster == self.cluster_name
-        ]
+        return [app for app, _ in self._nodes()]
 
     def nodes(self, kind: str) -> list[Application]:
         """The cluster's applications of one kind: ``head`` or ``worker``."""
-        return [
-            a
-            for a in self.applications()
-            if parse_application(a.name, a.description)[0].kind == kind
-        ]
+        return [app for app, node in self._nodes() if node.kind == kind]
+
+    def _nodes(self) -> list[tuple[Application, NodeName]]:
+        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
+        parsed = [(app, parse_application(app.name, app.description)) for app in apps]
+        return [(app, p[0]) for app, p in parsed if p and p[0].cluster == self.cluster_name]
 
     def workers(self) -> list[Application]:
         return self.nodes("worker")

@@ -284,12 +284,13 @@ class CMLCommandRunner(CommandRunnerInterface):
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
         ]
         running = info.get("ray_auth", DISABLED)
+        configured = configured_mode(self.provider.provider_config)
         if running == DISABLED:
             lines.append(f"WARNING: {DISABLED_WARNING}")
-        if running != configured_mode(self.provider.provider_config):
+        if running != configured:
             lines.append(
                 f"note: the running head has Ray authentication {running!r}; "
-                f"provider.ray_auth_mode {configured_mode(self.provider.provider_config)!r} "
+                f"provider.ray_auth_mode {configured!r} "
                 "applies from the next `ray down` and `ray up`"
             )
         return "\n".join(lines)
