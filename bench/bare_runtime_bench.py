@@ -33,9 +33,11 @@ from pathlib import Path
 
 import yaml
 
-from ray_cml_provider.emulator.launcher import RunningEmulator, plain_python
-from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator, plain_python
 from ray_cml_provider.provider.packages import local_ray_version
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 SHIPPED = REPO_CONFIGS / "cml-cluster.yaml"
 PROBE = Path(__file__).with_name("gpu_join_probe.py")

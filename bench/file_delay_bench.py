@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 
 PROBE = Path(__file__).with_name("gpu_join_probe.py")
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 
 SET_GPU_DEMAND = Path(__file__).resolve().parent / "set_gpu_demand.py"
 

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_runtime_bench import joins_from_zero, timed_up  # noqa: E402  (bench/ is not a package)

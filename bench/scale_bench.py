@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 
 PROBE = Path(__file__).with_name("gpu_join_probe.py")

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from ray_cml_provider.demo import GPU_TASK
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 
 CREATE = "POST /api/v2/projects/{project_id}/applications"
 

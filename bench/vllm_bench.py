@@ -29,9 +29,11 @@ from pathlib import Path
 
 import requests
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.llm.serve_configs import load, with_model_source
-from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"

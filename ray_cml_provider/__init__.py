@@ -4,7 +4,9 @@
 provider; it is imported lazily so that the CML client and the emulator work without Ray.
 """
 
-__version__ = "0.1.0"
+from ray_cml_provider.version import __version__
+
+__all__ = ["Cluster", "CMLNodeProvider", "__version__"]
 
 
 def __getattr__(name: str):

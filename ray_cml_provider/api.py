@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
+from ray_cml_provider.cluster.status import ClusterStatus, collect_status
+from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
-from ray_cml_provider.ops.status import ClusterStatus, collect_status
-from ray_cml_provider.ops.workspace import OperatorError, client_for
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     load_cluster_config,

@@ -33,7 +33,7 @@ SUBCOMMANDS = {
         "run the local CML API v2 emulator",
     ),
     "demo": (
-        "ray_cml_provider.demo",
+        "ray_cml_provider.demo.cli",
         "the offline demo: ray up, a GPU worker added and removed, ray down",
     ),
     "validate": (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_cml_provider.cml import CMLClient, RetryPolicy
-from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.emulator.harness import RunningEmulator
 
 # A test engine: dumps its environment and cwd, then behaves as MODE says.
 ENGINE_SCRIPT = r"""

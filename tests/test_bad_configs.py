@@ -113,7 +113,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def quiet_emulator(tmp_path_factory):
-    from ray_cml_provider.emulator.launcher import RunningEmulator
+    from ray_cml_provider.emulator.harness import RunningEmulator
 
     with RunningEmulator(
         project_dir=tmp_path_factory.mktemp("p"), log_dir=tmp_path_factory.mktemp("l")

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_cml_provider.emulator.launcher import plain_python
-from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import plain_python
 
-SHIPPED = REPO_CONFIGS / "cml-cluster.yaml"
+SHIPPED = Path(__file__).resolve().parent.parent / "cluster-configs" / "cml-cluster.yaml"
 IDLE_TIMEOUT_S = 15
 TWO_GPU_TASKS = """
 import ray, time

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ray_cml_provider.emulator.launcher import READY_PREFIX
+from ray_cml_provider.emulator.harness import READY_PREFIX
 
 
 def ray_cml() -> str:

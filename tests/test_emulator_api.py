@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -256,3 +257,23 @@ def test_lost_answers_never_duplicate_an_application(start_emulator, runtime):
         emulator.set_faults(drop_rate=0.0)
         assert client.list_applications() == []
     assert emulator.stats()["answers_dropped"] > 0
+
+
+def test_32_concurrent_clients_create_1000_applications_without_a_reset(start_emulator, runtime):
+    """Each create on a new connection, 32 at a time: the burst the provider's threads and
+    several ``ray up`` make. A connection reset (the listen backlog overflowing) fails it;
+    nothing retries here."""
+    emulator = start_emulator("--schedule-delay-s", "3600")  # STARTING with no process
+    url = f"{emulator.url}{PROJECT.format(project_id=emulator.project_id)}/applications"
+    headers = {"Authorization": f"Bearer {emulator.api_key}", "Connection": "close"}
+
+    def create(n: int) -> int:
+        body = {"name": f"burst-{n}", "subdomain": f"burst-{n}", "script": "engine.py"}
+        answer = requests.post(url, json={**body, "runtime_identifier": runtime}, headers=headers)
+        return answer.status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(create, range(1000)))
+    assert statuses == [200] * 1000
+    listed = raw_get(emulator, url.removeprefix(emulator.url), page_size=1000).json()
+    assert len(listed["applications"]) == 1000

@@ -13,7 +13,7 @@ from ray_cml_provider.cml import (
     CMLClient,
     CMLNotFoundError,
 )
-from ray_cml_provider.emulator.launcher import plain_python
+from ray_cml_provider.emulator.harness import plain_python
 from ray_cml_provider.emulator.processes import live_group_members
 from tests.conftest import FAST_RETRY, engine_app, engine_dump, wait_until
 

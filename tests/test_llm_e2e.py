@@ -12,9 +12,9 @@ import pytest
 import requests
 
 from ray_cml_provider.cml import ApplicationStatus
+from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.llm.preflight import replica_bundles
 from ray_cml_provider.llm.serve_configs import load, with_model_source
-from ray_cml_provider.local_cluster import LocalCluster
 from ray_cml_provider.provider.node_provider import decode_tags
 
 CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"

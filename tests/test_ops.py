@@ -16,9 +16,8 @@ from ray.autoscaler._private.util import validate_config
 
 from ray_cml_provider import cli
 from ray_cml_provider.cml import Application, CMLClient
-from ray_cml_provider.local_cluster import REPO_CONFIGS
 from ray_cml_provider.ops.doctor import setup_command_problems
-from ray_cml_provider.ops.workspace import application_url
+from ray_cml_provider.provider.addresses import application_url
 from ray_cml_provider.provider.config import validate_cluster_config
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 from tests.test_provider_contract import (
@@ -29,6 +28,8 @@ from tests.test_provider_contract import (
     launch,
     provider_on,
 )
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
 EMULATOR_ARGS = ["--start-delay-s", "2"]

@@ -4,6 +4,7 @@ exec, status and down, in one script-like run."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,8 +12,9 @@ import yaml
 from ray_cml_provider import Cluster
 from ray_cml_provider.api import ClusterError
 from ray_cml_provider.emulator.processes import live_group_members
-from ray_cml_provider.local_cluster import REPO_CONFIGS
 from ray_cml_provider.provider.ray_auth import session_line
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 
 def gpu_workers_in_ray(cluster: Cluster) -> list[str]:

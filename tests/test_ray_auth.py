@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.processes import signal_group
-from ray_cml_provider.local_cluster import LocalCluster
 from ray_cml_provider.provider.ray_auth import client_env
 
 # A driver that connects and runs one thing on the cluster.

@@ -14,8 +14,8 @@ import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
 from ray_cml_provider.demo import GPU_TASK
+from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.processes import live_group_members
-from ray_cml_provider.local_cluster import LocalCluster
 
 SET_GPU_DEMAND = Path(__file__).resolve().parent.parent / "bench" / "set_gpu_demand.py"
 RUNNING = ApplicationStatus.RUNNING

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
 
 GPU_TASK = Path(__file__).resolve().parent.parent / "ray_cml_provider" / "demo_gpu_task.py"
 

@@ -22,7 +22,7 @@ import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
 from ray_cml_provider.demo import GPU_TASK
-from ray_cml_provider.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
 from tests.conftest import wait_until
 
 IDLE_TIMEOUT_S = 15  # idle_timeout_minutes: 0.25 in local-emulator.yaml

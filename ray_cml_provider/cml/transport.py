@@ -21,7 +21,6 @@ from typing import Any
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from ray_cml_provider import __version__
 from ray_cml_provider.cml.errors import (
     CMLConnectionError,
     CMLOutcomeUnknownError,
@@ -29,6 +28,7 @@ from ray_cml_provider.cml.errors import (
     error_class_for_status,
 )
 from ray_cml_provider.cml.settings import CMLSettings
+from ray_cml_provider.version import __version__
 
 logger = logging.getLogger("ray_cml_provider.cml")
 

@@ -16,14 +16,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ray_cml_provider.emulator.http_api import EmulatorAPI, Faults, make_http_server
 from ray_cml_provider.emulator.project_files import ProjectFiles
+from ray_cml_provider.emulator.server import EmulatorAPI, make_http_server
 from ray_cml_provider.emulator.state import (
     DEFAULT_START_DELAY_S,
     EmulatorConfig,
     Quota,
     WorkspaceState,
 )
+from ray_cml_provider.emulator.traffic import Faults
 
 API_KEY_ENV = "CML_EMULATOR_API_KEY"
 

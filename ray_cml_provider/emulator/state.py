@@ -1,7 +1,8 @@
 """The emulator's model of a CML workspace: one project, its applications, their quota.
 
-This module knows nothing about HTTP (see ``http_api``); it takes validated-or-rejected
-requests as Python values and answers with CML-shaped dicts. A reconciler thread moves
+This module knows nothing about HTTP (``server``, ``cml_api``) and trusts its input: requests
+are checked by ``validation`` before they reach it, and lists are filtered and paged by
+``listing``. It answers with CML-shaped dicts. A reconciler thread moves
 applications through CML's states by watching their real processes:
 
     STARTING (waits here, with no process, for ``schedule_delay_s`` and while over quota:
@@ -50,38 +51,6 @@ FAILED = "APPLICATION_FAILED"
 # application is RUNNING (its `ray start` takes about 5 s on 2 cores): the window every test
 # and the demo must cross.
 DEFAULT_START_DELAY_S = 8.0
-
-SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-FILTER_KEYS = {
-    "name",
-    "description",
-    "script",
-    "subdomain",
-    "status",
-    "kernel",
-    "bypass_authentication",
-    "creator.username",
-    "creator.name",
-    "creator.email",
-}
-SORT_KEYS = {"name", "created_at", "updated_at", "status", "subdomain"}
-UPDATABLE = {
-    "name",
-    "subdomain",
-    "description",
-    "script",
-    "cpu",
-    "memory",
-    "nvidia_gpu",
-    "environment",
-    "kernel",
-    "runtime_identifier",
-    "runtime_addon_identifiers",
-    "bypass_authentication",
-    "accelerator_label_id",
-    "resource_profile_id",
-    "resource_group_id",
-}
 
 DEFAULT_RUNTIMES = [
     {
@@ -292,8 +261,13 @@ class WorkspaceState:
 
     # ------------------------------------------------------------------ applications
 
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        fields = self._validated(body, creating=True)
+    @property
+    def runtime_ids(self) -> set[str]:
+        return {r["image_identifier"] for r in self.runtimes}
+
+    def create(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A new application from validated fields (``validation.application_fields``)."""
+        fields = dict(fields)
         with self._lock:
             self._check_subdomain_free(fields["subdomain"], except_id=None)
             self._seq += 1
@@ -318,31 +292,13 @@ class WorkspaceState:
         with self._lock:
             return self._app(app_id).to_api()
 
-    def list(
-        self, search_filter: dict[str, Any], sort: str, page_size: int, page_token: str
-    ) -> dict[str, Any]:
-        for key in search_filter:
-            if key not in FILTER_KEYS:
-                raise invalid(f"search_filter: unknown key {key!r}")
+    def applications(self) -> list[dict[str, Any]]:
+        """Every application, CML-shaped, in creation order."""
         with self._lock:
-            apps = [a.to_api() for a in sorted(self._apps.values(), key=lambda a: a.seq)]
-        apps = [a for a in apps if _matches(a, search_filter)]
-        for sort_key in reversed([k.strip() for k in sort.split(",") if k.strip()]):
-            descending = sort_key.startswith("-")
-            name = sort_key.lstrip("+-")
-            if name not in SORT_KEYS:
-                raise invalid(f"sort: unknown field {name!r}")
-            apps.sort(key=lambda a, n=name: str(a.get(n, "")), reverse=descending)
-        offset = _decode_page_token(page_token)
-        page = apps[offset : offset + page_size]
-        more = offset + page_size < len(apps)
-        return {
-            "applications": page,
-            "next_page_token": _encode_page_token(offset + page_size) if more else "",
-        }
+            return [a.to_api() for a in sorted(self._apps.values(), key=lambda a: a.seq)]
 
-    def update(self, app_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        changes = self._validated(body, creating=False)
+    def update(self, app_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Validated changes (``validation.application_fields``) to one application."""
         with self._lock:
             app = self._app(app_id)
             if "subdomain" in changes:
@@ -545,97 +501,3 @@ class WorkspaceState:
         for other in self._apps.values():
             if other.fields["subdomain"] == subdomain and other.id != except_id:
                 raise ApiError(409, f"subdomain {subdomain!r} is already in use")
-
-    def _validated(self, body: dict[str, Any], creating: bool) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise invalid("request body must be a JSON object")
-        unknown = set(body) - UPDATABLE - ({"id"} if not creating else set())
-        if unknown:
-            raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}")
-        fields: dict[str, Any] = {}
-        if creating:
-            fields = {
-                "name": "",
-                "subdomain": "",
-                "description": "",
-                "script": "",
-                "cpu": 1.0,
-                "memory": 2.0,
-                "nvidia_gpu": 0,
-                "environment": {},
-                "kernel": "",
-                "runtime_identifier": "",
-                "runtime_addon_identifiers": [],
-                "bypass_authentication": False,
-            }
-        fields.update({k: v for k, v in body.items() if k != "id"})
-        required = ("name", "subdomain", "script", "runtime_identifier") if creating else ()
-        for key in required:
-            if not isinstance(fields.get(key), str) or not fields[key].strip():
-                raise invalid(f"{key} is required")
-        if "subdomain" in fields:
-            sub = fields["subdomain"]
-            if not isinstance(sub, str) or len(sub) > 63 or not SUBDOMAIN_PATTERN.match(sub):
-                raise invalid(
-                    f"subdomain {sub!r} is invalid: use lower-case letters, digits and "
-                    "single hyphens, at most 63 characters"
-                )
-        for key in ("cpu", "memory"):
-            if key in fields:
-                value = fields[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise invalid(f"{key} must be a positive number, got {value!r}")
-        if "nvidia_gpu" in fields:
-            gpus = fields["nvidia_gpu"]
-            if isinstance(gpus, str) and gpus.isdigit():
-                gpus = fields["nvidia_gpu"] = int(gpus)
-            if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-                raise invalid(f"nvidia_gpu must be a non-negative integer, got {gpus!r}")
-        if "environment" in fields:
-            env = fields["environment"]
-            if not isinstance(env, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-            ):
-                raise invalid("environment must be a map of strings to strings")
-        if "script" in fields and fields["script"].startswith("/"):
-            raise invalid("script must be a path relative to the project root")
-        if fields.get("runtime_identifier"):
-            known = {r["image_identifier"] for r in self.runtimes}
-            if fields["runtime_identifier"] not in known:
-                raise invalid(
-                    f"runtime_identifier {fields['runtime_identifier']!r} is not an enabled "
-                    "runtime of this workspace (see GET /api/v2/runtimes)"
-                )
-        return fields
-
-
-def _matches(app: dict[str, Any], search_filter: dict[str, Any]) -> bool:
-    """CML's search_filter: case-insensitive SUBSTRING match; status takes lower case."""
-    for key, wanted in search_filter.items():
-        if key.startswith("creator."):
-            actual = app.get("creator", {}).get(key.split(".", 1)[1], "")
-        elif key == "status":
-            actual = str(app["status"]).removeprefix("APPLICATION_").lower()
-            if str(wanted) not in actual:
-                return False
-            continue
-        else:
-            actual = app.get(key, "")
-        if isinstance(wanted, bool) or isinstance(actual, bool):
-            if str(wanted).lower() != str(actual).lower():
-                return False
-        elif str(wanted).lower() not in str(actual).lower():
-            return False
-    return True
-
-
-def _encode_page_token(offset: int) -> str:
-    return f"o{offset}"
-
-
-def _decode_page_token(token: str) -> int:
-    if not token:
-        return 0
-    if not (token.startswith("o") and token[1:].isdigit()):
-        raise invalid(f"invalid page_token {token!r}")
-    return int(token[1:])

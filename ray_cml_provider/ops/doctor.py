@@ -32,13 +32,9 @@ from typing import Any
 
 import requests
 
+from ray_cml_provider.cluster.workspace import OperatorError, client_for, key_env_of
 from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError, CMLNotFoundError
 from ray_cml_provider.node_env import ENVS_DIR
-from ray_cml_provider.ops.workspace import (
-    OperatorError,
-    client_for,
-    key_env_of,
-)
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import CLUSTERS_DIR, application_prefix, parse_application
 from ray_cml_provider.provider.packages import local_ray_version, node_type_packages

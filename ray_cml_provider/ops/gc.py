@@ -17,8 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.ops.workspace import OperatorError, client_for, report_failure
+from ray_cml_provider.ops import report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.naming import (
     CLUSTERS_DIR,

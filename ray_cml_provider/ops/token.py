@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
-from ray_cml_provider.ops.workspace import OperatorError, client_for, report_failure
+from ray_cml_provider.ops import report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 from ray_cml_provider.provider.ray_auth import read_token
 

@@ -30,6 +30,7 @@ from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
+from ray_cml_provider.provider.addresses import application_url
 from ray_cml_provider.provider.naming import node_dir, node_info_path
 from ray_cml_provider.provider.packages import local_ray_version
 from ray_cml_provider.provider.ray_auth import (
@@ -256,8 +257,6 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def _how_to_connect(self) -> str:
         """After the head's ``ray start``: where the dashboard is and how to connect."""
-        from ray_cml_provider.ops.workspace import application_url
-
         try:
             info = json.loads(self.client.download_file(self.node_info))
             app = self.provider.application(self.node_id)

@@ -16,9 +16,9 @@ from pathlib import Path
 import requests
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.emulator.harness import RunningEmulator
 
-APP_SCRIPT = Path(__file__).with_name("demo_app.py")
+APP_SCRIPT = Path(__file__).with_name("web_app.py")
 
 
 def _step(message: str) -> float:

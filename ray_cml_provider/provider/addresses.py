@@ -1,9 +1,9 @@
-"""What the operator commands share: a client from a cluster YAML and where a node can be
-reached (CML errors are explained by ``provider.workspace_check.explain``).
+"""Where a node can be reached: its published address and the URL of its application.
 
 CML's API has no IP address or URL field for an application; each node's launcher
 publishes its address and ports in ``<cluster dir>/nodes/<id>/node.json``, and the URL of
-an application is ``https://<subdomain>.<workspace domain>`` on CML.
+an application is ``https://<subdomain>.<workspace domain>`` on CML. On the emulator (a
+loopback or IP host) an application is reached by its engine's IP instead.
 """
 
 from __future__ import annotations
@@ -11,54 +11,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 from urllib.parse import urlparse
 
-from ray_cml_provider.cml import (
-    Application,
-    CMLClient,
-    CMLConfigurationError,
-    CMLError,
-    RetryPolicy,
-)
-from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
+from ray_cml_provider.cml import Application, CMLClient, CMLError
 from ray_cml_provider.provider.naming import node_info_path
-from ray_cml_provider.provider.workspace_check import explain
-
-# An operator command answers in seconds or says why; the provider keeps its patient policy.
-INTERACTIVE_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=0.5, backoff_cap_s=2.0)
-
-
-class OperatorError(Exception):
-    """A problem the command reports as one line (no traceback) and exits non-zero."""
-
-
-def key_env_of(provider_config: dict[str, Any]) -> str:
-    return provider_config.get("api_key_env", DEFAULT_API_KEY_ENV)
-
-
-def report_failure(exc: Exception, provider_config: dict[str, Any]) -> int:
-    """An operator command that cannot go on: one ``ray-cml:`` line on stderr (a CML error
-    explained with what to do), and exit status 1. Never a traceback."""
-    message = explain(exc, key_env_of(provider_config)) if isinstance(exc, CMLError) else exc
-    print(f"ray-cml: {message}", file=sys.stderr)
-    return 1
-
-
-def client_for(provider_config: dict[str, Any]) -> CMLClient:
-    """A client for the workspace a cluster YAML's provider section names."""
-    try:
-        return CMLClient(
-            host=provider_config.get("host"),
-            project_id=provider_config.get("project_id"),
-            api_key_env=key_env_of(provider_config),
-            retry=INTERACTIVE_RETRY,
-            timeout_s=15.0,
-        )
-    except CMLConfigurationError as exc:
-        raise OperatorError(str(exc)) from None
 
 
 def is_local_host(host: str) -> bool:

@@ -11,41 +11,15 @@ gives it back.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from ray_cml_provider.emulator.launcher import RunningEmulator
-from ray_cml_provider.llm import DEFAULT_MODEL_DIR
-from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.demo.steps import Steps, show_applications
+from ray_cml_provider.emulator.harness import RunningEmulator
 
-GPU_TASK = Path(__file__).with_name("demo_gpu_task.py")
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class Steps:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def step(self, message: str) -> None:
-        print(f"\n==> [{time.monotonic() - self.started:6.1f} s] {message}", flush=True)
-
-    def say(self, message: str) -> None:
-        print(f"    {ANSI_ESCAPE.sub('', message)}", flush=True)
-
-
-def show_applications(steps: Steps, cluster: LocalCluster) -> None:
-    apps = cluster.applications()
-    if not apps:
-        steps.say("CML applications of the cluster: none")
-    for app in apps:
-        steps.say(
-            f"CML application {app.name}: {app.status}, {app.cpu:g} vCPU, "
-            f"{app.memory:g} GB, {app.nvidia_gpu} GPU"
-        )
+GPU_TASK = Path(__file__).with_name("gpu_task.py")
 
 
 def show_status(steps: Steps, cluster: LocalCluster) -> None:
@@ -109,46 +83,3 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
         survivors = emu.stop()
         steps.say("no process left behind" if not survivors else f"killed leftovers {survivors}")
     return 0 if not survivors else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ray-cml demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=REPO_CONFIGS / "local-emulator.yaml",
-        help="cluster YAML for the emulator",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own output too")
-    parser.add_argument(
-        "--lifecycle",
-        action="store_true",
-        help="only the emulator: one application created, run, stopped, deleted",
-    )
-    parser.add_argument(
-        "--llm",
-        action="store_true",
-        help="the vLLM CPU twin served from zero and scaled back (needs make model)",
-    )
-    parser.add_argument(
-        "--vllm-python", type=Path, default=REPO_CONFIGS.parent / ".venv-vllm" / "bin" / "python"
-    )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
-    args = parser.parse_args(argv)
-    if args.lifecycle:
-        from ray_cml_provider.demo_lifecycle import main as lifecycle_main
-
-        return lifecycle_main()
-    try:
-        if args.llm:
-            from ray_cml_provider.demo_llm import run_llm_demo
-
-            return run_llm_demo(args.vllm_python, args.model)
-        return run_ray_demo(args.config, args.verbose)
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1

@@ -6,7 +6,7 @@ reachable from other engines of the workspace (and on the emulator, from this ma
 not from a laptop; there ``ray-cml status`` runs this module on the head through the
 command mailbox instead::
 
-    python -m ray_cml_provider.ops.ray_view HEAD_IP:GCS_PORT   # prints the view as JSON
+    python -m ray_cml_provider.cluster.ray_view HEAD_IP:GCS_PORT   # prints the view as JSON
 
 The GCS asks for the cluster's Ray token (``provider/ray_auth.py``). Ray reads a token once
 per process, from its environment, so this machine reads the view in a child process that
@@ -66,7 +66,7 @@ def read_ray_view_from_here(
     package_parent = str(Path(__file__).resolve().parents[2])
     code = (
         f"import sys; sys.path.append({package_parent!r}); "
-        "from ray_cml_provider.ops.ray_view import main; sys.exit(main())"
+        "from ray_cml_provider.cluster.ray_view import main; sys.exit(main())"
     )
     try:
         done = subprocess.run(
@@ -88,7 +88,9 @@ def read_ray_view_from_here(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m ray_cml_provider.ops.ray_view HEAD_IP:GCS_PORT", file=sys.stderr)
+        print(
+            "usage: python -m ray_cml_provider.cluster.ray_view HEAD_IP:GCS_PORT", file=sys.stderr
+        )
         return 2
     print(json.dumps(read_ray_view(argv[0])))
     return 0

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import requests
 
-from ray_cml_provider.demo import Steps, show_applications
-from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.demo.local_cluster import DEMO_CONFIGS, LocalCluster
+from ray_cml_provider.demo.steps import Steps, show_applications
+from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.llm.serve_configs import load, with_model_source
-from ray_cml_provider.local_cluster import REPO_CONFIGS, LocalCluster
 
 
 def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
@@ -42,7 +42,7 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
         head_ip = cluster.head_ip()
 
         steps.step("serve deploy vllm_app_cpu.yaml (min_replicas 0: no worker yet)")
-        config = with_model_source(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), model_dir)
+        config = with_model_source(load(DEMO_CONFIGS / "vllm_app_cpu.yaml"), model_dir)
         deploy = cluster.serve_deploy(config, "vllm_app_cpu.yaml")
         if deploy.returncode != 0:
             print(deploy.stdout[-4000:], file=sys.stderr)

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from ray_cml_provider.cml import Application, CMLClient
-from ray_cml_provider.emulator.launcher import RunningEmulator
+from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.emulator.processes import signal_group
 from ray_cml_provider.provider.naming import (
     NodeName,
@@ -28,7 +28,8 @@ from ray_cml_provider.provider.naming import (
 )
 from ray_cml_provider.provider.ray_auth import read_token
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
+# The cluster YAMLs the demos use ship in the package (cluster-configs/ links to them).
+DEMO_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class LocalCluster:
@@ -38,7 +39,7 @@ class LocalCluster:
         self,
         emulator: RunningEmulator,
         workdir: Path,
-        config_path: Path = REPO_CONFIGS / "local-emulator.yaml",
+        config_path: Path = DEMO_CONFIGS / "local-emulator.yaml",
         cluster_name: str | None = None,
         config_overrides: Callable[[dict], None] | None = None,
         echo: Callable[[str], None] | None = None,
