@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - the main job: the offline demo on the bundled CML emulator
 #   make test   - lint and the whole test suite (what CI runs), real vLLM included
+# and one for the inner loop:
+#   make test-fast - the fast tier (no Ray, no engines): under a minute
 # Both create .venv and install the project into it first; make test also builds
 # .venv-vllm (vLLM on the CPU) and prepares the small model the vLLM tests serve.
 
@@ -11,7 +13,10 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 MODEL_DIR ?= $(HOME)/.cache/ray-cml/smollm2-135m-instruct
 
-.PHONY: install demo demo-llm test lint clean vllm-env model
+# Test workers side by side (pytest-xdist): the end-to-end tests mostly wait on starts.
+TEST_WORKERS ?= 4
+
+.PHONY: install demo demo-llm test test-fast lint clean vllm-env model
 
 install: $(VENV)/.installed
 
@@ -46,9 +51,13 @@ vllm-env: $(VLLM_VENV)/.installed
 model: vllm-env
 	$(VLLM_VENV)/bin/ray-cml prepare-model --out $(MODEL_DIR)
 
+# Every tier: fast, engines, e2e (real Ray), llm (real vLLM), soak. Longest first.
 test: lint model
 	RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR) \
-		$(BIN)/pytest
+		$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
+
+test-fast: install
+	$(BIN)/pytest -m "not (engines or e2e or llm or soak)"
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -25,16 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_cml_provider.demo import GPU_TASK
 from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.demo.ray_demo import GPU_TASK
 from ray_cml_provider.emulator.harness import RunningEmulator
 
 CREATE = "POST /api/v2/projects/{project_id}/applications"
-
-
-def section(text: str, start: str, end: str) -> list[str]:
-    body = text.split(start, 1)[-1].split(end, 1)[0]
-    return [line for line in body.splitlines() if line.strip() and not line.strip().startswith("(")]
 
 
 def one_run(delay_s: float, autoscaler: str, mode: str) -> dict[str, float | str]:
@@ -63,24 +58,16 @@ def one_run(delay_s: float, autoscaler: str, mode: str) -> dict[str, float | str
             # `ray status` is published once per autoscaler loop: give it a few to settle.
             deadline = time.monotonic() + 30
             while True:
-                status = cluster.exec("ray status").stdout
-                if not section(status, "Pending:", "Recent failures:"):
-                    break
-                if time.monotonic() > deadline:
+                status = cluster.ray_status()
+                if not status.pending or time.monotonic() > deadline:
                     break
             return {
                 "scale_up_s": done - started,
                 "given_back_s": given_back,
                 "creates": emulator.stats()["requests"].get(CREATE, 0),
-                "pending": len(section(status, "Pending:", "Recent failures:")),
-                "launch_failures": sum(
-                    "LaunchFailed" in line
-                    for line in section(status, "Recent failures:", "Resources")
-                ),
-                "ended": sum(
-                    "NodeTerminated" in line
-                    for line in section(status, "Recent failures:", "Resources")
-                ),
+                "pending": len(status.pending),
+                "launch_failures": sum("LaunchFailed" in x for x in status.recent_failures),
+                "ended": sum("NodeTerminated" in x for x in status.recent_failures),
             }
         except TimeoutError as exc:
             return {"error": str(exc)}

@@ -131,11 +131,7 @@ def soak(
         monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.* 2>/dev/null")
         results["autoscaler_exceptions"] = monitor.stdout.count("Traceback")
         # After the last scale-down Ray must wait for nothing (no phantom pending instance).
-        status = cluster.exec("ray status").stdout
-        pending = status.split("Pending:", 1)[-1].split("Recent failures:", 1)[0]
-        results["ray_status_pending"] = sum(
-            1 for line in pending.splitlines() if line.strip() and "(no pending" not in line
-        )
+        results["ray_status_pending"] = len(cluster.ray_status().pending)
         groups = [p["pgid"] for p in emulator.processes() if p.get("pgid")]
         down = cluster.down()
         sampler.stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,14 @@ if mode == "spawn_child":
         f.write(str(child.pid))
 time.sleep(600)
 """
+
+
+def ip_block_args() -> list[str]:
+    """Under pytest-xdist each worker's emulators take their own loopback block (127.N.x.y),
+    so clusters of tests running side by side never share an address or a Ray port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return ["--ip-block", str(int(worker.removeprefix("gw")) + 1)] if worker else []
+
 
 FAST_RETRY = RetryPolicy(max_attempts=8, backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -72,7 +81,7 @@ def start_emulator(request, tmp_path: Path) -> Callable[..., RunningEmulator]:
             project_dir=project_dir,
             log_dir=tmp_path / f"logs{n}",
             api_key=api_key,
-            extra_args=["--stop-grace-s", "1", *module_args, *extra_args],
+            extra_args=["--stop-grace-s", "1", *ip_block_args(), *module_args, *extra_args],
         )
         started.append(emulator)
         return emulator
@@ -123,3 +132,17 @@ def make_app(client: CMLClient, runtime: str):
         return client.create_application(engine_app(name, runtime, mode, **fields))
 
     return make
+
+
+TIER_ORDER = ("llm", "soak", "e2e", "engines")  # the longest tests first
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest tiers first, so that parallel workers (make test runs pytest-xdist) do not
+    finish the short tests together and then wait on one long test."""
+
+    def tier(item) -> int:
+        marks = {mark.name for mark in item.iter_markers()}
+        return next((i for i, name in enumerate(TIER_ORDER) if name in marks), len(TIER_ORDER))
+
+    items.sort(key=tier)

@@ -114,9 +114,12 @@ CASES = [
 @pytest.fixture(scope="module")
 def quiet_emulator(tmp_path_factory):
     from ray_cml_provider.emulator.harness import RunningEmulator
+    from tests.conftest import ip_block_args
 
     with RunningEmulator(
-        project_dir=tmp_path_factory.mktemp("p"), log_dir=tmp_path_factory.mktemp("l")
+        project_dir=tmp_path_factory.mktemp("p"),
+        log_dir=tmp_path_factory.mktemp("l"),
+        extra_args=ip_block_args(),
     ) as emulator:
         yield emulator
 

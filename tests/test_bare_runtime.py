@@ -26,6 +26,8 @@ import yaml
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.harness import plain_python
 
+pytestmark = pytest.mark.e2e
+
 SHIPPED = Path(__file__).resolve().parent.parent / "cluster-configs" / "cml-cluster.yaml"
 IDLE_TIMEOUT_S = 15
 TWO_GPU_TASKS = """

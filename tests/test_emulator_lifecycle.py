@@ -17,6 +17,8 @@ from ray_cml_provider.emulator.harness import plain_python
 from ray_cml_provider.emulator.processes import live_group_members
 from tests.conftest import FAST_RETRY, engine_app, engine_dump, wait_until
 
+pytestmark = pytest.mark.engines
+
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
 EMULATOR_ARGS = ["--start-delay-s", "0.5"]
 
@@ -196,7 +198,7 @@ def test_over_quota_waits_in_starting_without_a_process(start_emulator, runtime)
 
     first, second = gpu_app("gpu-1"), gpu_app("gpu-2")
     wait_status(client, first.id, RUNNING)
-    time.sleep(1.0)
+    wait_until(lambda: engine_of(emulator, second.id)["waiting_for"] == "quota", what="quota")
     assert status_of(client, second.id) == STARTING
     assert engine_of(emulator, second.id)["pgid"] is None, "no process while over quota"
     too_big = client.create_application(
@@ -265,9 +267,10 @@ def test_failed_applications_are_restarted_like_cml_does(start_emulator, runtime
     )
     dumps = lambda: list(emulator.project_dir.glob(f"engine-{app.id}-*.json"))  # noqa: E731
     wait_until(lambda: len(dumps()) == 3, what="the first run and 2 restarts")
-    time.sleep(1.0)
-    assert len(dumps()) == 3, "no restart after the second"
-    assert status_of(client, app.id) == FAILED
+    wait_until(lambda: engine_of(emulator, app.id)["restarts"] == 2, what="2 restarts counted")
+    wait_until(lambda: status_of(client, app.id) == FAILED, what="FAILED after the last run")
+    assert not engine_of(emulator, app.id)["restart_pending"], "no restart after the second"
+    assert len(dumps()) == 3
 
 
 def test_a_runtime_given_an_interpreter_runs_its_engines_with_it(start_emulator):

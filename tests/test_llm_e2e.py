@@ -24,6 +24,7 @@ MODEL_DIR = os.environ.get("RAY_CML_MODEL_DIR")
 PLACEMENT_PROBE = """
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
+
 ray.init(address="auto")
 pg = placement_group({bundles!r}, strategy={strategy!r})
 ray.get(pg.ready(), timeout=300)
@@ -37,6 +38,7 @@ def node_type(app) -> str:
     return (decode_tags(app.description) or {}).get("ray-user-node-type", "")
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_gpu_apps_replica_shape_makes_the_autoscaler_launch_the_gpu_worker(
     start_emulator, tmp_path
@@ -56,6 +58,7 @@ def test_gpu_apps_replica_shape_makes_the_autoscaler_launch_the_gpu_worker(
     assert cluster.applications() == []
 
 
+@pytest.mark.llm
 @pytest.mark.skipif(
     not (VLLM_PYTHON and MODEL_DIR),
     reason="needs the vLLM environment and model (make test prepares both)",

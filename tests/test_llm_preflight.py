@@ -117,6 +117,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.llm
 @pytest.mark.skipif(
     not os.environ.get("RAY_CML_VLLM_PYTHON"),
     reason="needs the vLLM environment (make test sets RAY_CML_VLLM_PYTHON)",

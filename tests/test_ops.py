@@ -29,6 +29,8 @@ from tests.test_provider_contract import (
     provider_on,
 )
 
+pytestmark = pytest.mark.engines
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.

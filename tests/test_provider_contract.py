@@ -30,6 +30,8 @@ from ray_cml_provider.provider.naming import APPLICATION_ENV
 from ray_cml_provider.provider.node_provider import CMLNodeProvider
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.engines
+
 # These engines run no Ray: a short start still passes through STARTING, and keeps it quick.
 EMULATOR_ARGS = ["--start-delay-s", "2"]
 

@@ -14,6 +14,8 @@ from ray_cml_provider.api import ClusterError
 from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.provider.ray_auth import session_line
 
+pytestmark = pytest.mark.e2e
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
 

@@ -25,6 +25,8 @@ from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.processes import signal_group
 from ray_cml_provider.provider.ray_auth import client_env
 
+pytestmark = pytest.mark.e2e
+
 # A driver that connects and runs one thing on the cluster.
 DRIVER = "import ray; ray.init({address!r}); print('RAN', ray.get(ray.put(41)) + 1)"
 SESSION_LINE = re.compile(r"^\s*(export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=(\S+))\s*$", re.M)

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
-from ray_cml_provider.demo import GPU_TASK
 from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.demo.ray_demo import GPU_TASK
 from ray_cml_provider.emulator.processes import live_group_members
+
+pytestmark = pytest.mark.e2e
 
 SET_GPU_DEMAND = Path(__file__).resolve().parent.parent / "bench" / "set_gpu_demand.py"
 RUNNING = ApplicationStatus.RUNNING

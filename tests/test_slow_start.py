@@ -21,9 +21,11 @@ import time
 import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
-from ray_cml_provider.demo import GPU_TASK
-from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.demo.local_cluster import LocalCluster, RayStatus
+from ray_cml_provider.demo.ray_demo import GPU_TASK
 from tests.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
 
 IDLE_TIMEOUT_S = 15  # idle_timeout_minutes: 0.25 in local-emulator.yaml
 UPDATE_S = 5  # the autoscaler's loop
@@ -39,17 +41,16 @@ def assert_ray_status_clean(cluster: LocalCluster, worker_id: str) -> None:
     lists every Ray node that ended under "Recent failures" as NodeTerminated; the one
     allowed there is the worker it scaled down itself."""
 
-    def settled() -> str:
-        status = cluster.exec("ray status")
-        assert status.returncode == 0, status.stdout[-3000:]
-        pending = status.stdout.split("Pending:", 1)[1].split("Recent failures:", 1)[0]
-        return status.stdout if "(no pending nodes)" in pending else ""
+    def settled() -> RayStatus | None:
+        status = cluster.ray_status()
+        assert status.returncode == 0, status.text[-3000:]
+        return status if "Pending:" in status.text and not status.pending else None
 
-    text = wait_until(settled, 6 * UPDATE_S, "ray status with nothing pending")
-    failures = text.split("Recent failures:", 1)[1].split("Resources", 1)[0]
-    assert "LaunchFailed" not in failures, text
+    status = wait_until(settled, 6 * UPDATE_S, "ray status with nothing pending")
+    failures = "\n".join(status.recent_failures)
+    assert "LaunchFailed" not in failures, status.text
     ended = set(re.findall(r"NodeTerminated \(instance_id: (\w+)\)", failures))
-    assert ended <= {worker_id}, text
+    assert ended <= {worker_id}, status.text
 
 
 def run_gpu_task_and_wait_for_scale_to_zero(cluster: LocalCluster) -> dict:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.soak
+
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 

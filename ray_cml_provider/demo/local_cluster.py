@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -30,6 +31,39 @@ from ray_cml_provider.provider.ray_auth import read_token
 
 # The cluster YAMLs the demos use ship in the package (cluster-configs/ links to them).
 DEMO_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+RAY_STATUS_SECTIONS = ("Active:", "Idle:", "Pending:", "Recent failures:", "Resources")
+
+
+@dataclass(frozen=True)
+class RayStatus:
+    """``ray status`` as printed on the head, read by section."""
+
+    text: str
+    returncode: int = 0
+
+    def section(self, header: str) -> list[str]:
+        """The entries under ``header`` (``"Pending:"``, ``"Recent failures:"``, ...) up to
+        the next section; Ray's placeholders such as ``(no pending nodes)`` are not entries."""
+        if header not in self.text:
+            return []
+        body = self.text.split(header, 1)[1]
+        ends = [body.find(h) for h in RAY_STATUS_SECTIONS if h != header and h in body]
+        body = body[: min(ends)] if ends else body
+        return [
+            line.strip()
+            for line in body.splitlines()
+            if line.strip() and not line.strip().startswith(("(", "-"))
+        ]
+
+    @property
+    def pending(self) -> list[str]:
+        return self.section("Pending:")
+
+    @property
+    def recent_failures(self) -> list[str]:
+        return self.section("Recent failures:")
 
 
 class LocalCluster:
@@ -124,6 +158,11 @@ class LocalCluster:
 
     def exec(self, command: str) -> subprocess.CompletedProcess:
         return self.ray("exec", "--no-config-cache", str(self.config_path), command)
+
+    def ray_status(self) -> RayStatus:
+        """``ray exec CONFIG 'ray status'``: what Ray's autoscaler says on the head."""
+        result = self.exec("ray status")
+        return RayStatus(result.stdout, result.returncode)
 
     def submit(self, script: Path, *args: str) -> subprocess.CompletedProcess:
         return self.ray("submit", "--no-config-cache", str(self.config_path), str(script), *args)

