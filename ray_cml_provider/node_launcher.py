@@ -81,17 +81,36 @@ def log(message: str) -> None:
     print(f"[ray-cml launcher {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def port_or_free(preferred: int) -> int:
-    """``preferred`` if nothing listens on it here, else a free port (several nodes may share
-    one host in the emulator; on CML each engine has its own)."""
-    for port in (preferred, 0):
-        with socket.socket() as sock:
+class PortReservation:
+    """The ports this node gives Ray, held until its ``ray start`` runs.
+
+    On CML each engine has its own address and every port is free. On the emulator all
+    engines share one machine, and Ray's GCS listens on every address: two heads starting
+    at the same moment could both see 6379 free and the second ``ray start`` would fail. So
+    each port is bound here (not listening, no SO_REUSEADDR/SO_REUSEPORT, so nobody else can
+    bind it) from the moment it is chosen until just before this node's ``ray start``.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def take(self, preferred: int) -> int:
+        """``preferred`` if nobody holds it here, else a free port; held from now on."""
+        for port in (preferred, 0):
+            sock = socket.socket()
             try:
                 sock.bind(("0.0.0.0", port))
             except OSError:
+                sock.close()
                 continue
+            self._held.append(sock)
             return sock.getsockname()[1]
-    raise RuntimeError("no free port")
+        raise RuntimeError("no free port")
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
 
 class NodeLauncher:
@@ -107,9 +126,10 @@ class NodeLauncher:
         self.outbox = self.node_dir / "outbox"
         self.home = self.cluster_dir / "home"
         self.ip = env.get("CDSW_IP_ADDRESS") or socket.gethostbyname(socket.gethostname())
-        self.gcs_port = port_or_free(int(env.get("RAY_CML_GCS_PORT_PREFERRED", "6379")))
-        self.client_port = port_or_free(10001)
-        self.agent_port = port_or_free(52365)
+        self.ports = PortReservation()
+        self.gcs_port = self.ports.take(int(env.get("RAY_CML_GCS_PORT_PREFERRED", "6379")))
+        self.client_port = self.ports.take(10001)
+        self.agent_port = self.ports.take(52365)
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
         # Ray's token (provider/ray_auth.py): the file's path only; Ray's processes read it.
@@ -335,6 +355,8 @@ class NodeLauncher:
     ) -> int:
         """Run ``command`` in bash. With ``watch_head``, give up once the head is gone: a
         worker's ``ray start`` against a dead head could otherwise wait a long time."""
+        if "ray start" in command:
+            self.ports.release()  # this node's Ray binds them now
         with open(output, "ab") as out:
             process = subprocess.Popen(
                 ["/bin/bash", "-c", command],

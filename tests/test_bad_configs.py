@@ -124,10 +124,6 @@ def quiet_emulator(tmp_path_factory):
         yield emulator
 
 
-def test_there_are_at_least_25_cases():
-    assert len(CASES) >= 25
-
-
 @pytest.mark.parametrize(("edit", "message"), CASES, ids=[m[:40] for _, m in CASES])
 def test_malformed_config_is_one_sentence_naming_the_field_before_any_api_call(
     quiet_emulator, monkeypatch, edit, message

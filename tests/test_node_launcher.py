@@ -5,6 +5,7 @@ import it), and its Ray authentication settings."""
 from __future__ import annotations
 
 import re
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -117,3 +118,17 @@ def test_the_ray_shim_keeps_each_nodes_files_in_its_own_folder(tmp_path, monkeyp
     )
     assert shim_says("start", "--head", "--temp-dir=/mine") == "ray start --head --temp-dir=/mine"
     assert shim_says("status", "--address", "h") == "ray status --address h"
+
+
+def test_a_chosen_port_is_held_until_ray_starts():
+    """Two nodes on one machine (the emulator) never choose the same free port: the first
+    holds it until its own ``ray start``, the second gets another."""
+    first, second = node_launcher.PortReservation(), node_launcher.PortReservation()
+    port = first.take(0)
+    assert second.take(port) != port
+    with socket.socket() as ray, pytest.raises(OSError):
+        ray.bind(("127.0.0.1", port))
+    first.release()
+    with socket.socket() as ray:
+        ray.bind(("127.0.0.1", port))
+    second.release()

@@ -120,8 +120,12 @@ def test_a_worker_that_fails_while_starting_is_a_launch_failure_in_ray_status(
 
     try:
         cluster.wait_for(failure_listed, 120, "the failed launch in ray status")
-        monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*")
-        assert "ended as APPLICATION_FAILED while starting" in monitor.stdout
+
+        def reason_logged() -> bool:
+            monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.*")
+            return "ended as APPLICATION_FAILED while starting" in monitor.stdout
+
+        cluster.wait_for(reason_logged, 60, "the reason in the autoscaler's log")
     finally:
         os.killpg(waiting.pid, signal.SIGKILL)
         waiting.wait()
