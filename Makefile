@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 MODEL_DIR ?= $(HOME)/.cache/ray-cml/smollm2-135m-instruct
 
 # Test workers side by side (pytest-xdist): the end-to-end tests mostly wait on starts.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 .PHONY: install demo demo-llm test test-fast lint clean vllm-env model
 
@@ -51,10 +51,13 @@ vllm-env: $(VLLM_VENV)/.installed
 model: vllm-env
 	$(VLLM_VENV)/bin/ray-cml prepare-model --out $(MODEL_DIR)
 
-# Every tier: fast, engines, e2e (real Ray), llm (real vLLM), soak. Longest first.
+# Every tier: fast, engines, e2e (real Ray), llm (real vLLM), soak; longest first, on
+# parallel workers; then the few tests that need the machine to themselves.
+TEST_ENV = RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR)
+
 test: lint model
-	RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR) \
-		$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not exclusive"
+	$(TEST_ENV) $(BIN)/pytest -m exclusive
 
 test-fast: install
 	$(BIN)/pytest -m "not (engines or e2e or llm or soak)"

@@ -67,7 +67,8 @@ def test_gpu_apps_replica_shape_makes_the_autoscaler_launch_the_gpu_worker(
 def test_cpu_twin_serves_real_vllm_from_zero_and_scales_back_to_zero(start_emulator, tmp_path):
     emulator = start_emulator("--python", VLLM_PYTHON)
     cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="llm")
-    assert cluster.up().returncode == 0
+    up = cluster.up()
+    assert up.returncode == 0, up.stdout[-3000:]
     head_ip = cluster.head_ip()
 
     serve_config = with_model_source(load(CONFIGS / "vllm_app_cpu.yaml"), Path(MODEL_DIR))

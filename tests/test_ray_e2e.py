@@ -70,7 +70,15 @@ def assert_nothing_left(cluster: LocalCluster, pgids: set[int]) -> None:
 @pytest.mark.timeout(600)
 def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tmp_path):
     emulator = start_emulator()
-    cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="e2e")
+
+    def idle_for_a_minute(config: dict) -> None:
+        # The checks below want the GPU worker still there, idle: a minute covers them even
+        # on a machine busy with other tests (the shipped 15 s is tight there).
+        config["idle_timeout_minutes"] = 1
+
+    cluster = LocalCluster(
+        emulator, tmp_path / "work", cluster_name="e2e", config_overrides=idle_for_a_minute
+    )
     pgids: set[int] = set()
 
     up = cluster.up()
