@@ -52,12 +52,10 @@ model: vllm-env
 	$(VLLM_VENV)/bin/ray-cml prepare-model --out $(MODEL_DIR)
 
 # Every tier: fast, engines, e2e (real Ray), llm (real vLLM), soak; longest first, on
-# parallel workers; then the few tests that need the machine to themselves.
-TEST_ENV = RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR)
-
+# parallel workers.
 test: lint model
-	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not exclusive"
-	$(TEST_ENV) $(BIN)/pytest -m exclusive
+	RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR) \
+		$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
 	$(BIN)/pytest -m "not (engines or e2e or llm or soak)"

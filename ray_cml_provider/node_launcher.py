@@ -313,6 +313,11 @@ class NodeLauncher:
         python_path += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
         bin_dirs = [str(self.node_dir / "bin")]  # the shim first
         bin_dirs += [str(site / "bin")] if site else []
+        # Ray Client's proxier forks one server per client; with gRPC's fork handlers on,
+        # that server often dies at birth ("Starting Ray client server failed"; Ray issue
+        # 63202, seen here in 2 of 5 connections). Without them it starts every time. A
+        # node_config environment that sets the variable keeps its own value.
+        env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
         env.update(
             {
                 "HOME": str(self.home),
