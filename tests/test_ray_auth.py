@@ -24,6 +24,7 @@ import requests
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.processes import signal_group
 from ray_cml_provider.provider.ray_auth import client_env
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -114,13 +115,22 @@ def test_outsiders_are_refused_at_every_ray_port_and_the_project_gets_in(start_e
     }
     gcs_try = start_python(DRIVER.format(address=report["gcs_address"]), session)
     client_try = start_python(DRIVER.format(address=report["client_address"]), session)
-    submitted = subprocess.run(
-        ["ray", "job", "submit", "--address", dashboard, "--", "touch", str(marker)],
-        env=session,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+
+    def submit_job() -> subprocess.CompletedProcess | None:
+        """``ray job submit``; None while Ray's job server has no agent yet: on a busy
+        machine the head's dashboard agent registers seconds after ``ray up`` returns, and
+        Ray answers "No available agent to submit job, please try again later"."""
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", dashboard, "--", "touch", str(marker)],
+            env=session,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        waiting = "No available agent to submit job" in submitted.stdout + submitted.stderr
+        return None if waiting else submitted
+
+    submitted = wait_until(submit_job, 120, "Ray's job server to have an agent")
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     assert marker.exists()
     for attempt in (gcs_try, client_try):
