@@ -82,35 +82,87 @@ def log(message: str) -> None:
 
 
 class PortReservation:
-    """The ports this node gives Ray, held until its ``ray start`` runs.
+    """The ports this node gives Ray: chosen once, and never chosen by another node of the
+    same machine while this node lives.
 
     On CML each engine has its own address and every port is free. On the emulator all
     engines share one machine, and Ray's GCS listens on every address: two heads starting
-    at the same moment could both see 6379 free and the second ``ray start`` would fail. So
-    each port is bound here (not listening, no SO_REUSEADDR/SO_REUSEPORT, so nobody else can
-    bind it) from the moment it is chosen until just before this node's ``ray start``.
+    at the same moment could both see 6379 free, and the second ``ray start`` would fail.
+    So a chosen port is (1) bound here (not listening, no SO_REUSEADDR/SO_REUSEPORT: nobody
+    else can bind it) until just before this node's ``ray start``, and (2) claimed in the
+    machine's ``/tmp`` (``claims_dir``: a folder per port holding the claimer's pid, made
+    atomically) for as long as this process lives, so the moment between releasing the
+    socket and Ray binding it is not a window for another node. A claim whose process has
+    ended is taken over. On CML, /tmp is the engine's own and nothing is ever contended.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, claims_dir: Path = Path("/tmp/ray-cml-ports")) -> None:
         self._held: list[socket.socket] = []
+        self.claims_dir = claims_dir
 
     def take(self, preferred: int) -> int:
-        """``preferred`` if nobody holds it here, else a free port; held from now on."""
-        for port in (preferred, 0):
+        """``preferred`` if nobody holds or claims it here, else a free port."""
+        for port in (preferred, 0, 0, 0):
             sock = socket.socket()
             try:
                 sock.bind(("0.0.0.0", port))
             except OSError:
                 sock.close()
                 continue
-            self._held.append(sock)
-            return sock.getsockname()[1]
+            if self._claim(sock.getsockname()[1]):
+                self._held.append(sock)
+                return sock.getsockname()[1]
+            sock.close()
         raise RuntimeError("no free port")
 
+    def _claim(self, port: int) -> bool:
+        claim = self.claims_dir / str(port)
+        for _ in range(2):
+            try:
+                self.claims_dir.mkdir(parents=True, exist_ok=True)
+                claim.mkdir()
+            except FileExistsError:
+                pid = _read_pid(claim / "pid")
+                written_now = pid is None and time.time() - _mtime(claim) < 10
+                if written_now or (pid is not None and _alive(pid)):
+                    return False
+                shutil.rmtree(claim, ignore_errors=True)  # its node is gone: take it over
+                continue
+            except OSError:
+                return True  # no claims folder here: the socket alone holds the port
+            (claim / "pid").write_text(str(os.getpid()))
+            return True
+        return False
+
     def release(self) -> None:
+        """Close the sockets (this node's Ray binds the ports now); the claims stay."""
         for sock in self._held:
             sock.close()
         self._held.clear()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class NodeLauncher:

@@ -4,6 +4,7 @@ import it), and its Ray authentication settings."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import stat
@@ -120,15 +121,35 @@ def test_the_ray_shim_keeps_each_nodes_files_in_its_own_folder(tmp_path, monkeyp
     assert shim_says("status", "--address", "h") == "ray status --address h"
 
 
-def test_a_chosen_port_is_held_until_ray_starts():
-    """Two nodes on one machine (the emulator) never choose the same free port: the first
-    holds it until its own ``ray start``, the second gets another."""
-    first, second = node_launcher.PortReservation(), node_launcher.PortReservation()
+def test_a_chosen_port_is_held_then_claimed_while_the_node_lives(tmp_path):
+    """Two nodes on one machine (the emulator) never choose the same port: the first holds
+    it until its own ``ray start``, and claims it for as long as it lives, so the moment
+    between releasing it and Ray binding it is no window for the second."""
+    claims = tmp_path / "ports"
+    first = node_launcher.PortReservation(claims)
+    second = node_launcher.PortReservation(claims)
     port = first.take(0)
     assert second.take(port) != port
     with socket.socket() as ray, pytest.raises(OSError):
         ray.bind(("127.0.0.1", port))
     first.release()
     with socket.socket() as ray:
-        ray.bind(("127.0.0.1", port))
+        ray.bind(("127.0.0.1", port))  # this node's Ray can bind it now ...
+    assert node_launcher.PortReservation(claims).take(port) != port  # ... and nobody else
     second.release()
+
+
+def test_a_claim_of_a_node_that_ended_is_taken_over(tmp_path):
+    claims = tmp_path / "ports"
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid no longer runs
+    probe = socket.socket()
+    probe.bind(("0.0.0.0", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    (claims / str(port)).mkdir(parents=True)
+    (claims / str(port) / "pid").write_text(str(ended.pid))
+    reservation = node_launcher.PortReservation(claims)
+    assert reservation.take(port) == port
+    assert (claims / str(port) / "pid").read_text() == str(os.getpid())
+    reservation.release()
