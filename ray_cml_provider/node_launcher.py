@@ -126,7 +126,18 @@ class PortReservation:
                 written_now = pid is None and time.time() - _mtime(claim) < 10
                 if written_now or (pid is not None and _alive(pid)):
                     return False
-                shutil.rmtree(claim, ignore_errors=True)  # its node is gone: take it over
+                # Its node is gone: move the claim aside (one rename: of two nodes taking it
+                # over at once one wins), unless what moved is a claim made a moment ago.
+                aside = self.claims_dir / f"{port}.ended-{os.getpid()}"
+                try:
+                    claim.rename(aside)
+                except OSError:
+                    return False
+                if _read_pid(aside / "pid") != pid:
+                    with contextlib.suppress(OSError):
+                        aside.rename(claim)  # a live claim: give it back
+                    return False
+                shutil.rmtree(aside, ignore_errors=True)
                 continue
             except OSError:
                 return True  # no claims folder here: the socket alone holds the port
