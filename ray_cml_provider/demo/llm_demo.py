@@ -35,9 +35,7 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
         steps.step("ray up local-emulator.yaml")
         up = cluster.up()
         if up.returncode != 0:
-            print(up.stdout[-4000:], file=sys.stderr)
-            steps.say("ray up failed")
-            return 1
+            return steps.failed(up, "ray up")
         show_applications(steps, cluster)
         head_ip = cluster.head_ip()
 
@@ -45,9 +43,7 @@ def run_llm_demo(vllm_python: Path, model_dir: Path) -> int:
         config = with_model_source(load(DEMO_CONFIGS / "vllm_app_cpu.yaml"), model_dir)
         deploy = cluster.serve_deploy(config, "vllm_app_cpu.yaml")
         if deploy.returncode != 0:
-            print(deploy.stdout[-4000:], file=sys.stderr)
-            steps.say("serve deploy failed")
-            return 1
+            return steps.failed(deploy, "serve deploy")
         cluster.wait_for_serve_app("llm")  # as `serve status` would show: routes answer now
         show_applications(steps, cluster)
 

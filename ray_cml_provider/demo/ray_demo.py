@@ -11,7 +11,6 @@ gives it back.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -46,9 +45,7 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
         steps.step(f"ray up {config.name}: the head application (no GPUs)")
         result = cluster.up()
         if result.returncode != 0:
-            print(result.stdout[-4000:], file=sys.stderr)
-            steps.say("ray up failed")
-            return 1
+            return steps.failed(result, "ray up")
         show_status(steps, cluster)
 
         steps.step("ray submit: a task that needs 1 GPU; the autoscaler adds a GPU worker")
@@ -57,8 +54,7 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
             if "GPU task ran on" in line or ("Adding" in line and "ip=" not in line):
                 steps.say(line.strip())
         if result.returncode != 0:
-            print(result.stdout[-4000:], file=sys.stderr)
-            return 1
+            return steps.failed(result)
         show_status(steps, cluster)
 
         steps.step("ray exec 'ray status' on the head")
@@ -75,8 +71,7 @@ def run_ray_demo(config: Path, verbose: bool) -> int:
         steps.step("ray down: every application of the cluster is deleted")
         result = cluster.down()
         if result.returncode != 0:
-            print(result.stdout[-4000:], file=sys.stderr)
-            return 1
+            return steps.failed(result)
         show_applications(steps, cluster)
 
         steps.step("stopping the emulator")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 from ray_cml_provider.demo.local_cluster import LocalCluster
@@ -19,6 +21,14 @@ class Steps:
 
     def say(self, message: str) -> None:
         print(f"    {ANSI_ESCAPE.sub('', message)}", flush=True)
+
+    def failed(self, result: subprocess.CompletedProcess, what: str = "") -> int:
+        """A command of the demo failed: the end of its output on stderr, ``what failed``
+        when given, and the demo's exit status (1)."""
+        print(result.stdout[-4000:], file=sys.stderr)
+        if what:
+            self.say(f"{what} failed")
+        return 1
 
 
 def show_applications(steps: Steps, cluster: LocalCluster) -> None:
