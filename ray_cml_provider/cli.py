@@ -20,6 +20,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.status",
         "the cluster's nodes as CML and Ray see them (--json for scripts)",
     ),
+    "endpoint-key": (
+        "ray_cml_provider.ops.endpoint_key",
+        "print the key callers of the head's URL send when it bypasses CML's login",
+    ),
     "token": (
         "ray_cml_provider.ops.token",
         "print the cluster's Ray token (every Ray port of the cluster asks for it)",

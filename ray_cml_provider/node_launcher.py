@@ -56,8 +56,9 @@ from pathlib import Path
 try:  # uploaded next to this file in the cluster's folder
     import node_api
     import node_env
+    import node_gateway
 except ImportError:  # imported from the package (tests, tools)
-    from ray_cml_provider import node_api, node_env
+    from ray_cml_provider import node_api, node_env, node_gateway
 
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
@@ -193,11 +194,18 @@ class NodeLauncher:
         self.gcs_port = self.ports.take(int(env.get("RAY_CML_GCS_PORT_PREFERRED", "6379")))
         self.client_port = self.ports.take(10001)
         self.agent_port = self.ports.take(52365)
+        # The head's dashboard: behind the gateway on the application's port (node_gateway).
+        self.dashboard_port = self.ports.take(8265) if self.kind == "head" else 0
+        self.serve_port = int(env.get("RAY_CML_SERVE_PORT", "8000"))
         self.head_lost_timeout_s = float(env.get("RAY_CML_HEAD_LOST_TIMEOUT_S", "60"))
         self.tmp_dir = f"/tmp/rcml-{self.node_id}"
         # Ray's token (provider/ray_auth.py): the file's path only; Ray's processes read it.
         token_file = env.get("RAY_CML_AUTH_TOKEN_FILE", "")
         self.token_path = self.project_dir / token_file if token_file else None
+        # Set when the head's URL bypasses CML's login: the gateway then asks for keys.
+        key_file = env.get("RAY_CML_ENDPOINT_KEY_FILE", "")
+        self.endpoint_key_path = self.project_dir / key_file if key_file else None
+        self.gateway: node_gateway.RunningGateway | None = None
         self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
         self.api = node_api.ProjectAPI(env, log)
         self.done: set[str] = set()  # commands already run (each runs once)
@@ -244,6 +252,8 @@ class NodeLauncher:
         with contextlib.suppress(OSError):  # another node may be doing the same now
             self.token_path.parent.chmod(0o700)
             self.token_path.chmod(0o600)
+            if self.endpoint_key_path:
+                self.endpoint_key_path.chmod(0o600)
 
     def prepare(self) -> None:
         self.secure_token()
@@ -274,8 +284,12 @@ class NodeLauncher:
             "ip": self.ip,
             "gcs_port": self.gcs_port,
             "client_port": self.client_port,
-            # The one port CML's proxy exposes (the application's URL); the head's dashboard.
+            # The one port CML's proxy exposes (the application's URL): on the head, the
+            # gateway to the dashboard and the OpenAI API (/v1) of Serve on serve_port.
             "app_port": int(self.env.get("CDSW_APP_PORT") or 0),
+            "dashboard_port": self.dashboard_port,
+            "serve_port": self.serve_port if self.kind == "head" else 0,
+            "endpoint_locked": self.endpoint_key_path is not None,
             # Whether Ray asks for the token, and the file a session of the project uses.
             "ray_auth": "token" if self.token_path else "disabled",
             "auth_token_path": str(self.token_path or ""),
@@ -392,6 +406,7 @@ class NodeLauncher:
                 "RAY_CML_GCS_PORT": str(self.gcs_port),
                 "RAY_CML_CLIENT_PORT": str(self.client_port),
                 "RAY_CML_AGENT_PORT": str(self.agent_port),
+                "RAY_CML_DASHBOARD_PORT": str(self.dashboard_port),
                 "RAY_CML_PROJECT_DIR": str(self.project_dir),
                 "RAY_CML_PYTHON": sys.executable,  # the runtime's: what `ray` runs with
                 "RAY_CML_LAUNCHER_PGID": str(os.getpgrp()),
@@ -632,6 +647,29 @@ class NodeLauncher:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="status-page", daemon=True).start()
 
+    def open_gateway(self) -> None:
+        """On the head, the application's port (its URL) is the gateway to the dashboard and
+        the OpenAI API (``node_gateway``), from the first second."""
+        port = int(self.env.get("CDSW_APP_PORT") or 0)
+        if not port:
+            return
+        gateway = node_gateway.Gateway(
+            serve=node_gateway.Upstream(self.ip, self.serve_port, "Ray Serve's HTTP proxy"),
+            dashboard=node_gateway.Upstream(self.ip, self.dashboard_port, "the Ray dashboard"),
+            keys=node_gateway.Keys(self.endpoint_key_path, self.token_path),
+            log=log,
+        )
+        try:
+            self.gateway = node_gateway.RunningGateway(gateway, self.ip, port)
+        except OSError as exc:
+            log(f"no gateway on port {port}: {exc}")
+            return
+        locked = "asks every caller for a key" if self.endpoint_key_path else "behind CML's login"
+        log(
+            f"gateway on port {port}: /v1 -> Serve :{self.serve_port}, "
+            f"the rest -> dashboard :{self.dashboard_port} ({locked})"
+        )
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
@@ -648,6 +686,7 @@ class NodeLauncher:
         if self.kind == "worker":
             self.serve_status_page()
         else:  # the head: ray up's commands wait for it, and meanwhile can be answered
+            self.open_gateway()
             threading.Thread(target=self.prepare_environment, daemon=True).start()
         try:
             if self.kind == "worker" and not self.start_worker_ray():

@@ -94,6 +94,23 @@ CASES = [
         "available_node_types.head: the head coordinates only and gets no GPUs",
     ),
     (
+        lambda c: node(c).update(bypass_authentication=True),
+        "available_node_types.gpu_worker.node_config.bypass_authentication: only the head's URL",
+    ),
+    (
+        lambda c: (
+            node(c, "head").update(bypass_authentication=True),
+            provider(c).update(ray_auth_mode="disabled"),
+        ),
+        "available_node_types.head.node_config.bypass_authentication: needs provider.ray_auth_mode",
+    ),
+    (
+        lambda c: c.update(
+            head_start_ray_commands=["ray start --head --dashboard-port=$CDSW_APP_PORT"]
+        ),
+        "head_start_ray_commands: --dashboard-port=$CDSW_APP_PORT: the application's port is",
+    ),
+    (
         lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=3),
         "available_node_types.gpu_worker.min_workers: 3 is more than max_workers 2",
     ),

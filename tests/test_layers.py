@@ -1,8 +1,8 @@
 """The package's floors: each module imports only from its own floor or below, and no two
 modules import each other, directly or round about (imports inside functions count).
 
-    0  version, the stdlib node side (node_launcher, node_env, node_api), the CML client
-       (cml), the emulator, llm's constants and Serve config helpers
+    0  version, the stdlib node side (node_launcher, node_env, node_api, node_gateway), the
+       CML client (cml), the emulator, llm's constants and Serve config helpers
     1  provider          Ray semantics on CML applications
     2  cluster, llm.preflight   a cluster seen from outside, as a library
     3  ops, api          the commands and the Python API: arguments and rendering
@@ -24,6 +24,7 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.node_launcher", 0),
     ("ray_cml_provider.node_env", 0),
     ("ray_cml_provider.node_api", 0),
+    ("ray_cml_provider.node_gateway", 0),
     ("ray_cml_provider.cml", 0),
     ("ray_cml_provider.emulator", 0),
     ("ray_cml_provider.llm", 0),
@@ -36,7 +37,8 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.cli", 5),
     ("ray_cml_provider", 5),
 ]
-STDLIB_ONLY = ("node_launcher", "node_env", "node_api")  # they run before anything is installed
+# They run before anything is installed.
+STDLIB_ONLY = ("node_launcher", "node_env", "node_api", "node_gateway")
 
 
 def module_name(path: Path) -> str:

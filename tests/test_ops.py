@@ -388,8 +388,8 @@ def test_gc_lists_then_deletes_only_clusters_whose_head_is_gone(
 
 def test_application_urls_on_cml_and_on_the_emulator():
     app = Application(id="a1", name="ray-c1-head-1a2b3c4d", subdomain="ray-c1-head-1a2b3c4d")
-    on_cml = application_url("https://ml-1234.example.cloudera.site", app, None)
+    on_cml = application_url("https://ml-1234.example.cloudera.site", app)
     assert on_cml == "https://ray-c1-head-1a2b3c4d.ml-1234.example.cloudera.site"
-    local = application_url("http://127.0.0.1:8080", app, {"ip": "127.0.0.5", "app_port": 4711})
-    assert local == "http://127.0.0.5:4711"
-    assert application_url("http://localhost:8080", app, None) == ""  # not published yet
+    # The emulator has no DNS for subdomains: its ingress serves the URL under /apps/.
+    local = application_url("http://127.0.0.1:8080/", app)
+    assert local == "http://127.0.0.1:8080/apps/ray-c1-head-1a2b3c4d"

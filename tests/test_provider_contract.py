@@ -436,3 +436,51 @@ def test_a_head_that_does_not_start_ends_ray_up_with_one_sentence(start_emulator
     assert message.startswith("ray-cml: the head did not start: ray-c1-head-")
     assert "is APPLICATION_STARTING after 1 s (over the workspace's quota?)" in message
     assert provider.nodes_for_teardown({}) == []  # the stuck application was deleted
+
+
+def test_a_head_without_cmls_login_gets_an_endpoint_key_by_file_and_a_locked_url(
+    provider, emulator
+):
+    [head] = launch(provider, tags=HEAD_TAGS, config={**HEAD_CONFIG, "bypass_authentication": True})
+    app = provider.application(head)
+    assert app.raw["bypass_authentication"] is True
+    key_file = emulator.project_dir / ".ray-cml" / "c1" / "auth" / "endpoint_key"
+    key = key_file.read_text().strip()
+    assert len(key) >= 40
+    record = json.dumps(provider.client.get_application(app.id).raw)
+    assert key not in record and "RAY_CML_ENDPOINT_KEY_FILE" in record  # the file, never the key
+    # Through CML's proxy (played by the emulator's ingress), with no login in front: the
+    # head's gateway asks for the key itself, for the API and for the dashboard alike.
+    url = f"{emulator.url}/apps/{app.subdomain}"
+    wait_until(
+        lambda: requests.get(f"{url}/v1/models", timeout=5).status_code == 401,
+        30,
+        "the head's gateway to answer on its URL",
+    )
+    job = {"entrypoint": "echo ran"}
+    assert requests.post(f"{url}/api/jobs/", json=job, timeout=5).status_code == 401
+    keyed = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{url}/api/jobs/", json=job, headers=keyed, timeout=5).status_code == 401
+    answer = requests.get(f"{url}/v1/models", headers=keyed, timeout=5)
+    assert answer.status_code == 502  # let in; no Serve runs on this Ray-less head
+    assert "Ray Serve's HTTP proxy does not answer" in answer.json()["error"]
+    [worker] = launch(provider)
+    assert "RAY_CML_ENDPOINT_KEY_FILE" not in json.dumps(
+        provider.client.get_application(provider.application(worker).id).raw
+    )
+
+
+def test_a_workspace_that_forbids_unauthenticated_apps_refuses_the_head_in_one_sentence(
+    start_emulator, monkeypatch
+):
+    emulator = start_emulator("--forbid-unauthenticated-apps")
+    provider = provider_on(emulator, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        launch(provider, tags=HEAD_TAGS, config={**HEAD_CONFIG, "bypass_authentication": True})
+    message = str(stopped.value)
+    assert message.startswith(
+        "ray-cml: available_node_types.head.node_config.bypass_authentication: this workspace "
+        "does not allow applications without CML's login"
+    )
+    assert "unauthenticated access to applications is disabled" in message  # CML's words
+    assert provider.non_terminated_nodes({}) == []

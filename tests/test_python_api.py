@@ -61,7 +61,10 @@ def test_up_scale_hint_exec_status_down(start_emulator, monkeypatch):
 
     status = cluster.up(progress=progress.append)
     assert len(gpu_workers_in_ray(cluster)) == 1  # up() waited for min_workers to join Ray
-    assert status.head and re.match(r"http://127\.\d+\.\d+\.\d+:\d+$", status.dashboard_url)
+    assert status.head and re.match(
+        r"http://127\.0\.0\.1:\d+/apps/ray-api-head-", status.dashboard_url
+    )
+    assert re.match(r"http://127\.\d+\.\d+\.\d+:\d+$", status.dashboard_address)
     assert progress[-4].startswith("cluster api is up after ")
     assert progress[-2] == f"  Ray token: first {session_line(status.auth_token_path)}"
     assert f'ray.init(address="{status.gcs_address}")' in progress[-1]

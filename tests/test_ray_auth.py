@@ -79,7 +79,7 @@ def test_outsiders_are_refused_at_every_ray_port_and_the_project_gets_in(start_e
     assert printed.group(1) in table.stdout and token not in up.stdout + table.stdout
     report = status_json(cluster)  # Ray's view read directly, with the token
     assert report["ray_view"] == "direct" and report["ray_auth"] == "token"
-    dashboard = report["dashboard_url"]
+    dashboard = report["dashboard_address"]  # as every engine of the workspace can reach it
 
     # The outsider: no token anywhere in its environment. (Ray Client retries a refused
     # connection for 30 s by default; shorter tries keep the test short, and the session

@@ -132,7 +132,8 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     assert rows[worker_id]["ray_state"] in ("alive", "idle")
     assert rows[worker_id]["ip"] == worker_engine["ip_address"]
     assert report["gpus_held"] == 1
-    assert report["dashboard_url"].startswith(f"http://{head_engine['ip_address']}:")
+    assert report["dashboard_url"].endswith(f"/apps/{head.name}")  # CML's proxy, played
+    assert report["dashboard_address"].startswith(f"http://{head_engine['ip_address']}:")
     # ... and through the head's mailbox, as from a laptop that cannot reach the GCS.
     table = cluster.ray_cml("status", "--ray-view", "head", str(cluster.config_path))
     assert table.returncode == 0, table.stdout

@@ -83,7 +83,9 @@ class ClusterStatus:
     gpus_held: int = 0
     gpus_requested: int = 0
     gpu_hours: float = 0.0
-    dashboard_url: str = ""
+    dashboard_url: str = ""  # the head application's URL (its gateway: dashboard and /v1)
+    dashboard_address: str = ""  # the dashboard itself, for CML sessions of the project
+    endpoint_locked: bool = False  # the URL bypasses CML's login and asks for the endpoint key
     gcs_address: str = ""
     client_address: str = ""
     ray_auth: str = ""  # "token" | "disabled" (the head's), "" without a running head
@@ -142,7 +144,10 @@ def collect_status(
             report.client_address = f"ray://{info['ip']}:{info['client_port']}"
         report.ray_auth = info.get("ray_auth", DISABLED)
         report.auth_token_path = info.get("auth_token_path", "")
-        report.dashboard_url = application_url(report.host, head.app, info)
+        report.dashboard_url = application_url(report.host, head.app)
+        report.endpoint_locked = bool(info.get("endpoint_locked"))
+        if info.get("dashboard_port"):
+            report.dashboard_address = f"http://{info['ip']}:{info['dashboard_port']}"
         view = _ray_view(config, client, head.node_id, report, ray_view)
 
     for own in ours:
@@ -159,7 +164,7 @@ def collect_status(
             gpus=app.nvidia_gpu,
             age_s=seconds_since(app.created_at, now),
             ip=info.get("ip", ""),
-            url=application_url(report.host, app, info or None) if own.live else "",
+            url=application_url(report.host, app) if own.live else "",
             application=app.name,
             application_id=app.id,
         )

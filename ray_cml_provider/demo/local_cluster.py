@@ -169,13 +169,15 @@ class LocalCluster:
 
     def serve_deploy(self, serve_config: dict, name: str = "serve_app.yaml"):
         """What a user does on CML: copy the Serve config to the head and ``serve deploy`` it
-        there (the dashboard listens on the head application's port)."""
+        there, against the head's dashboard."""
         local = self.workdir / name
         local.write_text(yaml.safe_dump(serve_config, sort_keys=False))
         copied = self.ray("rsync-up", str(self.config_path), str(local), f"~/{name}")
         if copied.returncode != 0:
             return copied
-        return self.exec(f"serve deploy ~/{name} -a http://$CDSW_IP_ADDRESS:$CDSW_APP_PORT")
+        return self.exec(
+            f"serve deploy ~/{name} -a http://$CDSW_IP_ADDRESS:$RAY_CML_DASHBOARD_PORT"
+        )
 
     def wait_for_serve_app(self, name: str = "default", timeout_s: float = 300) -> None:
         """Wait until Serve reports application ``name`` RUNNING, as a user watches

@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the project's shared_memory_limit in MB. Default: the size of this machine's "
         "/dev/shm, which the emulator's applications really share (CML's default is 64)",
     )
+    parser.add_argument(
+        "--forbid-unauthenticated-apps",
+        action="store_true",
+        help="play a workspace whose administrator forbids applications that bypass CML's "
+        "login (bypass_authentication is refused)",
+    )
     parser.add_argument("--max-cpu", type=float, help="workspace quota of vCPUs")
     parser.add_argument("--max-memory", type=float, help="workspace quota of memory, GB")
     parser.add_argument("--max-gpus", type=int, help="workspace quota of GPUs")
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         ip_block=args.ip_block,
         shared_memory_mb=args.shared_memory_mb or machine_shared_memory_mb(),
         quota=Quota(args.max_cpu, args.max_memory, args.max_gpus),
+        forbid_unauthenticated_apps=args.forbid_unauthenticated_apps,
     )
     faults = Faults(
         rate=args.fault_rate,
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  project id:  {config.project_id}", flush=True)
     print(f"  project dir: {project_dir}", flush=True)
     print(f"  app logs:    {log_dir}", flush=True)
+    print(f"  app URLs:    {config.api_url}/apps/<subdomain>/", flush=True)
     if generated_key:
         print(f"  API key (generated): {api_key}", flush=True)
 

@@ -4,7 +4,8 @@ and the test-control handlers (``control``).
 For a CML API request (``/api/...``) the dispatcher adds the injected latency, may answer
 an injected 429/503 instead, checks the bearer key (the operator's, or one the emulator gave
 an application's engine), checks the project id of the path once, runs the handler and
-counts the request; it may then drop a successful answer (``Faults.drop_rate``).
+counts the request; it may then drop a successful answer (``Faults.drop_rate``). Requests
+to ``/apps/<subdomain>/`` are an application's URL: ``ingress`` forwards them.
 
 The listening socket takes a backlog of ``LISTEN_BACKLOG`` connections: with the standard
 library's default of 5, a burst of concurrent clients (16 creating applications at once)
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from ray_cml_provider.emulator.cml_api import CMLHandlers
 from ray_cml_provider.emulator.control import ControlHandlers
 from ray_cml_provider.emulator.errors import ApiError
+from ray_cml_provider.emulator.ingress import APPS_PREFIX, Ingress
 from ray_cml_provider.emulator.project_files import ProjectFiles
 from ray_cml_provider.emulator.routing import Request, Response, Router
 from ray_cml_provider.emulator.state import WorkspaceState
@@ -42,6 +44,7 @@ class EmulatorAPI:
         self.faults = faults
         self.stats = Stats()
         self._keys = {api_key}
+        self.ingress = Ingress(state, api_key)  # application URLs: /apps/<subdomain>/
         self._keys_lock = threading.Lock()
         self.router = Router()
         CMLHandlers(state, files).register(self.router)
@@ -108,6 +111,9 @@ def make_http_server(
         server_version = "CMLEmulator/1"
 
         def _dispatch(self) -> None:
+            if self.path.startswith(APPS_PREFIX):
+                api.ingress.forward(self)
+                return
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             response = api.handle(self.command, self.path, self.headers, body)
@@ -128,6 +134,14 @@ def make_http_server(
             self.wfile.write(payload)
 
         do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+
+        def _application_only(self) -> None:
+            if self.path.startswith(APPS_PREFIX):
+                api.ingress.forward(self)
+            else:
+                self.send_error(405)
+
+        do_HEAD = do_OPTIONS = _application_only
 
         def log_message(self, format: str, *args: Any) -> None:
             if verbose:

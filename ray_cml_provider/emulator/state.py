@@ -144,6 +144,8 @@ class EmulatorConfig:
     ip_block: int = 0  # engines get 127.<ip_block>.x.y
     quota: Quota = field(default_factory=Quota)
     username: str = "emulator-user"
+    # An administrator's setting on CML: no application may bypass CML's login.
+    forbid_unauthenticated_apps: bool = False
 
 
 @dataclass
@@ -270,6 +272,7 @@ class WorkspaceState:
     def create(self, fields: dict[str, Any]) -> dict[str, Any]:
         """A new application from validated fields (``validation.application_fields``)."""
         fields = dict(fields)
+        self._check_login_bypass(fields)
         with self._lock:
             self._check_subdomain_free(fields["subdomain"], except_id=None)
             self._seq += 1
@@ -294,6 +297,18 @@ class WorkspaceState:
         with self._lock:
             return self._app(app_id).to_api()
 
+    def engine_for_subdomain(
+        self, subdomain: str
+    ) -> tuple[dict[str, Any], tuple[str, int] | None] | None:
+        """(fields, (engine IP, app port) or None) of the application at ``subdomain``."""
+        with self._lock:
+            for app in self._apps.values():
+                if app.fields["subdomain"] == subdomain:
+                    process = app.process
+                    engine = (process.ip_address, process.app_port) if process else None
+                    return dict(app.fields), engine
+        return None
+
     def applications(self) -> list[dict[str, Any]]:
         """Every application, CML-shaped, in creation order."""
         with self._lock:
@@ -301,6 +316,7 @@ class WorkspaceState:
 
     def update(self, app_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Validated changes (``validation.application_fields``) to one application."""
+        self._check_login_bypass(changes)
         with self._lock:
             app = self._app(app_id)
             if "subdomain" in changes:
@@ -503,6 +519,14 @@ class WorkspaceState:
             return self._apps[app_id]
         except KeyError:
             raise not_found(f"application {app_id!r} not found") from None
+
+    def _check_login_bypass(self, fields: dict[str, Any]) -> None:
+        if fields.get("bypass_authentication") and self.config.forbid_unauthenticated_apps:
+            raise ApiError(
+                403,
+                "unauthenticated access to applications is disabled for this workspace: "
+                "bypass_authentication is not allowed",
+            )
 
     def _check_subdomain_free(self, subdomain: str, except_id: str | None) -> None:
         for other in self._apps.values():

@@ -183,8 +183,9 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
         "worker_setup_commands: []",
         "",
         "# $CDSW_IP_ADDRESS is the engine's address; $RAY_CML_* ports are picked by the node",
-        "# launcher; the dashboard listens on the application's port ($CDSW_APP_PORT), so the",
-        "# head application's URL is the dashboard. `ray stop` here stops only this node.",
+        "# launcher. The head application's URL ($CDSW_APP_PORT) is the head's gateway: the",
+        "# OpenAI API of a Serve app on /v1, the dashboard ($RAY_CML_DASHBOARD_PORT) on the",
+        "# rest. `ray stop` here stops only this node.",
         "head_start_ray_commands:",
         "  - ray stop",
         "  - >-",
@@ -192,7 +193,7 @@ def render_config(args: argparse.Namespace, workers: list[WorkerType]) -> str:
         "    --ray-client-server-port=$RAY_CML_CLIENT_PORT"
         " --dashboard-agent-listen-port=$RAY_CML_AGENT_PORT",
         f"    --dashboard-host={'$CDSW_IP_ADDRESS' if emulator else '0.0.0.0'}"
-        " --dashboard-port=$CDSW_APP_PORT",
+        " --dashboard-port=$RAY_CML_DASHBOARD_PORT",
         f"    --object-store-memory={args.object_store_mb * 1_000_000} --disable-usage-stats",
         "    --autoscaling-config=~/ray_bootstrap_config.yaml",
         "# Run by each worker's own launcher, with the type's resources in",

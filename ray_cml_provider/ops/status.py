@@ -21,6 +21,7 @@ from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
 from ray_cml_provider.ops import report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
+from ray_cml_provider.provider.endpoint import how_to_call
 from ray_cml_provider.provider.ray_auth import DISABLED, DISABLED_WARNING, TOKEN, session_line
 
 
@@ -64,7 +65,10 @@ def render(report: ClusterStatus) -> str:
     for launch in report.failed_launches:
         lines.append(f"failed launch: {launch['count']} {launch['node_type']}: {launch['details']}")
     if report.dashboard_url:
-        lines.append(f"dashboard: {report.dashboard_url}")
+        lines.append(f"URL: {report.dashboard_url} (the Ray dashboard)")
+        lines += how_to_call(report.dashboard_url, report.endpoint_locked)
+    if report.dashboard_address:
+        lines.append(f"dashboard from a CML session (ray job, serve): {report.dashboard_address}")
     if report.gcs_address:
         lines.append(
             f'connect from inside CML: ray.init(address="{report.gcs_address}")'

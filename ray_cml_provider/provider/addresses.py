@@ -2,8 +2,9 @@
 
 CML's API has no IP address or URL field for an application; each node's launcher
 publishes its address and ports in ``<cluster dir>/nodes/<id>/node.json``, and the URL of
-an application is ``https://<subdomain>.<workspace domain>`` on CML. On the emulator (a
-loopback or IP host) an application is reached by its engine's IP instead.
+an application is ``https://<subdomain>.<workspace domain>`` on CML. The emulator (a
+loopback or IP host) has no DNS for subdomains: it serves the URL at
+``<host>/apps/<subdomain>/`` (``emulator/ingress.py``).
 """
 
 from __future__ import annotations
@@ -46,12 +47,10 @@ def node_infos(client: CMLClient, cluster: str, node_ids: list[str]) -> dict[str
         return {k: v for k, v in pool.map(fetch, node_ids) if v is not None}
 
 
-def application_url(host: str, app: Application, info: dict | None) -> str:
-    """Where the application's port is served: CML's proxy, or the engine on the emulator."""
+def application_url(host: str, app: Application) -> str:
+    """The application's URL: CML's proxy in front of its ``CDSW_APP_PORT``."""
     if is_local_host(host):
-        if info and info.get("app_port"):
-            return f"http://{info['ip']}:{info['app_port']}"
-        return ""
+        return f"{host.rstrip('/')}/apps/{app.subdomain or app.name}"
     parsed = urlparse(host)
     return f"{parsed.scheme or 'https'}://{app.subdomain or app.name}.{parsed.hostname}"
 

@@ -262,11 +262,12 @@ class CMLCommandRunner(CommandRunnerInterface):
             app = self.provider.application(self.node_id)
         except (CMLError, KeyError, ValueError):
             return "the head's Ray started; `ray-cml status CONFIG` shows the cluster"
-        url = application_url(self.client.settings.host, app, info)
+        url = application_url(self.client.settings.host, app)
         gcs = f"{info['ip']}:{info['gcs_port']}"
+        dashboard = f"http://{info['ip']}:{info.get('dashboard_port') or info['app_port']}"
         lines = [
             f"the head's Ray started on {info['ip']}",
-            f"  dashboard:   {url}",
+            f"  URL:         {url} (the dashboard, and Serve's OpenAI API on /v1)",
         ]
         if info.get("ray_auth") == TOKEN:
             lines += [
@@ -278,8 +279,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         if info.get("client_port"):
             lines.append(f'  Ray Client:  ray.init("ray://{info["ip"]}:{info["client_port"]}")')
         lines += [
-            f"  Ray Jobs:    ray job submit --address {url} -- python my_script.py",
-            f"  Serve:       serve deploy my_app.yaml -a {url}",
+            f"  Ray Jobs:    ray job submit --address {dashboard} -- python my_script.py",
+            f"  Serve:       serve deploy my_app.yaml -a {dashboard}",
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
         ]
         running = info.get("ray_auth", DISABLED)

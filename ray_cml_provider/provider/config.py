@@ -133,7 +133,20 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers", 0)
         if isinstance(low, int) and isinstance(high, int) and low > high:
             raise ClusterConfigError(f"{where}.min_workers: {low} is more than max_workers {high}")
+        if node_type.get("node_config", {}).get("bypass_authentication") and name != head_type:
+            raise ClusterConfigError(
+                f"{where}.node_config.bypass_authentication: only the head's URL serves the "
+                "cluster (the OpenAI API and the dashboard); a worker's stays behind CML's login"
+            )
         if name == head_type:
+            if node_type["node_config"].get("bypass_authentication") and (
+                (config.get("provider") or {}).get("ray_auth_mode", "token") != "token"
+            ):
+                raise ClusterConfigError(
+                    f"{where}.node_config.bypass_authentication: needs provider.ray_auth_mode: "
+                    "token; with CML's login bypassed, Ray's token is what keeps the dashboard "
+                    "and its job API (which run code) closed to the endpoint key's holders"
+                )
             gpus = node_type["node_config"].get("nvidia_gpu", 0)
             declared = (node_type.get("resources") or {}).get("GPU", 0)
             if gpus or declared:
@@ -141,6 +154,14 @@ def validate_cluster_config(config: dict[str, Any]) -> None:
                     f"{where}: the head coordinates only and gets no GPUs; set "
                     "node_config.nvidia_gpu and resources.GPU to 0 and put GPUs on a worker type"
                 )
+    for command in config.get("head_start_ray_commands") or []:
+        if re.search(r"--dashboard-port[= ]+\$\{?CDSW_APP_PORT\b", str(command)):
+            raise ClusterConfigError(
+                "head_start_ray_commands: --dashboard-port=$CDSW_APP_PORT: the application's "
+                "port is the head's gateway now (the dashboard and the OpenAI API at one URL); "
+                "start the dashboard on --dashboard-port=$RAY_CML_DASHBOARD_PORT "
+                "(docs/migration.md)"
+            )
     try:
         validate_packages(config)
     except PackagesError as exc:

@@ -47,11 +47,14 @@ APPLICATION_ENV = (
     "RAY_CML_SETUP_COMMANDS",  # worker: JSON list, run before Ray starts
     "RAY_CML_START_COMMANDS",  # worker: JSON list, worker_start_ray_commands
     "RAY_CML_GCS_PORT_PREFERRED",  # head: the GCS port when free (default 6379)
+    "RAY_CML_ENDPOINT_KEY_FILE",  # head: the endpoint key's file (provider/endpoint.py)
+    "RAY_CML_SERVE_PORT",  # head: Serve's HTTP proxy, behind the URL's /v1 (default 8000)
 )
 COMMAND_ENV = (
     "RAY_CML_GCS_PORT",
     "RAY_CML_CLIENT_PORT",
     "RAY_CML_AGENT_PORT",
+    "RAY_CML_DASHBOARD_PORT",  # head: the dashboard's (the application's port is the gateway)
     "RAY_CML_PROJECT_DIR",
     "RAY_CML_PYTHON",  # the runtime's interpreter, the one `ray` runs with
     "RAY_CML_LAUNCHER_PGID",  # what the `ray stop` shim stops
@@ -145,3 +148,9 @@ def parse_ledger_entry(file_name: str) -> tuple[str, int, float, float] | None:
     if not match:
         return None
     return match["id"], int(match["gpus"]), float(match["start"]), float(match["end"])
+
+
+def endpoint_key_path(cluster_name: str) -> str:
+    """The key callers of the head's URL send when it bypasses CML's login
+    (``provider/endpoint.py``), relative to the project root."""
+    return f"{cluster_dir(cluster_name)}/auth/endpoint_key"

@@ -44,6 +44,7 @@ from ray_cml_provider.cml import (
     CMLNotFoundError,
 )
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
+from ray_cml_provider.provider import endpoint
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -300,6 +301,12 @@ class CMLNodeProvider(NodeProvider):
             and ensure_token(self.client, self.cluster_name)
         ):
             logger.info("created the Ray token of cluster %s", self.cluster_name)
+        if (
+            kind == NODE_KIND_HEAD
+            and endpoint.bypasses_login(node_config)
+            and endpoint.ensure_endpoint_key(self.client, self.cluster_name)
+        ):
+            logger.info("created the endpoint key of cluster %s", self.cluster_name)
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
         request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
         in_flight = self._launches.in_flight(request_id, node_type)
@@ -334,6 +341,10 @@ class CMLNodeProvider(NodeProvider):
                 self._launches.finish(node_id)
         if failures and kind == NODE_KIND_HEAD:
             # Only `ray up` launches a head: one sentence, not a traceback.
+            for _, err in created:
+                refused = err and endpoint.refused_bypass(err, node_type)
+                if refused and endpoint.bypasses_login(node_config):
+                    raise SystemExit(f"ray-cml: {refused}")
             raise SystemExit(f"ray-cml: the head did not start: {'; '.join(failures)}")
         if failures:
             raise NodeLaunchException(
@@ -442,6 +453,9 @@ class CMLNodeProvider(NodeProvider):
         )
         if kind == NODE_KIND_HEAD:
             env["RAY_CML_PROVIDER_ZIP"] = self.ship_code()
+            env.update(
+                endpoint.application_env(self.cluster_name, endpoint.bypasses_login(node_config))
+            )
         if kind == NODE_KIND_WORKER:
             head_ip, gcs_port = self._head_address()
             env.update(

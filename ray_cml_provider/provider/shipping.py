@@ -59,6 +59,7 @@ LAUNCHER_FILES = {
     "launcher.py": "node_launcher.py",
     "node_api.py": "node_api.py",
     "node_env.py": "node_env.py",
+    "node_gateway.py": "node_gateway.py",
 }
 
 

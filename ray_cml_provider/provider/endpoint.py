@@ -1,0 +1,89 @@
+"""The cluster's endpoint: the head application's URL, where the OpenAI API and the dashboard
+are served (the head's gateway, ``node_gateway.py``, routes ``/v1`` to Ray Serve).
+
+By default CML's login guards that URL: only people who may see the project get in, by
+browser. Programs outside CML cannot log in, so ``bypass_authentication: true`` on the head's
+``node_config`` asks CML to let every caller through, and the gateway becomes the lock:
+
+- ``ray up`` gives the cluster an *endpoint key* (``secrets.token_urlsafe(32)``), a file in
+  the cluster's ``auth`` folder next to Ray's token (owner-only on the nodes; the project's
+  collaborators can read it, as they can read every project file). It is never the CML key,
+  never in an application's environment (the head is told the file), and printed only by
+  ``ray-cml endpoint-key``. ``ray down`` deletes it with the cluster's folder.
+- ``/v1/...`` then needs ``Authorization: Bearer <endpoint key>``; everything else (the
+  dashboard, its job API) needs Ray's token, so the key handed to the model's callers never
+  runs code. That is why the setting requires ``ray_auth_mode: token``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from ray_cml_provider.cml import CMLClient, CMLNotFoundError
+from ray_cml_provider.cml.errors import CMLAPIError
+from ray_cml_provider.provider.naming import endpoint_key_path
+
+ENDPOINT_KEY_FILE_ENV = "RAY_CML_ENDPOINT_KEY_FILE"
+SERVE_PORT = 8000  # Ray Serve's HTTP proxy on the head: http_options.port of the Serve app
+
+
+def bypasses_login(head_node_config: dict[str, Any]) -> bool:
+    return bool(head_node_config.get("bypass_authentication"))
+
+
+def application_env(cluster_name: str, locked: bool) -> dict[str, str]:
+    """What the head's application is told: the key's file (never the key)."""
+    return {ENDPOINT_KEY_FILE_ENV: endpoint_key_path(cluster_name)} if locked else {}
+
+
+def ensure_endpoint_key(client: CMLClient, cluster_name: str) -> bool:
+    """Give the cluster an endpoint key unless it has one; True when created."""
+    folder, name = endpoint_key_path(cluster_name).rsplit("/", 1)
+    try:
+        if any(f.path.rsplit("/", 1)[-1] == name for f in client.list_files(folder)):
+            return False
+    except CMLNotFoundError:
+        pass
+    client.upload_file(f"{folder}/{name}", secrets.token_urlsafe(32))
+    return True
+
+
+def read_endpoint_key(client: CMLClient, cluster_name: str) -> str | None:
+    try:
+        return client.download_file(endpoint_key_path(cluster_name)).decode().strip() or None
+    except CMLNotFoundError:
+        return None
+
+
+def refused_bypass(exc: Exception, head_type: str) -> str | None:
+    """One sentence when CML refused an application without its login, else None."""
+    if isinstance(exc, CMLAPIError) and exc.status in (400, 403):
+        text = str(exc).lower()
+        if "unauthenticated" in text or "bypass" in text or exc.status == 403:
+            return (
+                f"available_node_types.{head_type}.node_config.bypass_authentication: this "
+                "workspace "
+                "does not allow applications without CML's login (an administrator's setting); "
+                "remove the setting to keep the head's URL behind the login. "
+                f"CML said: {exc}"
+            )
+    return None
+
+
+def how_to_call(url: str, locked: bool) -> list[str]:
+    """Lines that show how to call the cluster's OpenAI API at the head's URL."""
+    if locked:
+        return [
+            f"OpenAI API: {url}/v1 (open to any caller with the endpoint key; "
+            "CML's login is bypassed)",
+            "  export RAY_CML_ENDPOINT_KEY=$(ray-cml endpoint-key CONFIG)",
+            f'  curl {url}/v1/models -H "Authorization: Bearer $RAY_CML_ENDPOINT_KEY"',
+            f'  openai.OpenAI(base_url="{url}/v1", api_key=os.environ["RAY_CML_ENDPOINT_KEY"])',
+        ]
+    return [
+        f"OpenAI API: {url}/v1 (behind CML's login: a browser signed in to CML; for "
+        "programs, set bypass_authentication on the head, see docs/security.md)",
+        "  from a CML session of this project: "
+        'openai.OpenAI(base_url="http://<head IP>:8000/v1", api_key="none")',
+    ]
