@@ -24,6 +24,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.endpoint_key",
         "print the key callers of the head's URL send when it bypasses CML's login",
     ),
+    "model": (
+        "ray_cml_provider.ops.model",
+        "fill the project's model cache once; every cluster's replicas load from it",
+    ),
     "token": (
         "ray_cml_provider.ops.token",
         "print the cluster's Ray token (every Ray port of the cluster asks for it)",
