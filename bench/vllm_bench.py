@@ -4,13 +4,15 @@ Prints numbers; asserts nothing.
     make vllm-env model
     .venv/bin/python bench/vllm_bench.py [--requests 32] [--concurrency 8] [--max-tokens 64]
 
-1. Cold start: the first request at zero replicas until its first streamed token, split into
-   worker creation (request -> application created), application start (created ->
-   RUNNING), Ray join (RUNNING -> the worker's raylet registered) and engine start + first
-   token (raylet registered -> first token).
-2. Throughput of the same model through our Serve app on the emulated cluster versus vLLM's
-   own OpenAI server (`vllm serve`) on the same machine: same prompts, same concurrency;
-   completion tokens per second and their ratio.
+1. Cold start: one streamed request at zero replicas until its first token, by stage, read
+   from the client, the head's Serve controller and autoscaler logs, CML's record of the
+   worker application and the worker's Ray logs: the request, Serve's decisions, the
+   replica's placement group, the autoscaler, the create, the raylet joining, RUNNING, the
+   replica (vLLM's engine) starting and ready, the first token.
+2. Throughput of the same model through our Serve app on the emulated cluster (Serve's
+   proxy on the head) versus vLLM's own OpenAI server on the same machine (all of its CPUs
+   for both, one at a time): the same prompts, every answer max_tokens long (ignore_eos),
+   concurrency 1, 8 and 32; completion tokens per second and their ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,7 +34,9 @@ import requests
 
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.harness import RunningEmulator
-from ray_cml_provider.llm.serve_configs import load, with_model_source
+from ray_cml_provider.llm.model_cache import fill
+from ray_cml_provider.llm.openai_calls import stream_chat
+from ray_cml_provider.llm.serve_configs import in_project, load
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 
@@ -54,35 +59,92 @@ def node_start(node: dict) -> float:
         return datetime.fromisoformat(value).timestamp()
 
 
-def first_token_time(url: str) -> tuple[float, float]:
-    """Send one streamed chat request; return (time sent, time of the first token)."""
-    sent = time.time()
-    with requests.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": MODEL_ID,
-            "stream": True,
-            "max_tokens": 16,
-            "messages": [{"role": "user", "content": "Name a colour."}],
-        },
-        stream=True,
-        timeout=900,
-    ) as answer:
-        answer.raise_for_status()
-        for line in answer.iter_lines():
-            if line.startswith(b"data: ") and b'"content"' in line:
-                return sent, time.time()
-    raise RuntimeError("no token streamed")
+LOG_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def log_time(folder: Path, pattern: str, after: float, glob: str = "**/*.log") -> float | None:
+    """The first time (epoch) after ``after`` of a log line matching ``pattern``, in the Ray
+    logs of one node (``folder``: its session's ``logs``); Ray stamps lines in local time."""
+    matcher = re.compile(pattern)
+    found = []
+    for path in folder.glob(glob):
+        for line in path.read_text(errors="replace").splitlines():
+            stamp = LOG_STAMP.search(line)
+            if stamp and matcher.search(line):
+                when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if when >= after:
+                    found.append(when)
+    return min(found) if found else None
+
+
+def node_logs(node_id: str) -> Path:
+    return Path(f"/tmp/rcml-{node_id}/ray/session_latest/logs")
+
+
+def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str, float | None]]:
+    """One streamed request at zero replicas; the moment of each stage, from the client, the
+    head's Serve controller and autoscaler logs, CML's record and the worker's logs."""
+    answer = stream_chat(url, MODEL_ID, "Name a colour.", max_tokens=16)
+    if answer.status != 200:
+        raise SystemExit(f"the cold request failed: {answer.status} {answer.error}")
+    sent = answer.sent_at
+    [worker] = cluster.workers()
+    worker_id = worker.name.rsplit("-", 1)[-1]
+    head, work = node_logs(head_id), node_logs(worker_id)
+    nodes = cluster.exec("ray list nodes --format json --detail 2>/dev/null")
+    listed = json.loads(nodes.stdout[nodes.stdout.index("[") :])
+    joined = max(node_start(n) for n in listed if not n["is_head_node"])
+    llm = r"Deployment\(name='LLMServer"
+
+    def on_head(pattern: str, glob: str = "**/*.log") -> float | None:
+        return log_time(head, pattern, sent, glob)
+
+    def on_worker(pattern: str) -> float | None:
+        return log_time(work, pattern, sent)
+
+    return [
+        ("request sent", sent),
+        ("Serve scales the ingress from zero", on_head(r"Upscaling Deployment\(name='OpenAi")),
+        ("Serve decides: LLMServer 0 -> 1", on_head(rf"Upscaling {llm}")),
+        ("replica asked for (placement group)", on_head(rf"Adding 1 replica to {llm}")),
+        ("autoscaler queues a worker", on_head(r"QUEUED", "monitor.log")),
+        ("provider creates the application", on_head(r"created application", "monitor.log")),
+        ("Ray: the worker's raylet joined", joined),
+        ("CML: application RUNNING", epoch(worker.raw["running_at"])),
+        ("replica starts on the worker", on_worker(r"Started initializing replica")),
+        ("replica ready (vLLM engine started)", on_worker(r"Finished initializing replica")),
+        ("first token", answer.first_token_at),
+    ]
+
+
+def print_stages(stages: list[tuple[str, float | None]]) -> None:
+    sent = stages[0][1]
+    print("cold start, one request at zero replicas (seconds since it was sent; +step):")
+    previous = sent
+    for name, when in stages:
+        if when is None:
+            print(f"  {name:<40}{'-':>8}")
+            continue
+        print(f"  {name:<40}{when - sent:8.1f}{when - previous:+8.1f}")
+        previous = max(previous, when)
+    times = dict(stages)
+    engine = (times["replica ready (vLLM engine started)"] or 0) - (
+        times["replica starts on the worker"] or 0
+    )
+    total = times["first token"] - sent
+    rest = total - engine
+    print(f"  total {total:.1f} s; vLLM's replica start {engine:.1f} s; the rest {rest:.1f} s")
 
 
 def throughput(url: str, requests_n: int, concurrency: int, max_tokens: int) -> float:
     def one(prompt: str) -> int:
         answer = requests.post(
-            f"{url}/v1/chat/completions",
+            f"{url}/chat/completions",
             json={
                 "model": MODEL_ID,
                 "max_tokens": max_tokens,
                 "temperature": 0,
+                "ignore_eos": True,
                 "messages": [{"role": "user", "content": prompt}],
             },
             timeout=600,
@@ -93,11 +155,11 @@ def throughput(url: str, requests_n: int, concurrency: int, max_tokens: int) -> 
     one(PROMPTS[0])  # warm
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
-        tokens = sum(pool.map(one, PROMPTS[:requests_n]))
+        tokens = sum(pool.map(one, (PROMPTS * 4)[:requests_n]))
     return tokens / (time.monotonic() - started)
 
 
-def serve_on_cluster(args: argparse.Namespace) -> float:
+def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
     with (
         tempfile.TemporaryDirectory(prefix="vllm-bench-") as work,
         RunningEmulator(extra_args=["--python", str(args.vllm_python)]) as emulator,
@@ -106,32 +168,34 @@ def serve_on_cluster(args: argparse.Namespace) -> float:
         if cluster.up().returncode != 0:
             raise SystemExit("ray up failed")
         head_ip = cluster.head_ip()
-        config = with_model_source(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), args.model)
-        cluster.serve_deploy(config)
-        time.sleep(10)
-        url = f"http://{head_ip}:8000"
-
-        sent, first_token = first_token_time(url)
-        [worker] = cluster.workers()
-        nodes = cluster.exec("ray list nodes --format json --detail 2>/dev/null")
-        listed = json.loads(nodes.stdout[nodes.stdout.index("[") :])
-        joined = max(node_start(n) for n in listed if not n["is_head_node"])
-        created, running = epoch(worker.raw["created_at"]), epoch(worker.raw["running_at"])
-        print("cold start, first request at zero replicas -> first token:")
-        for part, seconds in (
-            ("worker creation", created - sent),
-            ("application start", running - created),
-            ("Ray join", joined - running),
-            ("engine start + first token", first_token - joined),
-            ("total", first_token - sent),
-        ):
-            print(f"  {part:<28}{seconds:7.1f} s")
-        tokens_per_s = throughput(url, args.requests, args.concurrency, args.max_tokens)
+        [head] = cluster.nodes("head")
+        cache, _ = fill(emulator.project_dir, str(args.model), log=lambda _: None)
+        config = in_project(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), emulator.project_dir)
+        if args.ingress_from_zero:  # Ray's default: the ingress scales to zero with the model
+            ingress = config["applications"][0]["args"]["ingress_deployment_config"]
+            ingress.pop("autoscaling_config", None)
+        if cluster.serve_deploy(config, "vllm_app_cpu.yaml").returncode != 0:
+            raise SystemExit("serve deploy failed")
+        cluster.wait_for_serve_app("llm")
+        direct = f"http://{head_ip}:8000/v1"
+        print_stages(cold_start(cluster, direct, head.name.rsplit("-", 1)[-1]))
+        engine = next(p for p in emulator.processes() if p["id"] == head.id)
+        gateway = f"http://{engine['ip_address']}:{engine['app_port']}/v1"
+        results = {}
+        for concurrency in args.concurrency:
+            results[concurrency] = throughput(direct, args.requests, concurrency, args.max_tokens)
+            print(
+                f"  Serve, concurrency {concurrency}: {results[concurrency]:.1f} tokens/s",
+                flush=True,
+            )
+        if args.gateway:
+            through = throughput(gateway, args.requests, 8, args.max_tokens)
+            print(f"  Serve through the head's gateway, concurrency 8: {through:.1f} tokens/s")
         cluster.down()
-        return tokens_per_s
+        return results
 
 
-def vllm_own_server(args: argparse.Namespace) -> float:
+def vllm_own_server(args: argparse.Namespace) -> dict[int, float]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -173,7 +237,9 @@ def vllm_own_server(args: argparse.Namespace) -> float:
                     break
             except requests.RequestException:
                 time.sleep(1)
-        return throughput(url, args.requests, args.concurrency, args.max_tokens)
+        return {
+            c: throughput(f"{url}/v1", args.requests, c, args.max_tokens) for c in args.concurrency
+        }
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -189,19 +255,29 @@ def main() -> None:
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--ingress-from-zero",
+        action="store_true",
+        help="Ray's default: the OpenAI ingress scales to zero too (the config keeps one)",
+    )
+    parser.add_argument(
+        "--gateway", action="store_true", help="also measure through the head's gateway"
+    )
+    parser.add_argument("--no-vllm-server", action="store_true", help="skip vLLM's own server")
     args = parser.parse_args()
     ours = serve_on_cluster(args)
-    print(f"Serve LLM app on the emulated cluster: {ours:.1f} completion tokens/s", flush=True)
+    if args.no_vllm_server:
+        return
     theirs = vllm_own_server(args)
     print(
-        f"throughput ({args.requests} requests, concurrency {args.concurrency}, "
-        f"max_tokens {args.max_tokens}, temperature 0):"
+        f"throughput ({args.requests} requests, max_tokens {args.max_tokens}, temperature 0, "
+        "ignore_eos; completion tokens/s):"
     )
-    print(f"  Serve LLM app on the emulated cluster {ours:8.1f} completion tokens/s")
-    print(f"  vLLM's own OpenAI server              {theirs:8.1f} completion tokens/s")
-    print(f"  ratio (ours / vLLM's)                 {ours / theirs:8.2f}")
+    print(f"  {'concurrency':<14}{'Serve':>10}{'vLLM':>10}{'ratio':>8}")
+    for c in args.concurrency:
+        print(f"  {c:<14}{ours[c]:10.1f}{theirs[c]:10.1f}{ours[c] / theirs[c]:8.2f}")
 
 
 if __name__ == "__main__":
