@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as uvicorn (Serve's proxy): no 40 ms delayed-ACK stalls
     def do_GET(self):
         if self.path.startswith("/v1/stream"):
             self.send_response(200)

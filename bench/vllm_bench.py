@@ -43,6 +43,7 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 DEFAULT_MODEL = Path.home() / ".cache" / "ray-cml" / MODEL_ID
+VLLM_SERVER_LOG = Path(tempfile.gettempdir()) / "vllm-bench-own-server.log"
 PROMPTS = [f"Write one sentence about the number {n}." for n in range(64)]
 
 
@@ -74,6 +75,24 @@ def log_time(folder: Path, pattern: str, after: float, glob: str = "**/*.log") -
                 when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 if when >= after:
                     found.append(when)
+    return min(found) if found else None
+
+
+PLACED = r"Successfully created placement group SERVE_REPLICA::llm#LLMServer"
+VLLM_STAMP = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) ")
+
+
+def vllm_time(folder: Path, pattern: str, after: float) -> float | None:
+    """vLLM stamps its lines ``INFO MM-DD HH:MM:SS`` (whole seconds, no year)."""
+    matcher, found = re.compile(pattern), []
+    year = datetime.fromtimestamp(after).year
+    for path in list(folder.glob("*.out")) + list(folder.glob("*.err")):
+        for line in path.read_text(errors="replace").splitlines():
+            stamp = VLLM_STAMP.search(line)
+            if stamp and matcher.search(line):
+                when = datetime.strptime(f"{year}-{stamp.group(1)}", "%Y-%m-%d %H:%M:%S")
+                if when.timestamp() >= after - 1:
+                    found.append(when.timestamp())
     return min(found) if found else None
 
 
@@ -109,10 +128,17 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
         ("replica asked for (placement group)", on_head(rf"Adding 1 replica to {llm}")),
         ("autoscaler queues a worker", on_head(r"QUEUED", "monitor.log")),
         ("provider creates the application", on_head(r"created application", "monitor.log")),
-        ("Ray: the worker's raylet joined", joined),
+        ("Ray: the worker's raylet started", joined),
+        ("Ray: the GCS registers the worker", on_head(r"Registering new node", "gcs_server.out")),
+        ("the replica's placement group placed", on_head(PLACED, "gcs_server.out")),
         ("CML: application RUNNING", epoch(worker.raw["running_at"])),
-        ("replica starts on the worker", on_worker(r"Started initializing replica")),
-        ("replica ready (vLLM engine started)", on_worker(r"Finished initializing replica")),
+        ("replica actor initializing (imports done)", on_worker(r"Started initializing replica")),
+        ("vLLM: weights loaded", vllm_time(work, r"Loading weights took", sent)),
+        ("vLLM: engine initialized", vllm_time(work, r"init engine", sent)),
+        (
+            "Serve: replica ready",
+            on_head(r"deployment='LLMServer[^']*', app='llm'\) started successfully"),
+        ),
         ("first token", answer.first_token_at),
     ]
 
@@ -128,12 +154,14 @@ def print_stages(stages: list[tuple[str, float | None]]) -> None:
         print(f"  {name:<40}{when - sent:8.1f}{when - previous:+8.1f}")
         previous = max(previous, when)
     times = dict(stages)
-    engine = (times["replica ready (vLLM engine started)"] or 0) - (
-        times["replica starts on the worker"] or 0
-    )
+    # The replica's own start: its process, importing Serve LLM and vLLM, vLLM's engine.
+    engine = times["Serve: replica ready"] - times["the replica's placement group placed"]
     total = times["first token"] - sent
     rest = total - engine
-    print(f"  total {total:.1f} s; vLLM's replica start {engine:.1f} s; the rest {rest:.1f} s")
+    print(
+        f"  total {total:.1f} s: the replica's own start (placed -> ready: its process, "
+        f"Serve LLM and vLLM imports, vLLM's engine) {engine:.1f} s, the rest {rest:.1f} s"
+    )
 
 
 def throughput(url: str, requests_n: int, concurrency: int, max_tokens: int) -> float:
@@ -164,16 +192,33 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
         tempfile.TemporaryDirectory(prefix="vllm-bench-") as work,
         RunningEmulator(extra_args=["--python", str(args.vllm_python)]) as emulator,
     ):
-        cluster = LocalCluster(emulator, Path(work), cluster_name="vllmbench")
+
+        def ray_defaults(config: dict) -> None:  # the autoscaler's loop back at 5 s
+            config["available_node_types"]["head"]["node_config"].pop("environment", None)
+
+        cluster = LocalCluster(
+            emulator,
+            Path(work),
+            cluster_name="vllmbench",
+            config_overrides=ray_defaults if args.before else None,
+        )
         if cluster.up().returncode != 0:
             raise SystemExit("ray up failed")
         head_ip = cluster.head_ip()
         [head] = cluster.nodes("head")
         cache, _ = fill(emulator.project_dir, str(args.model), log=lambda _: None)
         config = in_project(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), emulator.project_dir)
-        if args.ingress_from_zero:  # Ray's default: the ingress scales to zero with the model
+        if args.before:  # Ray's defaults for what this project's configs set
             ingress = config["applications"][0]["args"]["ingress_deployment_config"]
-            ingress.pop("autoscaling_config", None)
+            ingress.pop("autoscaling_config", None)  # the ingress scales to zero too
+            env = config["applications"][0]["runtime_env"]["env_vars"]
+            for name in list(env):
+                if name.startswith(("RAY_SERVE_", "RAYLLM_")):
+                    del env[name]
+        app = config["applications"][0]
+        app["runtime_env"]["env_vars"].update(dict(kv.split("=", 1) for kv in args.env))
+        if app["runtime_env"]["env_vars"].get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1":
+            app["args"].pop("ingress_deployment_config", None)  # the LLM server is the ingress
         if cluster.serve_deploy(config, "vllm_app_cpu.yaml").returncode != 0:
             raise SystemExit("serve deploy failed")
         cluster.wait_for_serve_app("llm")
@@ -222,8 +267,8 @@ def vllm_own_server(args: argparse.Namespace) -> dict[int, float]:
             str(port),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(VLLM_SERVER_LOG, "w"),  # noqa: SIM115 - the server's whole life
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -258,12 +303,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
-        "--ingress-from-zero",
+        "--before",
         action="store_true",
-        help="Ray's default: the OpenAI ingress scales to zero too (the config keeps one)",
+        help="Ray's defaults where the configs differ: the OpenAI ingress scales to zero, "
+        "Serve's request path as shipped, the autoscaler looks every 5 s",
     )
     parser.add_argument(
         "--gateway", action="store_true", help="also measure through the head's gateway"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the Serve app (its runtime_env), e.g. "
+        "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1",
     )
     parser.add_argument("--no-vllm-server", action="store_true", help="skip vLLM's own server")
     args = parser.parse_args()

@@ -231,29 +231,35 @@ class NodeLauncher:
         return (self.node_dir / "node.json").exists()
 
     def secure_token(self) -> None:
-        """Wait for the cluster's token to show on the mount (``ray up`` wrote it through the
-        API before creating the head), then make it owner-only. Raises ``NoToken``."""
+        """Wait for the cluster's token (and, on a head without CML's login, its endpoint key)
+        to show on the mount (``ray up`` wrote them through the API before creating the head),
+        then make them owner-only. Raises ``NoToken``."""
         if self.token_path is None:
             return
+        secrets_files = [
+            self.token_path,
+            *([self.endpoint_key_path] if self.endpoint_key_path else []),
+        ]
         started = time.monotonic()
         next_note = started + 15
-        while not self.token_path.is_file():
+        while not all(path.is_file() for path in secrets_files):
+            missing = next(path for path in secrets_files if not path.is_file())
             waited = time.monotonic() - started
             if waited > TOKEN_WAIT_S:
+                what = "Ray token" if missing == self.token_path else "endpoint key"
                 raise NoToken(
-                    f"ray-cml: the cluster's Ray token ({self.token_path}) "
+                    f"ray-cml: the cluster's {what} ({missing}) "
                     f"is not in the project after {waited:.0f} s; "
                     "`ray down` and `ray up` make a new one"
                 )
             if time.monotonic() > next_note:
                 next_note = time.monotonic() + 15
-                log(f"waiting for the cluster's Ray token to show here ({waited:.0f} s)")
+                log(f"waiting for {missing.name} to show here ({waited:.0f} s)")
             time.sleep(1.0)
         with contextlib.suppress(OSError):  # another node may be doing the same now
             self.token_path.parent.chmod(0o700)
-            self.token_path.chmod(0o600)
-            if self.endpoint_key_path:
-                self.endpoint_key_path.chmod(0o600)
+            for path in secrets_files:
+                path.chmod(0o600)
 
     def prepare(self) -> None:
         self.secure_token()
