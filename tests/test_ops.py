@@ -298,7 +298,7 @@ def test_status_table_and_json_from_cml_alone(emulator, key_env, monkeypatch, tm
     for node_id in workers:
         node = by_id[node_id]
         assert node["ip"] == engines[node["application_id"]]["ip_address"]
-        assert node["url"].startswith(f"http://{node['ip']}:")
+        assert node["url"] == f"{emulator.url}/apps/{node['application']}"  # CML's proxy
     assert by_id["0badc0de"]["application_id"] == stray.id
     assert report["gcs_address"].startswith(by_id[head]["ip"] + ":")
     # Where a session finds the Ray token, never the token; `ray-cml token` prints it.
@@ -327,6 +327,8 @@ def test_status_of_a_cluster_that_is_down_and_of_a_bad_key(
     assert code == 0 and "no applications: the cluster is down" in out
     code, out, err = run_cli(capsys, "token", str(path))
     assert code == 1 and out == "" and "has no Ray token: it is down" in err
+    code, out, err = run_cli(capsys, "endpoint-key", str(path))
+    assert code == 1 and out == "" and "has no endpoint key: it is down" in err
     monkeypatch.setenv("TEST_CML_KEY", "wrong")
     code, out, err = run_cli(capsys, "status", str(path))
     assert code == 1 and out == "" and err.startswith("ray-cml: CML refused the API key")

@@ -10,37 +10,17 @@ job API (those need Ray's token).
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from ray_cml_provider.cluster.workspace import OperatorError, client_for
-from ray_cml_provider.cml import CMLError
-from ray_cml_provider.ops import report_failure
-from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
+from ray_cml_provider.ops import print_cluster_secret
 from ray_cml_provider.provider.endpoint import read_endpoint_key
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ray-cml endpoint-key",
-        description="Print the key callers of the head's URL send (Authorization: Bearer), "
-        "when the head bypasses CML's login.",
+    return print_cluster_secret(
+        argv,
+        "ray-cml endpoint-key",
+        "Print the key callers of the head's URL send (Authorization: Bearer), when the "
+        "head bypasses CML's login.",
+        read_endpoint_key,
+        "cluster {cluster!r} has no endpoint key: it is down, or its head keeps CML's login "
+        "(no bypass_authentication on its node_config)",
     )
-    parser.add_argument("config", help="the cluster YAML")
-    args = parser.parse_args(argv)
-    config: dict = {"provider": {}}
-    try:
-        config = load_cluster_config(args.config)
-        with client_for(config["provider"]) as client:
-            key = read_endpoint_key(client, config["cluster_name"])
-    except (ClusterConfigError, OperatorError, CMLError) as exc:
-        return report_failure(exc, config["provider"])
-    if key is None:
-        print(
-            f"ray-cml: cluster {config['cluster_name']!r} has no endpoint key: it is down, or "
-            "its head keeps CML's login (no bypass_authentication on its node_config)",
-            file=sys.stderr,
-        )
-        return 1
-    print(key)
-    return 0

@@ -20,8 +20,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from ray_cml_provider.cml import CMLClient, CMLNotFoundError
+from ray_cml_provider.cml import CMLClient
 from ray_cml_provider.cml.errors import CMLAPIError
+from ray_cml_provider.provider.cluster_files import ensure_file, read_file
 from ray_cml_provider.provider.naming import endpoint_key_path
 
 ENDPOINT_KEY_FILE_ENV = "RAY_CML_ENDPOINT_KEY_FILE"
@@ -39,21 +40,11 @@ def application_env(cluster_name: str, locked: bool) -> dict[str, str]:
 
 def ensure_endpoint_key(client: CMLClient, cluster_name: str) -> bool:
     """Give the cluster an endpoint key unless it has one; True when created."""
-    folder, name = endpoint_key_path(cluster_name).rsplit("/", 1)
-    try:
-        if any(f.path.rsplit("/", 1)[-1] == name for f in client.list_files(folder)):
-            return False
-    except CMLNotFoundError:
-        pass
-    client.upload_file(f"{folder}/{name}", secrets.token_urlsafe(32))
-    return True
+    return ensure_file(client, endpoint_key_path(cluster_name), lambda: secrets.token_urlsafe(32))
 
 
 def read_endpoint_key(client: CMLClient, cluster_name: str) -> str | None:
-    try:
-        return client.download_file(endpoint_key_path(cluster_name)).decode().strip() or None
-    except CMLNotFoundError:
-        return None
+    return read_file(client, endpoint_key_path(cluster_name))
 
 
 def refused_bypass(exc: Exception, head_type: str) -> str | None:

@@ -26,7 +26,8 @@ import os
 import secrets
 from typing import Any
 
-from ray_cml_provider.cml import CMLClient, CMLNotFoundError
+from ray_cml_provider.cml import CMLClient
+from ray_cml_provider.provider.cluster_files import ensure_file, read_file
 from ray_cml_provider.provider.naming import auth_token_path
 
 TOKEN, DISABLED = "token", "disabled"
@@ -63,22 +64,12 @@ def application_env(cluster_name: str, mode: str) -> dict[str, str]:
 
 def ensure_token(client: CMLClient, cluster_name: str) -> bool:
     """Give the cluster a token unless its folder holds one already; True when created."""
-    folder, name = auth_token_path(cluster_name).rsplit("/", 1)
-    try:
-        if any(f.path.rsplit("/", 1)[-1] == name for f in client.list_files(folder)):
-            return False
-    except CMLNotFoundError:
-        pass
-    client.upload_file(f"{folder}/{name}", secrets.token_hex(32))
-    return True
+    return ensure_file(client, auth_token_path(cluster_name), lambda: secrets.token_hex(32))
 
 
 def read_token(client: CMLClient, cluster_name: str) -> str | None:
     """The cluster's token, or None when it has none (auth disabled, or the cluster is down)."""
-    try:
-        return client.download_file(auth_token_path(cluster_name)).decode().strip() or None
-    except CMLNotFoundError:
-        return None
+    return read_file(client, auth_token_path(cluster_name))
 
 
 def client_env(token: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
