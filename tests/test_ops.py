@@ -283,7 +283,8 @@ def test_status_table_and_json_from_cml_alone(emulator, key_env, monkeypatch, tm
     for node_id in workers:
         row = next(line for line in lines if line.startswith(node_id))
         assert re.match(
-            rf"{node_id}\s+gpu_worker\s+RUNNING\s+unknown\s+1\s+1G\s+1\s+\d+s\s+http://127\.\d+\.\d+\.\d+:\d+$",
+            rf"{node_id}\s+gpu_worker\s+RUNNING\s+unknown\s+1\s+1G\s+1\s+\d+s\s+"
+            rf"{emulator.url}/apps/ray-c1-worker-{node_id}$",
             row,
         )
     assert "0badc0de *" in out and "* stray ray-c1-worker-0badc0de" in out
