@@ -77,6 +77,20 @@ class ProjectAPI:
             "POST", "/files", body, **{"Content-Type": f"multipart/form-data; boundary={boundary}"}
         )
 
+    def application_names(self) -> list[str]:
+        """Names of the project's applications (every page)."""
+        names, token = [], ""
+        while True:
+            query = urllib.parse.urlencode({"page_size": 100, "page_token": token})
+            try:
+                data = json.loads(self._call("GET", f"/applications?{query}"))
+            except ValueError as exc:
+                raise OSError(f"GET /applications: unexpected answer ({exc!r})") from None
+            names += [app.get("name", "") for app in data.get("applications") or []]
+            token = data.get("next_page_token") or ""
+            if not token:
+                return names
+
     def delete_application_named(self, name: str) -> None:
         query = urllib.parse.urlencode({"search_filter": json.dumps({"name": name})})
         try:

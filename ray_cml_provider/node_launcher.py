@@ -18,6 +18,10 @@ Standard library only: it starts before anything is installed (it is the applica
 - keeps the application alive, and on a worker exits (deleting its own application) once
   the head has been unreachable for ``RAY_CML_HEAD_LOST_TIMEOUT_S``, so a dead head never
   leaves GPU applications running;
+- on the head, with ``RAY_CML_AUTOSTOP_MINUTES``, stops the cluster once it has been idle that
+  long (``cluster/idleness.py`` says what idle is): it leaves ``autostopped.json`` in the
+  cluster's folder for ``ray-cml status`` and deletes every application of the cluster,
+  itself last; ``ray up`` brings the cluster back;
 - on a worker, answers HTTP on the application's port (``CDSW_APP_PORT``) with the node's
   state from its first second: CML polls that port to learn the application is up (the
   head's dashboard answers there), so a worker that answered nothing might never be RUNNING.
@@ -43,6 +47,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +73,8 @@ API_POLL_IDLE_S = {"head": 5.0, "worker": 15.0}
 BUSY_FOR_S = 60.0
 # How long a node waits for the cluster's token to show on the project's mount (NFS).
 TOKEN_WAIT_S = 120.0
+# What the head leaves in the cluster's folder when it stopped an idle cluster.
+AUTOSTOP_RECORD = "autostopped.json"
 
 
 class HeadGone(Exception):
@@ -206,6 +213,8 @@ class NodeLauncher:
         key_file = env.get("RAY_CML_ENDPOINT_KEY_FILE", "")
         self.endpoint_key_path = self.project_dir / key_file if key_file else None
         self.gateway: node_gateway.RunningGateway | None = None
+        minutes = env.get("RAY_CML_AUTOSTOP_MINUTES", "") if self.kind == "head" else ""
+        self.autostop_s = float(minutes) * 60 if minutes else 0.0
         self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
         self.api = node_api.ProjectAPI(env, log)
         self.done: set[str] = set()  # commands already run (each runs once)
@@ -676,6 +685,74 @@ class NodeLauncher:
             f"the rest -> dashboard :{self.dashboard_port} ({locked})"
         )
 
+    # ------------------------------------------------------------------ autostop
+
+    def watch_idleness(self) -> None:
+        """In a thread: ask ``cluster.idleness`` every few seconds; once the cluster has been
+        idle for ``autostop_s``, stop it (``autostop``). Any answer but "idle" (busy, or Ray
+        not answering) starts the count again."""
+        check_s = max(2.0, min(30.0, self.autostop_s / 4))
+        dashboard = f"http://{self.ip}:{self.dashboard_port}"
+        idle_since: float | None = None
+        log(f"autostop: the cluster stops after {self.autostop_s / 60:g} idle minute(s)")
+        while True:
+            time.sleep(check_s)
+            if not self.environment_ready.is_set():
+                continue
+            try:
+                probe = subprocess.run(
+                    [sys.executable, "-m", "ray_cml_provider.cluster.idleness"]
+                    + ["--dashboard", dashboard],
+                    env=self.command_env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                answer = json.loads(probe.stdout.strip().splitlines()[-1])
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                answer = {"idle": False, "busy": ["the idleness probe failed"]}
+            now = time.monotonic()
+            if not answer.get("idle"):
+                if idle_since is not None:
+                    log(f"autostop: busy again ({'; '.join(answer.get('busy') or [])})")
+                idle_since = None
+                continue
+            if idle_since is None:
+                idle_since = now
+                log("autostop: the cluster is idle")
+            if now - idle_since >= self.autostop_s:
+                self.autostop(now - idle_since)
+                return
+
+    def autostop(self, idle_s: float) -> None:
+        """Record why, stop Ray here (its autoscaler would replace workers), then delete every
+        application of the cluster, this head last."""
+        log(f"autostop: idle for {idle_s:.0f} s: stopping the cluster")
+        record = {
+            "stopped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "idle_minutes": round(idle_s / 60, 2),
+            "autostop_minutes": self.autostop_s / 60,
+            "head": self.node_id,
+        }
+        rel_dir = self.env["RAY_CML_DIR"]
+        try:
+            self.api.upload(f"{rel_dir}/{AUTOSTOP_RECORD}", json.dumps(record).encode())
+        except OSError as exc:
+            log(f"autostop: could not leave the record: {exc}")
+        stop_ray_of_this_node(grace_s=5)  # the autoscaler first: it would replace workers
+        own = self.env.get("RAY_CML_APP_NAME", "")
+        pattern = re.compile(rf"ray-{re.escape(self.cluster)}-(head|worker)-[0-9a-f]+")
+        try:
+            others = [n for n in self.api.application_names() if pattern.fullmatch(n)]
+        except OSError as exc:
+            log(f"autostop: could not list the cluster's applications: {exc}")
+            others = []
+        for name in sorted(others, key=lambda n: "-head-" in n):  # workers first
+            if name != own:
+                with contextlib.suppress(OSError):
+                    self.api.delete_application_named(name)
+        self.delete_own_application()
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
@@ -693,6 +770,8 @@ class NodeLauncher:
             self.serve_status_page()
         else:  # the head: ray up's commands wait for it, and meanwhile can be answered
             self.open_gateway()
+            if self.autostop_s:
+                threading.Thread(target=self.watch_idleness, name="autostop", daemon=True).start()
             threading.Thread(target=self.prepare_environment, daemon=True).start()
         try:
             if self.kind == "worker" and not self.start_worker_ray():

@@ -7,6 +7,7 @@ empty), so these tests are fast while exercising the same API calls, files and p
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -441,7 +442,17 @@ def test_a_head_that_does_not_start_ends_ray_up_with_one_sentence(start_emulator
 def test_a_head_without_cmls_login_gets_an_endpoint_key_by_file_and_a_locked_url(
     provider, emulator
 ):
-    [head] = launch(provider, tags=HEAD_TAGS, config={**HEAD_CONFIG, "bypass_authentication": True})
+    # A Serve port of its own: a Serve proxy of another test on 0.0.0.0:8000 answers on every
+    # loopback address of this machine (on CML each engine has an address of its own).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        serve_port = str(sock.getsockname()[1])
+    config = {
+        **HEAD_CONFIG,
+        "bypass_authentication": True,
+        "environment": {"RAY_CML_SERVE_PORT": serve_port},
+    }
+    [head] = launch(provider, tags=HEAD_TAGS, config=config)
     app = provider.application(head)
     assert app.raw["bypass_authentication"] is True
     key_file = emulator.project_dir / ".ray-cml" / "c1" / "auth" / "endpoint_key"

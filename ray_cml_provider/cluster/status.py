@@ -13,6 +13,7 @@ Used by ``ray-cml status`` (``ops/status.py`` renders it) and ``Cluster.status()
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -22,9 +23,11 @@ from typing import Any
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
 from ray_cml_provider.provider.addresses import application_url, node_infos, reachable
+from ray_cml_provider.provider.cluster_files import read_file
 from ray_cml_provider.provider.naming import (
     TAG_USER_NODE_TYPE,
     application_prefix,
+    autostop_record_path,
     cluster_dir,
     parse_application,
     parse_ledger_entry,
@@ -86,6 +89,7 @@ class ClusterStatus:
     dashboard_url: str = ""  # the head application's URL (its gateway: dashboard and /v1)
     dashboard_address: str = ""  # the dashboard itself, for CML sessions of the project
     endpoint_locked: bool = False  # the URL bypasses CML's login and asks for the endpoint key
+    autostopped: dict[str, Any] | None = None  # the head's record, when it stopped idle
     gcs_address: str = ""
     client_address: str = ""
     ray_auth: str = ""  # "token" | "disabled" (the head's), "" without a running head
@@ -132,6 +136,10 @@ def collect_status(
             ours.append(
                 OwnApplication(app, name.node_id, name.kind, tags.get(TAG_USER_NODE_TYPE, ""))
             )
+    if not ours:  # down: by `ray down`, or stopped by its head when idle (autostop)
+        record = read_file(client, autostop_record_path(cluster))
+        with contextlib.suppress(ValueError, TypeError):
+            report.autostopped = json.loads(record) if record else None
     live_ids = [own.node_id for own in ours if own.live]
     infos = node_infos(client, cluster, live_ids)
 

@@ -33,7 +33,15 @@ def render(report: ClusterStatus) -> str:
     }[report.ray_view]
     lines = [f"cluster {report.cluster} in project {report.project_id} on {report.host}", source]
     if not report.nodes:
-        lines.append("no applications: the cluster is down")
+        stopped = report.autostopped
+        if stopped:
+            lines.append(
+                f"no applications: stopped idle at {stopped.get('stopped_at')} by its head "
+                f"(provider.autostop_minutes: {stopped.get('autostop_minutes'):g}); "
+                "`ray up` brings it back"
+            )
+        else:
+            lines.append("no applications: the cluster is down")
         return "\n".join(lines)
     header = ("NODE", "TYPE", "CML", "RAY", "CPU", "MEM", "GPU", "AGE", "URL")
     rows = [header]

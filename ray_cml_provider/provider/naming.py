@@ -49,6 +49,7 @@ APPLICATION_ENV = (
     "RAY_CML_GCS_PORT_PREFERRED",  # head: the GCS port when free (default 6379)
     "RAY_CML_ENDPOINT_KEY_FILE",  # head: the endpoint key's file (provider/endpoint.py)
     "RAY_CML_SERVE_PORT",  # head: Serve's HTTP proxy, behind the URL's /v1 (default 8000)
+    "RAY_CML_AUTOSTOP_MINUTES",  # head: stop the cluster after this many idle minutes
 )
 COMMAND_ENV = (
     "RAY_CML_GCS_PORT",
@@ -154,3 +155,8 @@ def endpoint_key_path(cluster_name: str) -> str:
     """The key callers of the head's URL send when it bypasses CML's login
     (``provider/endpoint.py``), relative to the project root."""
     return f"{cluster_dir(cluster_name)}/auth/endpoint_key"
+
+
+def autostop_record_path(cluster_name: str) -> str:
+    """What a head that stopped its idle cluster leaves behind (``node_launcher.autostop``)."""
+    return f"{cluster_dir(cluster_name)}/autostopped.json"

@@ -56,6 +56,7 @@ from ray_cml_provider.provider.launches import Launch, LaunchTracker
 from ray_cml_provider.provider.naming import (
     application_name,
     application_prefix,
+    autostop_record_path,
     cluster_dir,
     decode_tags,
     encode_tags,
@@ -301,6 +302,8 @@ class CMLNodeProvider(NodeProvider):
             and ensure_token(self.client, self.cluster_name)
         ):
             logger.info("created the Ray token of cluster %s", self.cluster_name)
+        if kind == NODE_KIND_HEAD:  # a new head: an earlier autostop is history
+            self.client.delete_file(autostop_record_path(self.cluster_name), missing_ok=True)
         if (
             kind == NODE_KIND_HEAD
             and endpoint.bypasses_login(node_config)
@@ -453,6 +456,8 @@ class CMLNodeProvider(NodeProvider):
         )
         if kind == NODE_KIND_HEAD:
             env["RAY_CML_PROVIDER_ZIP"] = self.ship_code()
+            if self.provider_config.get("autostop_minutes"):
+                env["RAY_CML_AUTOSTOP_MINUTES"] = str(self.provider_config["autostop_minutes"])
             env.update(
                 endpoint.application_env(self.cluster_name, endpoint.bypasses_login(node_config))
             )
