@@ -93,6 +93,9 @@ class Ingress:
             for key, value in answer.getheaders():
                 if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
                     handler.send_header(key, value)
+            if handler.command == "HEAD" or answer.status in (204, 304):  # no body, ever
+                handler.end_headers()
+                return
             handler.send_header("Transfer-Encoding", "chunked")
             handler.end_headers()
             while piece := answer.read1(65536):
