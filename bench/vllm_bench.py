@@ -26,7 +26,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -60,39 +62,45 @@ def node_start(node: dict) -> float:
         return datetime.fromisoformat(value).timestamp()
 
 
-LOG_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+@dataclass(frozen=True)
+class Stamp:
+    """How a log line says when it was written: ``pattern`` finds the text, ``parse`` makes it
+    epoch seconds (given a time near it, for a year the line leaves out), ``slack_s`` is how
+    far before that time a line may fall and still count (whole-second stamps)."""
+
+    pattern: re.Pattern[str]
+    parse: Callable[[str, float], float]
+    slack_s: float = 0.0
 
 
-def log_time(folder: Path, pattern: str, after: float, glob: str = "**/*.log") -> float | None:
-    """The first time (epoch) after ``after`` of a log line matching ``pattern``, in the Ray
-    logs of one node (``folder``: its session's ``logs``); Ray stamps lines in local time."""
-    matcher = re.compile(pattern)
-    found = []
-    for path in folder.glob(glob):
-        for line in path.read_text(errors="replace").splitlines():
-            stamp = LOG_STAMP.search(line)
-            if stamp and matcher.search(line):
-                when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                if when >= after:
-                    found.append(when)
-    return min(found) if found else None
-
-
+# Ray's, in local time: "2026-11-27 01:44:32,817".
+RAY_STAMP = Stamp(
+    re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"),
+    lambda text, _near: datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp(),
+)
+# vLLM's: "INFO 11-27 01:45:15 " (whole seconds, no year).
+VLLM_STAMP = Stamp(
+    re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) "),
+    lambda text, near: datetime.strptime(
+        f"{datetime.fromtimestamp(near).year}-{text}", "%Y-%m-%d %H:%M:%S"
+    ).timestamp(),
+    slack_s=1.0,
+)
 PLACED = r"Successfully created placement group SERVE_REPLICA::llm#LLMServer"
-VLLM_STAMP = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) ")
 
 
-def vllm_time(folder: Path, pattern: str, after: float) -> float | None:
-    """vLLM stamps its lines ``INFO MM-DD HH:MM:SS`` (whole seconds, no year)."""
+def first_logged(
+    paths: Iterable[Path], pattern: str, after: float, stamp: Stamp = RAY_STAMP
+) -> float | None:
+    """The first time (epoch), not before ``after``, of a line matching ``pattern``."""
     matcher, found = re.compile(pattern), []
-    year = datetime.fromtimestamp(after).year
-    for path in list(folder.glob("*.out")) + list(folder.glob("*.err")):
+    for path in paths:
         for line in path.read_text(errors="replace").splitlines():
-            stamp = VLLM_STAMP.search(line)
-            if stamp and matcher.search(line):
-                when = datetime.strptime(f"{year}-{stamp.group(1)}", "%Y-%m-%d %H:%M:%S")
-                if when.timestamp() >= after - 1:
-                    found.append(when.timestamp())
+            text = stamp.pattern.search(line)
+            if text and matcher.search(line):
+                when = stamp.parse(text.group(1), after)
+                if when >= after - stamp.slack_s:
+                    found.append(when)
     return min(found) if found else None
 
 
@@ -116,10 +124,13 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
     llm = r"Deployment\(name='LLMServer"
 
     def on_head(pattern: str, glob: str = "**/*.log") -> float | None:
-        return log_time(head, pattern, sent, glob)
+        return first_logged(head.glob(glob), pattern, sent)
 
     def on_worker(pattern: str) -> float | None:
-        return log_time(work, pattern, sent)
+        return first_logged(work.glob("**/*.log"), pattern, sent)
+
+    def in_vllm(pattern: str) -> float | None:  # the replica's engine logs to its worker's
+        return first_logged([*work.glob("*.out"), *work.glob("*.err")], pattern, sent, VLLM_STAMP)
 
     return [
         ("request sent", sent),
@@ -133,8 +144,8 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
         ("the replica's placement group placed", on_head(PLACED, "gcs_server.out")),
         ("CML: application RUNNING", epoch(worker.raw["running_at"])),
         ("replica actor initializing (imports done)", on_worker(r"Started initializing replica")),
-        ("vLLM: weights loaded", vllm_time(work, r"Loading weights took", sent)),
-        ("vLLM: engine initialized", vllm_time(work, r"init engine", sent)),
+        ("vLLM: weights loaded", in_vllm(r"Loading weights took")),
+        ("vLLM: engine initialized", in_vllm(r"init engine")),
         (
             "Serve: replica ready",
             on_head(r"deployment='LLMServer[^']*', app='llm'\) started successfully"),

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_HEAD_BYTES = 64 * 1024
-BUFFER_BODY_UP_TO = 1024 * 1024  # smaller bodies are read first, so a stale connection can retry
+BUFFER_BODY_UP_TO = 1024 * 1024  # see read_whole
 CLIENT_IDLE_S = 300.0
 HOP_BY_HOP = {
     "connection",
@@ -173,6 +173,14 @@ def body_framing(message: Message) -> tuple[str, int]:
             raise BadRequest(f"Content-Length {length!r} is not valid")
         return "length", value
     return "none", 0
+
+
+def read_whole(framing: tuple[str, int]) -> bool:
+    """Whether a request body is small enough to read into memory first: no body, or a
+    Content-Length up to ``BUFFER_BODY_UP_TO``. Such a request can be sent again on a fresh
+    connection, and a refused one is read to its end, so the connection stays usable."""
+    kind, length = framing
+    return kind == "none" or (kind == "length" and length <= BUFFER_BODY_UP_TO)
 
 
 async def copy_body(
@@ -352,18 +360,18 @@ class Gateway:
         allowed, strip_key = self.admit(request, api)
         if not allowed:
             self.refused += 1
-            small = framing[0] == "length" and framing[1] <= BUFFER_BODY_UP_TO
-            if small:  # read what was sent, so the caller sees the answer, not a reset
+            stays_open = keep_alive and read_whole(framing)
+            if read_whole(framing):  # read what was sent: the caller sees the answer, not a reset
                 await copy_body(reader, None, framing)
             what = "the endpoint key or Ray's token" if api else "Ray's token"
             await self.answer(
                 writer,
                 401,
                 f"this URL needs {what}: send 'Authorization: Bearer <key>'",
-                close=not (small and keep_alive),
+                close=not stays_open,
                 extra=[("WWW-Authenticate", 'Bearer realm="ray-cml"')],
             )
-            return small and keep_alive
+            return stays_open
         if "100-continue" in request.tokens("expect"):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
@@ -376,26 +384,23 @@ class Gateway:
         if upgrade:
             headers.append(("Upgrade", request.get("upgrade")))
         outgoing = Message(f"{method} {target} HTTP/1.1", headers).encode()
-        body: bytes | None = None
-        if framing[0] == "none":
-            body = b""
-        elif framing[0] == "length" and framing[1] <= BUFFER_BODY_UP_TO:
+        body: bytes | None = None  # None: streamed to the upstream as it comes
+        if read_whole(framing):
             body = await reader.readexactly(framing[1])
         upstream = self.serve if api else self.dashboard
         for attempt in (1, 2):
             try:
                 up_reader, up_writer, reused = await upstream.connect(reuse=attempt == 1)
             except OSError:
+                stays_open = keep_alive and body is not None  # else the body is still unread
                 await self.answer(
                     writer,
                     502,
                     f"{upstream.name} does not answer on the head yet "
                     f"({upstream.host}:{upstream.port})",
-                    close=not keep_alive,
+                    close=not stays_open,
                 )
-                if body is None:
-                    return False
-                return keep_alive
+                return stays_open
             try:
                 up_writer.write(outgoing + (body or b""))
                 if body is None:

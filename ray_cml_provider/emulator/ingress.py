@@ -68,7 +68,8 @@ class Ingress:
             return self._answer(handler, 404, f"no application is served at {subdomain!r}")
         fields, engine = found
         bypass = fields.get("bypass_authentication", False)
-        if not bypass and not self.logged_in(handler):
+        logged_in = self.logged_in(handler)
+        if not bypass and not logged_in:
             return self._answer(
                 handler, 401, "sign in to CML to open this application (emulated CML login)"
             )
@@ -78,7 +79,7 @@ class Ingress:
             k: v
             for k, v in handler.headers.items()
             if k.lower() not in HOP_BY_HOP
-            and not (not bypass and k.lower() == "authorization" and self.logged_in(handler))
+            and not (not bypass and k.lower() == "authorization" and logged_in)
         }
         headers["Content-Length"] = str(len(body))
         connection = http.client.HTTPConnection(engine[0], engine[1], timeout=3600)

@@ -13,15 +13,6 @@ def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-def with_model_source(serve_config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
-    """A copy whose every LLM config loads its weights from ``model_dir``."""
-    config = copy.deepcopy(serve_config)
-    for app in config.get("applications", []):
-        for llm in (app.get("args") or {}).get("llm_configs") or []:
-            llm["model_loading_config"]["model_source"] = str(model_dir)
-    return config
-
-
 CML_PROJECT_ROOT = "/home/cdsw"
 
 

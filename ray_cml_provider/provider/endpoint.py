@@ -26,7 +26,6 @@ from ray_cml_provider.provider.cluster_files import ensure_file, read_file
 from ray_cml_provider.provider.naming import endpoint_key_path
 
 ENDPOINT_KEY_FILE_ENV = "RAY_CML_ENDPOINT_KEY_FILE"
-SERVE_PORT = 8000  # Ray Serve's HTTP proxy on the head: http_options.port of the Serve app
 
 
 def bypasses_login(head_node_config: dict[str, Any]) -> bool:

@@ -344,10 +344,11 @@ class CMLNodeProvider(NodeProvider):
                 self._launches.finish(node_id)
         if failures and kind == NODE_KIND_HEAD:
             # Only `ray up` launches a head: one sentence, not a traceback.
-            for _, err in created:
-                refused = err and endpoint.refused_bypass(err, node_type)
-                if refused and endpoint.bypasses_login(node_config):
-                    raise SystemExit(f"ray-cml: {refused}")
+            if endpoint.bypasses_login(node_config):
+                for _, err in created:
+                    refused = err and endpoint.refused_bypass(err, node_type)
+                    if refused:
+                        raise SystemExit(f"ray-cml: {refused}")
             raise SystemExit(f"ray-cml: the head did not start: {'; '.join(failures)}")
         if failures:
             raise NodeLaunchException(
