@@ -77,6 +77,14 @@ class ProjectAPI:
             "POST", "/files", body, **{"Content-Type": f"multipart/form-data; boundary={boundary}"}
         )
 
+    def delete(self, path: str) -> None:
+        """Delete a project file; nothing when it is not there."""
+        try:
+            self._call("DELETE", "/files/" + urllib.parse.quote(path))
+        except OSError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+
     def application_names(self) -> list[str]:
         """Names of the project's applications (every page)."""
         names, token = [], ""

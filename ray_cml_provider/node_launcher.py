@@ -18,6 +18,12 @@ Standard library only: it starts before anything is installed (it is the applica
 - keeps the application alive, and on a worker exits (deleting its own application) once
   the head has been unreachable for ``RAY_CML_HEAD_LOST_TIMEOUT_S``, so a dead head never
   leaves GPU applications running;
+- with ``RAY_CML_HEAD_RECOVERY`` (``provider.head_recovery``): the head keeps its GCS state
+  in the cluster's folder (RocksDB) and records the ``ray start --head`` that ``ray up`` ran;
+  when CML restarts the failed head, the new life (on a new address) publishes that address
+  and starts Ray again from the state, so Serve applications come back by themselves; a
+  worker whose head went away watches the head's ``node.json`` and, when a new address
+  answers, starts its Ray again against it (the same node, the same resources);
 - on the head, with ``RAY_CML_AUTOSTOP_MINUTES``, stops the cluster once it has been idle that
   long (``cluster/idleness.py`` says what idle is): it leaves ``autostopped.json`` in the
   cluster's folder for ``ray-cml status`` and deletes every application of the cluster,
@@ -75,6 +81,13 @@ BUSY_FOR_S = 60.0
 TOKEN_WAIT_S = 120.0
 # What the head leaves in the cluster's folder when it stopped an idle cluster.
 AUTOSTOP_RECORD = "autostopped.json"
+# Head recovery: the `ray start --head` request ray up ran, in the head's node folder; the
+# GCS state's folder in the cluster's folder; how often a worker whose head is gone looks
+# for the head's new address.
+RECOVERY_RECORD = "recovery.json"
+GCS_STATE_DIR = "gcs"
+NEW_HEAD_CHECK_S = 3.0
+HEAD_START = re.compile(r"\bray start\b.*--head\b", re.S)
 
 
 class HeadGone(Exception):
@@ -228,6 +241,11 @@ class NodeLauncher:
         self.state = "starting"  # what the status page on the application's port says
         self._head_lost_since: float | None = None
         self._next_head_check = 0.0
+        self._next_new_head_check = 0.0
+        # provider.head_recovery: the head recovers from its GCS state when CML restarts
+        # it; a worker follows the head to its new address.
+        self.recovers = env.get("RAY_CML_HEAD_RECOVERY") == "1"
+        self.life = 1  # which start of this node's application this is (a restart: 2, ...)
 
     # ------------------------------------------------------------------ set-up
 
@@ -238,6 +256,47 @@ class NodeLauncher:
         life off, so a restarted node must not rejoin as a zombie: it removes itself.
         """
         return (self.node_dir / "node.json").exists()
+
+    def recorded_head_start(self) -> dict | None:
+        """The ``ray start --head`` request this head ran last (``remember_head_start``):
+        through the API first, which reads its own writes; the mount may lag."""
+        for read in (
+            lambda: self.api.download(f"{self.node_rel}/{RECOVERY_RECORD}"),
+            lambda: (self.node_dir / RECOVERY_RECORD).read_bytes(),
+        ):
+            try:
+                record = json.loads(read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("cmd"):
+                return record
+        return None
+
+    def begin_new_life(self) -> None:
+        """A restarted head: count the life, and answer what the old life was running when
+        it died (its caller waits for an answer; running it again could repeat a job)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.life = int(json.loads((self.node_dir / "node.json").read_text()).get("life", 1))
+        self.life += 1
+        # On CML a restarted application is a new pod with an empty /tmp; on one machine
+        # (the emulator) the old life's Ray files are still there: start clean.
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        stale = {path.stem for path in self.inbox.glob("*.json")}
+        with contextlib.suppress(OSError):
+            stale |= {
+                n[: -len(".json")]
+                for n in self.api.list_names(f"{self.node_rel}/inbox")
+                if n.endswith(".json")
+            }
+        answered = {path.stem for path in self.outbox.glob("*.rc")}
+        for name in sorted(stale - answered):
+            self.publish(
+                f"outbox/{name}.out",
+                b"ray-cml: the head restarted while this command ran; it was not run again\n",
+            )
+            self.publish(f"outbox/{name}.rc", b"1")
+        self.done |= stale
+        log(f"head {self.node_id} restarted by CML (life {self.life}): recovering the cluster")
 
     def secure_token(self) -> None:
         """Wait for the cluster's token (and, on a head without CML's login, its endpoint key)
@@ -310,17 +369,21 @@ class NodeLauncher:
             "auth_token_path": str(self.token_path or ""),
             "pid": os.getpid(),
             "started_at": time.time(),
+            "life": self.life,
         }
-        self.publish("node.json", json.dumps(info).encode())
+        self.publish("node.json", json.dumps(info).encode(), overwrite=self.life > 1)
         log(f"{self.kind} node {self.node_id} of cluster {self.cluster} on {self.ip}")
 
-    def publish(self, name: str, data: bytes) -> None:
+    def publish(self, name: str, data: bytes, overwrite: bool = False) -> None:
         """Write ``nodes/<id>/<name>`` for the provider to read: through the files API, which
         the provider reads back at once (the NFS mount may show it much later); on the mount
-        when the API cannot be reached. Names are written once (CML never overwrites)."""
+        when the API cannot be reached. CML never overwrites a file: ``overwrite`` deletes
+        the old one first."""
         if self.api.available:
             for attempt in range(3):
                 try:
+                    if overwrite:
+                        self.api.delete(f"{self.node_rel}/{name}")
                     self.api.upload(f"{self.node_rel}/{name}", data)
                     return
                 except OSError as exc:
@@ -426,6 +489,7 @@ class NodeLauncher:
                 "RAY_CML_PYTHON": sys.executable,  # the runtime's: what `ray` runs with
                 "RAY_CML_LAUNCHER_PGID": str(os.getpgrp()),
                 "RAY_CML_LAUNCHER_PID": str(os.getpid()),
+                **self.gcs_storage_env(),
                 "PATH": os.pathsep.join(
                     [*bin_dirs, str(self.project_dir / ".local" / "bin"), self.env.get("PATH", "")]
                 ),
@@ -438,6 +502,16 @@ class NodeLauncher:
         if python_path:
             env["PYTHONPATH"] = os.pathsep.join(python_path)
         return env
+
+    def gcs_storage_env(self) -> dict[str, str]:
+        """On a head with recovery, Ray's GCS keeps its state in the cluster's folder of the
+        project filesystem (RocksDB, no Redis): a restarted head's GCS starts from it."""
+        if not (self.recovers and self.kind == "head"):
+            return {}
+        return {
+            "RAY_gcs_storage": "rocksdb",
+            "RAY_gcs_storage_path": str(self.cluster_dir / GCS_STATE_DIR),
+        }
 
     def ray_auth_env(self) -> dict[str, str]:
         """Ray's authentication for every command: the token's file, or explicitly none (so
@@ -543,10 +617,41 @@ class NodeLauncher:
             with open(output, "a") as out:
                 out.write(f"ray-cml launcher: the request failed: {exc!r}\n")
         finally:
+            if code == 0:
+                self.remember_head_start(spec)
             self.publish(f"outbox/{name}.out", output.read_bytes())
             self.publish(f"outbox/{name}.rc", str(code).encode())
             output.unlink(missing_ok=True)
             log(f"command {name} exited with {code}")
+
+    def remember_head_start(self, spec: dict) -> None:
+        """On a head with recovery, keep the ``ray start --head`` that just worked (its
+        command and the environment Ray's updater gave it): what a restarted head runs."""
+        if self.recovers and self.kind == "head" and HEAD_START.search(spec.get("cmd") or ""):
+            record = {"cmd": spec["cmd"], "env": spec.get("env") or {}}
+            self.publish(RECOVERY_RECORD, json.dumps(record).encode(), overwrite=True)
+
+    def restart_head_ray(self, record: dict) -> bool:
+        """A restarted head: the cluster's setup commands, then the recorded ``ray start
+        --head`` on this new address; the GCS finds the cluster's state in its folder."""
+        self.state = "recovering: preparing its Python environment"
+        if not self.prepare_environment():
+            self.publish("failure.txt", self.environment_error.encode(), overwrite=True)
+            return False
+        self.state = "recovering: starting Ray from the cluster's saved state"
+        commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
+        log_path = self.node_dir / "recovery.log"
+        for command, extra in [*((c, {}) for c in commands), (record["cmd"], record["env"])]:
+            log(f"$ {command}")
+            code = self.run_command(command, extra, log_path)
+            if code != 0:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                failure = f"recovery: `{command}` failed with exit status {code}:\n"
+                self.publish("failure.txt", (failure + "\n".join(tail)).encode(), overwrite=True)
+                log(failure + f"see {log_path}")
+                return False
+        log("recovered: Ray runs again from the cluster's saved state")
+        return True
 
     def answer_request(self, spec: dict, output: Path) -> int:
         if spec.get("report") == "environment":
@@ -592,14 +697,20 @@ class NodeLauncher:
             # The provider reads this to say why the node failed (`ray status`, monitor.log).
             self.publish("failure.txt", self.environment_error.encode())
             return False
+        commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
+        commands += json.loads(self.env.get("RAY_CML_START_COMMANDS", "[]"))
+        self.state = "starting Ray"
+        if not self.run_worker_commands(commands):
+            return False
+        log("Ray started; watching the head")
+        return True
+
+    def run_worker_commands(self, commands: list[str]) -> bool:
         ray_env = {
             "RAY_HEAD_IP": self.env.get("RAY_HEAD_IP", ""),
             "RAY_CLOUD_INSTANCE_ID": self.node_id,
         }
-        commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
-        commands += json.loads(self.env.get("RAY_CML_START_COMMANDS", "[]"))
         log_path = self.node_dir / "setup.log"
-        self.state = "starting Ray"
         for command in commands:
             log(f"$ {command}")
             code = self.run_command(command, ray_env, log_path, watch_head=True)
@@ -607,16 +718,53 @@ class NodeLauncher:
                 log(f"command failed with exit status {code}; see {log_path}")
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]
                 failure = f"`{command}` failed with exit status {code}:\n" + "\n".join(tail)
-                self.publish("failure.txt", failure.encode())
+                self.publish("failure.txt", failure.encode(), overwrite=True)
                 return False
-        log("Ray started; watching the head")
         return True
 
-    def head_reachable(self) -> bool:
-        head_ip = self.env.get("RAY_HEAD_IP", "")
-        port = int(self.env.get("RAY_HEAD_GCS_PORT", "6379"))
+    def new_head_address(self) -> tuple[str, int] | None:
+        """With head recovery, while the head is unreachable: the address its restarted
+        application published, once its GCS answers there (every few seconds, one API
+        call); None while there is none."""
+        head_id = self.env.get("RAY_CML_HEAD_NODE_ID", "")
+        now = time.monotonic()
+        if not (self.recovers and head_id) or now < self._next_new_head_check:
+            return None
+        self._next_new_head_check = now + NEW_HEAD_CHECK_S
         try:
-            with socket.create_connection((head_ip, port), timeout=2):
+            info = json.loads(
+                self.api.download(f"{self.env['RAY_CML_DIR']}/nodes/{head_id}/node.json")
+            )
+            address = (str(info["ip"]), int(info["gcs_port"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        current = (self.env.get("RAY_HEAD_IP", ""), int(self.env.get("RAY_HEAD_GCS_PORT", "0")))
+        if address == current or not self.reachable(*address):
+            return None
+        return address
+
+    def rejoin(self, ip: str, port: int) -> None:
+        """Start this worker's Ray again against the restarted head: the same node (cloud
+        instance id) with the same resources. Raises ``HeadGone`` when that fails."""
+        log(f"the head is back at {ip}:{port}: starting Ray again against it")
+        self.state = "rejoining the restarted head"
+        stop_ray_of_this_node(grace_s=5, ray_tmp_dir=self.tmp_dir)
+        self.env.update({"RAY_HEAD_IP": ip, "RAY_HEAD_GCS_PORT": str(port)})
+        self._head_lost_since = None
+        if not self.run_worker_commands(json.loads(self.env.get("RAY_CML_START_COMMANDS", "[]"))):
+            raise HeadGone()
+        self.state = "running Ray"
+        log("Ray started again; watching the head")
+
+    def head_reachable(self) -> bool:
+        return self.reachable(
+            self.env.get("RAY_HEAD_IP", ""), int(self.env.get("RAY_HEAD_GCS_PORT", "6379"))
+        )
+
+    @staticmethod
+    def reachable(ip: str, port: int) -> bool:
+        try:
+            with socket.create_connection((ip, port), timeout=2):
                 return True
         except OSError:
             return False
@@ -739,7 +887,8 @@ class NodeLauncher:
             self.api.upload(f"{rel_dir}/{AUTOSTOP_RECORD}", json.dumps(record).encode())
         except OSError as exc:
             log(f"autostop: could not leave the record: {exc}")
-        stop_ray_of_this_node(grace_s=5)  # the autoscaler first: it would replace workers
+        # Ray first: its autoscaler would replace the workers deleted below.
+        stop_ray_of_this_node(grace_s=5, ray_tmp_dir=self.tmp_dir)
         own = self.env.get("RAY_CML_APP_NAME", "")
         pattern = re.compile(rf"ray-{re.escape(self.cluster)}-(head|worker)-[0-9a-f]+")
         try:
@@ -756,15 +905,19 @@ class NodeLauncher:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        recovery = None
         if self.previous_life():
-            log(f"node {self.node_id} was restarted by CML after a failure: removing it")
-            self.delete_own_application()
-            return 0
+            recovery = self.recorded_head_start() if self.kind == "head" and self.recovers else None
+            if recovery is None:
+                log(f"node {self.node_id} was restarted by CML after a failure: removing it")
+                self.delete_own_application()
+                return 0
+            self.begin_new_life()
         try:
             self.prepare()
         except NoToken as exc:
             log(str(exc))
-            self.publish("failure.txt", str(exc).encode())
+            self.publish("failure.txt", str(exc).encode(), overwrite=True)
             return 1
         if self.kind == "worker":
             self.serve_status_page()
@@ -772,20 +925,28 @@ class NodeLauncher:
             self.open_gateway()
             if self.autostop_s:
                 threading.Thread(target=self.watch_idleness, name="autostop", daemon=True).start()
-            threading.Thread(target=self.prepare_environment, daemon=True).start()
+            if recovery is None:
+                threading.Thread(target=self.prepare_environment, daemon=True).start()
+            elif not self.restart_head_ray(recovery):
+                stop_ray_of_this_node(ray_tmp_dir=self.tmp_dir)
+                return 1  # FAILED: CML restarts it again, or `ray down` removes it
         try:
             if self.kind == "worker" and not self.start_worker_ray():
-                stop_ray_of_this_node()
+                stop_ray_of_this_node(ray_tmp_dir=self.tmp_dir)
                 return 1
             self.state = "running Ray"
             while True:
                 self.serve_inbox_once()
                 if self.kind == "worker" and self.head_gone_too_long():
                     raise HeadGone()
+                if self.kind == "worker" and self._head_lost_since is not None:
+                    moved = self.new_head_address()
+                    if moved:
+                        self.rejoin(*moved)
                 time.sleep(POLL_S)
         except HeadGone:
             log(f"the head has been gone over {self.head_lost_timeout_s:.0f} s: leaving")
-            stop_ray_of_this_node()
+            stop_ray_of_this_node(ray_tmp_dir=self.tmp_dir)
             self.delete_own_application()
             return 0
 
@@ -802,40 +963,58 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
-def _group_members(pgid: int) -> list[int]:
+def _node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
+    """This node's live processes: the launcher's process group, and the processes whose
+    command line names the node's own Ray folder (Ray's workers, the Serve controller and
+    replicas among them, each run in a process group of their own)."""
+    marker = ray_tmp_dir.rstrip("/") + "/" if ray_tmp_dir else ""
     members = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
             fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
+            if fields[0] == "Z":
+                continue
+            if int(fields[2]) == pgid or (
+                marker and marker in (entry / "cmdline").read_bytes().decode(errors="replace")
+            ):
                 members.append(int(entry.name))
+        except OSError:
+            continue
     return members
 
 
-def stop_ray_of_this_node(grace_s: float = 10.0) -> None:
-    """``ray stop`` for one node: end the Ray processes of this launcher's process group.
+def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None) -> None:
+    """``ray stop`` for one node: end the Ray processes of this node (``_node_processes``).
 
     Ray's own ``ray stop`` kills every Ray process on the machine, which in the emulator
-    means other nodes and other clusters. Here everything Ray started for this node shares
-    the launcher's process group, so that group (minus the launcher and the caller) is it.
+    means other nodes and other clusters. Here what Ray started for this node is the
+    launcher's process group and whatever names the node's Ray folder (``RAY_TMPDIR``):
+    a Ray worker left behind would make the next ``ray start`` here refuse to run ("Ray is
+    already running") and could keep a GPU's memory.
     """
     pgid = int(os.environ.get("RAY_CML_LAUNCHER_PGID", os.getpgrp()))
+    tmp_dir = ray_tmp_dir if ray_tmp_dir is not None else os.environ.get("RAY_TMPDIR", "")
     keep = _ancestors(os.getpid()) | {int(os.environ.get("RAY_CML_LAUNCHER_PID", "0"))}
-    targets = [pid for pid in _group_members(pgid) if pid not in keep]
+    targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid not in keep]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2)
         while time.monotonic() < deadline:
-            targets = [pid for pid in _group_members(pgid) if pid in targets]
+            targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid in targets]
             if not targets:
                 break
             time.sleep(0.1)
+    if tmp_dir and not targets:
+        # As Ray's `ray stop` does: forget the node's last cluster address. `ray start --head`
+        # refuses to run while that address is "in use" by any process of the machine, and
+        # on the emulator a worker's raylet on the same machine names the head's address.
+        with contextlib.suppress(OSError):
+            (Path(tmp_dir) / "ray" / "ray_current_cluster").unlink()
     print("Stopped Ray on this node." if not targets else f"Could not stop pids {targets}.")
 
 
@@ -849,7 +1028,7 @@ def main(argv: list[str]) -> int:
     def leave(signum: int, _frame: object) -> None:
         # The temporary folder first: CML (or the emulator) may SIGKILL us any moment now.
         shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
-        stop_ray_of_this_node(grace_s=1)
+        stop_ray_of_this_node(grace_s=1, ray_tmp_dir=launcher.tmp_dir)
         shutil.rmtree(launcher.tmp_dir, ignore_errors=True)
         sys.exit(0)
 

@@ -9,6 +9,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,71 @@ def test_a_claim_of_a_node_that_ended_is_taken_over(tmp_path):
     assert reservation.take(port) == port
     assert (claims / str(port) / "pid").read_text() == str(os.getpid())
     reservation.release()
+
+
+def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_starts_ray_again(
+    tmp_path, monkeypatch
+):
+    """provider.head_recovery: the head records the `ray start --head` that worked; its next
+    life (CML restarted it) answers what the old life was running instead of running it
+    again, publishes its new address, and runs the recorded start with the GCS state's
+    folder in the environment."""
+    recovering = {"RAY_CML_NODE_KIND": "head", "RAY_CML_HEAD_RECOVERY": "1"}
+    first = launcher(tmp_path, monkeypatch, **recovering)
+    first.prepare()
+    start = 'echo "$RAY_gcs_storage $RAY_gcs_storage_path $MARK" > started.txt # ray start --head'
+    first.remember_head_start({"cmd": "ray stop", "env": {}})  # not a start: not recorded
+    first.remember_head_start({"cmd": start, "env": {"MARK": "from ray up"}})
+    (first.inbox / "17-abc.json").write_text('{"cmd": "echo a job that was running"}')
+
+    second = launcher(tmp_path, monkeypatch, **recovering, CDSW_IP_ADDRESS="127.0.0.9")
+    assert second.previous_life()
+    record = second.recorded_head_start()
+    assert record == {"cmd": start, "env": {"MARK": "from ray up"}}
+    second.begin_new_life()
+    assert (second.outbox / "17-abc.rc").read_text() == "1"
+    assert "restarted" in (second.outbox / "17-abc.out").read_text()
+    assert "17-abc" in second.done  # never run again
+    second.prepare()
+    info = (tmp_path / node_info_path("c1", "0123abcd")).read_text()
+    assert '"ip": "127.0.0.9"' in info and '"life": 2' in info
+    assert second.restart_head_ray(record)
+    gcs_dir = tmp_path / cluster_dir("c1") / "gcs"
+    assert (tmp_path / "started.txt").read_text().split() == [
+        "rocksdb",
+        str(gcs_dir),
+        "from",
+        "ray",
+        "up",
+    ]
+
+    # Without recovery, commands get no GCS state (and a restarted node removes itself).
+    plain = launcher(tmp_path, monkeypatch, RAY_CML_NODE_KIND="head")
+    assert "RAY_gcs_storage" not in plain.command_env()
+
+
+def test_ray_stop_ends_the_nodes_workers_in_their_own_groups_and_forgets_the_address(
+    tmp_path, monkeypatch
+):
+    """Ray's workers (Serve's controller and replicas among them) run in process groups of
+    their own: `ray stop` here finds them by the node's Ray folder in their command line,
+    and forgets the node's last address as Ray's own `ray stop` does."""
+    ray_tmp = tmp_path / "rcml-0123abcd"
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.2:6379")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    group = subprocess.Popen(sleeper, start_new_session=True)  # plays the launcher's group
+    worker = subprocess.Popen(
+        [*sleeper, f"--session-dir={ray_tmp}/ray/session_1"], start_new_session=True
+    )
+    other = subprocess.Popen([*sleeper, f"{ray_tmp}-other/ray"], start_new_session=True)
+    try:
+        monkeypatch.setenv("RAY_CML_LAUNCHER_PGID", str(group.pid))
+        node_launcher.stop_ray_of_this_node(grace_s=5, ray_tmp_dir=str(ray_tmp))
+        assert group.wait(5) is not None and worker.wait(5) is not None
+        assert other.poll() is None  # another node's (a longer name sharing the prefix)
+        assert not (ray_tmp / "ray" / "ray_current_cluster").exists()
+    finally:
+        for process in (group, worker, other):
+            process.kill()
+            process.wait()

@@ -46,13 +46,16 @@ def test_bootstrap_wires_workers_to_start_ray_themselves(monkeypatch):
     config = local_config()
     config["setup_commands"] = ["echo common"]
     config["worker_setup_commands"] = ["echo worker"]
+    config["head_setup_commands"] = ["echo head"]
     boot = CMLNodeProvider.bootstrap_config(config)
     assert boot["provider"]["disable_node_updaters"] is True
     worker = boot["available_node_types"]["gpu_worker"]["node_config"]["_ray_cml"]
     assert worker["setup_commands"] == ["echo common", "echo worker"]
     assert worker["start_commands"] == config["worker_start_ray_commands"]
     head = boot["available_node_types"]["head"]["node_config"]["_ray_cml"]
-    assert "setup_commands" not in head  # the head's come from `ray up` itself
+    # `ray up` runs the head's itself; a head restarted by CML (head_recovery) runs them again.
+    assert head["setup_commands"] == ["echo common", "echo head"]
+    assert "start_commands" not in head  # recorded from `ray up`'s own `ray start --head`
     # Every node type installs Ray pinned to the laptop's version (the runtime has none).
     assert head["pip_packages"] == worker["pip_packages"] == [f"ray[default]=={ray.__version__}"]
     validate_cluster_config(boot)  # the bootstrapped config is still valid (head side)

@@ -89,12 +89,19 @@ class EngineProcess:
 
 
 def signal_group(pgid: int, sig: int) -> None:
+    """Signal process group ``pgid`` and every other process of the session it leads: an
+    engine is a pod, and Ray's workers move to process groups of their own (same session),
+    so a group alone would let them outlive their engine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+    for pid in live_group_members(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def live_group_members(pgid: int) -> list[int]:
-    """Pids in process group ``pgid`` that are not zombies.
+    """Pids that are not zombies in process group ``pgid`` or in the session it leads
+    (every engine and every command the tools start leads its own session).
 
     Reads /proc on Linux: ``killpg(pgid, 0)`` also succeeds for zombies that nobody reaps,
     which would make a finished group look alive forever.
@@ -114,9 +121,9 @@ def live_group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # Format: pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        # Format: pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and fields[0] != "Z" and int(fields[2]) == pgid:
+        if len(fields) >= 4 and fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
             members.append(int(entry.name))
     return members
 

@@ -36,6 +36,7 @@ PROVIDER_SCHEMA: dict[str, Any] = {
         "pip_packages": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "ray_auth_mode": {"enum": ["token", "disabled"]},
         "autostop_minutes": {"type": "number", "exclusiveMinimum": 0},
+        "head_recovery": {"type": "boolean"},
         # Keys Ray itself reads from the provider section.
         "use_internal_ips": {"type": "boolean"},
         "disable_node_updaters": {"type": "boolean"},

@@ -50,6 +50,8 @@ APPLICATION_ENV = (
     "RAY_CML_ENDPOINT_KEY_FILE",  # head: the endpoint key's file (provider/endpoint.py)
     "RAY_CML_SERVE_PORT",  # head: Serve's HTTP proxy, behind the URL's /v1 (default 8000)
     "RAY_CML_AUTOSTOP_MINUTES",  # head: stop the cluster after this many idle minutes
+    "RAY_CML_HEAD_RECOVERY",  # "1": a restarted head recovers; workers follow it (both kinds)
+    "RAY_CML_HEAD_NODE_ID",  # worker: the head's node id (whose node.json says where it is)
 )
 COMMAND_ENV = (
     "RAY_CML_GCS_PORT",
@@ -155,6 +157,12 @@ def endpoint_key_path(cluster_name: str) -> str:
     """The key callers of the head's URL send when it bypasses CML's login
     (``provider/endpoint.py``), relative to the project root."""
     return f"{cluster_dir(cluster_name)}/auth/endpoint_key"
+
+
+def gcs_state_path(cluster_name: str) -> str:
+    """Where a head with ``provider.head_recovery`` keeps its GCS state (RocksDB), so that
+    a restarted head starts Ray again from it (``node_launcher.recover``)."""
+    return f"{cluster_dir(cluster_name)}/gcs"
 
 
 def autostop_record_path(cluster_name: str) -> str:

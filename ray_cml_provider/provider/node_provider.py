@@ -60,6 +60,7 @@ from ray_cml_provider.provider.naming import (
     cluster_dir,
     decode_tags,
     encode_tags,
+    gcs_state_path,
     ledger_entry,
     node_dir,
     node_failure_path,
@@ -302,8 +303,12 @@ class CMLNodeProvider(NodeProvider):
             and ensure_token(self.client, self.cluster_name)
         ):
             logger.info("created the Ray token of cluster %s", self.cluster_name)
-        if kind == NODE_KIND_HEAD:  # a new head: an earlier autostop is history
+        if kind == NODE_KIND_HEAD:
+            # A new head starts a new cluster: an earlier autostop is history, and the GCS
+            # state a head_recovery cluster kept is not this one's (only a head that CML
+            # restarts recovers from it).
             self.client.delete_file(autostop_record_path(self.cluster_name), missing_ok=True)
+            self.client.delete_file(gcs_state_path(self.cluster_name), missing_ok=True)
         if (
             kind == NODE_KIND_HEAD
             and endpoint.bypasses_login(node_config)
@@ -455,17 +460,22 @@ class CMLNodeProvider(NodeProvider):
                 **application_env(self.cluster_name, self.ray_auth_mode),
             }
         )
+        if self.provider_config.get("head_recovery"):
+            env["RAY_CML_HEAD_RECOVERY"] = "1"
         if kind == NODE_KIND_HEAD:
             env["RAY_CML_PROVIDER_ZIP"] = self.ship_code()
+            # What a restarted head runs again before the `ray start` it recorded.
+            env["RAY_CML_SETUP_COMMANDS"] = json.dumps(internal.get("setup_commands", []))
             if self.provider_config.get("autostop_minutes"):
                 env["RAY_CML_AUTOSTOP_MINUTES"] = str(self.provider_config["autostop_minutes"])
             env.update(
                 endpoint.application_env(self.cluster_name, endpoint.bypasses_login(node_config))
             )
         if kind == NODE_KIND_WORKER:
-            head_ip, gcs_port = self._head_address()
+            head_id, head_ip, gcs_port = self._head_address()
             env.update(
                 {
+                    "RAY_CML_HEAD_NODE_ID": head_id,
                     "RAY_HEAD_IP": head_ip,
                     "RAY_HEAD_GCS_PORT": str(gcs_port),
                     "RAY_OVERRIDE_RESOURCES": json.dumps(resources),
@@ -493,17 +503,22 @@ class CMLNodeProvider(NodeProvider):
                 body[key] = node_config[key]
         return node_id, body
 
-    def _head_address(self) -> tuple[str, int]:
-        """Where workers find the GCS: known directly inside the head, else from its launcher."""
+    def _head_address(self) -> tuple[str, str, int]:
+        """The head's node id and where workers find its GCS: known directly inside the head,
+        else from its launcher."""
         if os.environ.get("RAY_CML_NODE_KIND") == NODE_KIND_HEAD and os.environ.get(
             "CDSW_IP_ADDRESS"
         ):
-            return os.environ["CDSW_IP_ADDRESS"], int(os.environ.get("RAY_CML_GCS_PORT", 6379))
+            return (
+                os.environ.get("RAY_CML_NODE_ID", ""),
+                os.environ["CDSW_IP_ADDRESS"],
+                int(os.environ.get("RAY_CML_GCS_PORT", 6379)),
+            )
         heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
         if not heads:
             raise NodeLaunchException("NoHead", "the cluster has no running head", None)
         info = json.loads(self.client.download_file(node_info_path(self.cluster_name, heads[0])))
-        return info["ip"], int(info["gcs_port"])
+        return heads[0], info["ip"], int(info["gcs_port"])
 
     def _upload_launcher(self) -> None:
         """The node launcher and its environment builder: every application's script."""
@@ -640,10 +655,15 @@ class CMLNodeProvider(NodeProvider):
             config.get("worker_setup_commands") or []
         )
         start = list(config.get("worker_start_ray_commands") or [])
+        head_setup = list(config.get("setup_commands") or []) + list(
+            config.get("head_setup_commands") or []
+        )
         for name, node_type in config["available_node_types"].items():
             internal = {"pip_packages": node_type_packages(cluster_config, name)}
             if name != config["head_node_type"]:
                 internal.update(setup_commands=setup, start_commands=start)
+            else:  # for a restarted head (head_recovery): its Ray start is recorded
+                internal.update(setup_commands=head_setup)
             node_type["node_config"]["_ray_cml"] = internal
         return config
 

@@ -1,0 +1,132 @@
+"""Head recovery under a running Serve application. Prints numbers; asserts nothing.
+
+    .venv/bin/python bench/head_recovery_bench.py [--runs 2] [--restart-delay-s 0]
+                                                  [--start-delay-s 8]
+
+Each run: a fresh emulator that restarts a FAILED application after ``--restart-delay-s``
+(CML: 300 s by default) and plays ``--start-delay-s`` of application start (the emulator's
+default, 8 s); ``ray up`` of a cluster with ``provider.head_recovery: true``; the echo Serve
+application (``ray_cml_provider/demo/echo_app.py``, one replica on a GPU worker); then the
+head's engine is killed (``:crash``, as a node failure) and the clock runs until the
+application answers again through the head's URL, as an outside caller sees it.
+
+Columns: the head application back (RUNNING), the worker's Ray rejoined the new head,
+the endpoint answering; applications created during recovery (0: nothing replaced or
+duplicated) and the cluster's applications afterwards (head + worker = 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from ray_cml_provider.demo.echo_app import serve_config
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.emulator.harness import RunningEmulator
+
+CREATE = "POST /api/v2/projects/{project_id}/applications"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_run(restart_delay_s: float, start_delay_s: float) -> dict[str, float | str]:
+    serve_port = free_port()
+    emulator_args = ["--restart-failed", "1", "--restart-delay-s", str(restart_delay_s)]
+    emulator_args += ["--start-delay-s", str(start_delay_s), "--stop-grace-s", "1"]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as work,
+        RunningEmulator(extra_args=emulator_args) as emulator,
+    ):
+
+        def with_recovery(config: dict) -> None:
+            config["provider"]["head_recovery"] = True
+            config["provider"]["head_lost_timeout_s"] = restart_delay_s + 180
+            head = config["available_node_types"]["head"]["node_config"]
+            head["environment"]["RAY_CML_SERVE_PORT"] = str(serve_port)
+
+        cluster = LocalCluster(
+            emulator, Path(work), cluster_name="bench", config_overrides=with_recovery
+        )
+        try:
+            if cluster.up().returncode != 0:
+                return {"error": "ray up failed"}
+            if cluster.serve_deploy(serve_config(port=serve_port)).returncode != 0:
+                return {"error": "serve deploy failed"}
+            cluster.wait_for_serve_app("echo", 300)
+            [head] = cluster.nodes("head")
+            [worker] = cluster.workers()
+            url = f"{emulator.url}/apps/{head.subdomain}/v1/echo"
+            login = {"Authorization": f"Bearer {emulator.api_key}"}
+
+            def answers() -> bool:
+                try:
+                    return requests.get(url, headers=login, timeout=5).status_code == 200
+                except requests.RequestException:
+                    return False
+
+            cluster.wait_for(answers, 60, "the echo app through the head's URL")
+            emulator.reset_stats()
+            crashed = time.monotonic()
+            emulator.crash(head.id)
+            marks: dict[str, float] = {}
+            worker_log = Path(
+                next(p for p in emulator.processes() if p["id"] == worker.id)["log_path"]
+            )
+            deadline = crashed + restart_delay_s + 600
+            while len(marks) < 3 and time.monotonic() < deadline:
+                now = time.monotonic() - crashed
+                if "head_running_s" not in marks:
+                    status = next(a for a in cluster.applications() if a.id == head.id).status
+                    if status == "APPLICATION_RUNNING":
+                        marks["head_running_s"] = now
+                if "worker_rejoined_s" not in marks and re.search(
+                    "Ray started again", worker_log.read_text(errors="replace")
+                ):
+                    marks["worker_rejoined_s"] = now
+                if "answers_s" not in marks and answers():
+                    marks["answers_s"] = now
+                time.sleep(0.25)
+            return {
+                **marks,
+                "created": emulator.stats()["requests"].get(CREATE, 0),
+                "applications": len(cluster.applications()),
+            }
+        except TimeoutError as exc:
+            return {"error": str(exc)}
+        finally:
+            cluster.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--restart-delay-s", type=float, default=0.0)
+    parser.add_argument("--start-delay-s", type=float, default=8.0)
+    args = parser.parse_args()
+    columns = ["head_running_s", "worker_rejoined_s", "answers_s", "created", "applications"]
+    print(f"restart delay {args.restart_delay_s:g} s, start delay {args.start_delay_s:g} s")
+    print("run  " + "  ".join(f"{c:>17}" for c in columns))
+    for run in range(1, args.runs + 1):
+        row = one_run(args.restart_delay_s, args.start_delay_s)
+        if "error" in row:
+            print(f"{run:>3}  error: {row['error']}")
+            continue
+        cells = [row.get(c, float("nan")) for c in columns]
+        print(
+            f"{run:>3}  "
+            + "  ".join(f"{c:>17.1f}" if isinstance(c, float) else f"{c:>17}" for c in cells)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Head recovery with real Ray on the emulator: a head that crashes under a running Serve
+application comes back by itself (CML restarts it on a new address), the application
+answers again through the head's URL with no redeploy, the GPU worker follows the head
+instead of being orphaned or duplicated, and ``ray up`` / ``ray status`` / ``ray down`` keep
+working on the recovered cluster."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+from ray_cml_provider.demo.echo_app import serve_config
+from ray_cml_provider.demo.local_cluster import LocalCluster
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_a_crashed_head_recovers_its_serve_app_and_its_worker(start_emulator, tmp_path):
+    # CML restarts a FAILED application (3 times by default, 5 minutes apart): here at once.
+    emulator = start_emulator("--restart-failed", "1", "--restart-delay-s", "0")
+    serve_port = free_port()  # Serve's proxies listen on 0.0.0.0: a port of this test's own
+
+    def with_recovery(config: dict) -> None:
+        config["provider"]["head_recovery"] = True
+        config["provider"]["head_lost_timeout_s"] = 180  # the worker waits for the head
+        head = config["available_node_types"]["head"]["node_config"]
+        head["environment"]["RAY_CML_SERVE_PORT"] = str(serve_port)
+
+    cluster = LocalCluster(
+        emulator, tmp_path / "work", cluster_name="phoenix", config_overrides=with_recovery
+    )
+    up = cluster.up()
+    assert up.returncode == 0, up.stdout[-3000:]
+    deployed = cluster.serve_deploy(serve_config(port=serve_port), "echo.yaml")
+    assert deployed.returncode == 0, deployed.stdout[-3000:]
+    cluster.wait_for_serve_app("echo", 300)
+    [head] = cluster.nodes("head")
+    [worker] = cluster.workers()
+    # Someone outside the cluster: through the head's URL (CML's proxy, with a login).
+    url = f"{emulator.url}/apps/{head.subdomain}/v1/echo"
+    login = {"Authorization": f"Bearer {emulator.api_key}"}
+
+    def answer(say: str) -> dict | None:
+        try:
+            reply = requests.get(url, params={"say": say}, headers=login, timeout=10)
+        except requests.RequestException:
+            return None
+        return reply.json() if reply.status_code == 200 else None
+
+    before = wait_until(lambda: answer("before"), 60, "the echo app through the head's URL")
+    old_ip = cluster.head_ip()
+
+    crashed = time.monotonic()
+    emulator.crash(head.id)
+    after = wait_until(lambda: answer("after"), 420, "the echo app to answer after the crash")
+    recovered_s = time.monotonic() - crashed
+    print(f"crash -> the endpoint answers again: {recovered_s:.1f} s")
+
+    # The same head application, restarted by CML on a new address; nothing duplicated.
+    [back] = cluster.nodes("head")
+    assert back.id == head.id and cluster.head_ip() != old_ip
+    assert after["echo"] == "after" and after["node"] != ""
+    wait_until(lambda: [w.id for w in cluster.workers()] == [worker.id], 120, "one worker")
+    assert before["engine_ip"] == after["engine_ip"], "the worker rejoined, not replaced"
+    status = cluster.ray_status()
+    assert status.returncode == 0, status.text
+    assert any("gpu_worker" in line for line in status.section("Active:")), status.text
+    assert not status.pending, status.text
+    shown = json.loads(cluster.ray_cml("status", "--json", str(cluster.config_path)).stdout)
+    assert [n["kind"] for n in shown["nodes"]].count("head") == 1, shown
+
+    # `ray up` again on the recovered cluster: the same head, Ray restarted from its state.
+    again = cluster.up()
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert [h.id for h in cluster.nodes("head")] == [head.id]
+    wait_until(lambda: answer("again"), 300, "the echo app after `ray up` again")
+
+    assert cluster.down().returncode == 0
+    assert cluster.applications() == []
