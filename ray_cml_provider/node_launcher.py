@@ -88,6 +88,9 @@ RECOVERY_RECORD = "recovery.json"
 GCS_STATE_DIR = "gcs"
 NEW_HEAD_CHECK_S = 3.0
 HEAD_START = re.compile(r"\bray start\b.*--head\b", re.S)
+# `ray stop` (the shim runs this file, standard library only) needs no node environment:
+# `ray down` must stop a node whose environment failed, without waiting for one.
+RAY_STOP = re.compile(r"\s*ray stop\s*")
 
 
 class HeadGone(Exception):
@@ -657,7 +660,7 @@ class NodeLauncher:
         if spec.get("report") == "environment":
             code, text = self.environment_report()
             output.write_text(text)
-        elif not self.wait_for_environment():
+        elif not RAY_STOP.fullmatch(spec.get("cmd") or "") and not self.wait_for_environment():
             code = 1
             output.write_text(self.environment_error + "\n")
         else:
@@ -986,8 +989,21 @@ def _node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
     return members
 
 
+def _stop_order(pid: int) -> int:
+    """Ray's own ``ray stop`` order: the raylet first, its workers and Ray's other processes
+    next, the GCS last. All at once, the raylet and the GCS each wait for the other to
+    answer before they exit (10 s and more)."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return 1
+    return {"raylet": 0, "gcs_server": 2}.get(name, 1)
+
+
 def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None) -> None:
-    """``ray stop`` for one node: end the Ray processes of this node (``_node_processes``).
+    """``ray stop`` for one node: end the Ray processes of this node (``_node_processes``),
+    in Ray's order (``_stop_order``), each step SIGTERM then, after its share of ``grace_s``,
+    SIGKILL.
 
     Ray's own ``ray stop`` kills every Ray process on the machine, which in the emulator
     means other nodes and other clusters. Here what Ray started for this node is the
@@ -998,24 +1014,31 @@ def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None)
     pgid = int(os.environ.get("RAY_CML_LAUNCHER_PGID", os.getpgrp()))
     tmp_dir = ray_tmp_dir if ray_tmp_dir is not None else os.environ.get("RAY_TMPDIR", "")
     keep = _ancestors(os.getpid()) | {int(os.environ.get("RAY_CML_LAUNCHER_PID", "0"))}
-    targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid not in keep]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2)
-        while time.monotonic() < deadline:
-            targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid in targets]
+    left: list[int] = []
+    for step in (0, 1, 2):
+        targets = [
+            pid
+            for pid in _node_processes(pgid, tmp_dir)
+            if pid not in keep and _stop_order(pid) == step
+        ]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + (grace_s / 3 if sig == signal.SIGTERM else 2)
+            while targets and time.monotonic() < deadline:
+                time.sleep(0.05)
+                targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid in targets]
             if not targets:
                 break
-            time.sleep(0.1)
-    if tmp_dir and not targets:
+        left += targets
+    if tmp_dir and not left:
         # As Ray's `ray stop` does: forget the node's last cluster address. `ray start --head`
         # refuses to run while that address is "in use" by any process of the machine, and
         # on the emulator a worker's raylet on the same machine names the head's address.
         with contextlib.suppress(OSError):
             (Path(tmp_dir) / "ray" / "ray_current_cluster").unlink()
-    print("Stopped Ray on this node." if not targets else f"Could not stop pids {targets}.")
+    print("Stopped Ray on this node." if not left else f"Could not stop pids {left}.")
 
 
 def main(argv: list[str]) -> int:

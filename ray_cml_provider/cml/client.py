@@ -144,9 +144,10 @@ class CMLClient:
             Application.from_api(data) if data.get("id") else self.get_application(application_id)
         )
 
-    def delete_application(self, application_id: str, missing_ok: bool = False) -> None:
-        """Delete an application (stopping it first if it runs)."""
-        self._delete(self._app_path(application_id), missing_ok)
+    def delete_application(self, application_id: str, missing_ok: bool = False) -> bool:
+        """Delete an application (stopping it first if it runs); False when ``missing_ok``
+        and it was already gone."""
+        return self._delete(self._app_path(application_id), missing_ok)
 
     def stop_application(self, application_id: str) -> None:
         self._transport.request("POST", self._app_path(application_id) + ":stop")
@@ -209,12 +210,14 @@ class CMLClient:
 
     # ------------------------------------------------------------------------- internals
 
-    def _delete(self, path: str, missing_ok: bool) -> None:
+    def _delete(self, path: str, missing_ok: bool) -> bool:
         try:
             self._transport.request("DELETE", path, gone_after_retry_is_success=True)
         except CMLNotFoundError:
             if not missing_ok:
                 raise
+            return False
+        return True
 
     def _project_path(self, *parts: str) -> str:
         if not self.settings.project_id:

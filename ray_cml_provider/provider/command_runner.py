@@ -80,7 +80,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         if cmd is None or cmd.strip() in ATTACH_COMMANDS:
             print(ATTACH_HINT, file=sys.stderr)
             sys.exit(2)
-        self._wait_for_launcher()
+        if cmd.strip() != "ray stop":  # the node's shim stops Ray with no environment
+            self._wait_for_launcher()
         env = {
             k: v if isinstance(v, str) else json.dumps(v)
             for k, v in (environment_variables or {}).items()

@@ -77,6 +77,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAUNCH_TIMEOUT_S = 900.0
 DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
+# How long `ray down` waits between deleting the nodes and looking whether any is left.
+TEARDOWN_LOOK_AGAIN_S = 0.5
+
+
+def _shorten_teardown_poll() -> None:
+    """``ray down`` waits ``POLL_INTERVAL`` (5 s) after asking to delete the nodes, whatever
+    the provider: shorten that wait in this process (``ray down``'s own)."""
+    from ray.autoscaler._private import commands
+
+    if getattr(commands, "POLL_INTERVAL", 0) > TEARDOWN_LOOK_AGAIN_S:
+        commands.POLL_INTERVAL = TEARDOWN_LOOK_AGAIN_S
 
 
 def _own_gcs_address() -> str | None:
@@ -235,7 +246,15 @@ class CMLNodeProvider(NodeProvider):
         return [node for node in stuck if node.node_id in joined]
 
     def nodes_for_teardown(self, tag_filters: dict[str, str]) -> list[str]:
-        """Every application of the cluster, stopped and failed ones included."""
+        """Every application of the cluster, stopped and failed ones included.
+
+        Only ``ray down`` asks this. Ray then deletes the nodes and sleeps a fixed 5 s
+        (``commands.POLL_INTERVAL``) before it looks again; a CML application is gone from
+        the list once its delete has answered (``terminate_nodes`` returns after every
+        answer), so that look can come at once (``TEARDOWN_LOOK_AGAIN_S``): a node still
+        listed is asked again then, as before.
+        """
+        _shorten_teardown_poll()
         return [n.node_id for n in self._refresh().values() if self._matches(n, tag_filters)]
 
     def is_running(self, node_id: str) -> bool:
@@ -573,8 +592,8 @@ class CMLNodeProvider(NodeProvider):
 
     def _delete(self, node: Node, reason: str) -> None:
         logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
-        self.client.delete_application(node.app.id, missing_ok=True)
-        self._record_gpu_time(node)
+        if self.client.delete_application(node.app.id, missing_ok=True):
+            self._record_gpu_time(node)  # once: a node deleted before has its entry
         self.client.delete_file(node_dir(self.cluster_name, node.node_id), missing_ok=True)
         with self._lock:
             self._nodes.pop(node.node_id, None)
