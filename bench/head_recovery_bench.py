@@ -1,7 +1,7 @@
 """Head recovery under a running Serve application. Prints numbers; asserts nothing.
 
     .venv/bin/python bench/head_recovery_bench.py [--runs 2] [--restart-delay-s 0]
-                                                  [--start-delay-s 8]
+                                                  [--start-delay-s 8] [--head-lost-timeout-s S]
 
 Each run: a fresh emulator that restarts a FAILED application after ``--restart-delay-s``
 (CML: 300 s by default) and plays ``--start-delay-s`` of application start (the emulator's
@@ -12,7 +12,10 @@ application answers again through the head's URL, as an outside caller sees it.
 
 Columns: the head application back (RUNNING), the worker's Ray rejoined the new head,
 the endpoint answering; applications created during recovery (0: nothing replaced or
-duplicated) and the cluster's applications afterwards (head + worker = 2).
+duplicated) and the cluster's applications afterwards (head + worker = 2). Workers wait
+``--head-lost-timeout-s`` for the head (default: the restart delay + 180 s); shorter than
+the restart delay, they delete themselves and the recovered autoscaler replaces them
+(``created`` 1, ``worker_rejoined_s`` empty).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_run(restart_delay_s: float, start_delay_s: float) -> dict[str, float | str]:
+def one_run(
+    restart_delay_s: float, start_delay_s: float, head_lost_timeout_s: float
+) -> dict[str, float | str]:
     serve_port = free_port()
     emulator_args = ["--restart-failed", "1", "--restart-delay-s", str(restart_delay_s)]
     emulator_args += ["--start-delay-s", str(start_delay_s), "--stop-grace-s", "1"]
@@ -50,7 +55,7 @@ def one_run(restart_delay_s: float, start_delay_s: float) -> dict[str, float | s
 
         def with_recovery(config: dict) -> None:
             config["provider"]["head_recovery"] = True
-            config["provider"]["head_lost_timeout_s"] = restart_delay_s + 180
+            config["provider"]["head_lost_timeout_s"] = head_lost_timeout_s
             head = config["available_node_types"]["head"]["node_config"]
             head["environment"]["RAY_CML_SERVE_PORT"] = str(serve_port)
 
@@ -83,7 +88,8 @@ def one_run(restart_delay_s: float, start_delay_s: float) -> dict[str, float | s
                 next(p for p in emulator.processes() if p["id"] == worker.id)["log_path"]
             )
             deadline = crashed + restart_delay_s + 600
-            while len(marks) < 3 and time.monotonic() < deadline:
+            wanted = {"head_running_s", "answers_s"}
+            while not wanted <= marks.keys() and time.monotonic() < deadline:
                 now = time.monotonic() - crashed
                 if "head_running_s" not in marks:
                     status = next(a for a in cluster.applications() if a.id == head.id).status
@@ -112,12 +118,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--restart-delay-s", type=float, default=0.0)
     parser.add_argument("--start-delay-s", type=float, default=8.0)
+    parser.add_argument("--head-lost-timeout-s", type=float)
     args = parser.parse_args()
+    head_lost_s = args.head_lost_timeout_s or args.restart_delay_s + 180
     columns = ["head_running_s", "worker_rejoined_s", "answers_s", "created", "applications"]
-    print(f"restart delay {args.restart_delay_s:g} s, start delay {args.start_delay_s:g} s")
+    print(
+        f"restart delay {args.restart_delay_s:g} s, start delay {args.start_delay_s:g} s, "
+        f"head_lost_timeout_s {head_lost_s:g}"
+    )
     print("run  " + "  ".join(f"{c:>17}" for c in columns))
     for run in range(1, args.runs + 1):
-        row = one_run(args.restart_delay_s, args.start_delay_s)
+        row = one_run(args.restart_delay_s, args.start_delay_s, head_lost_s)
         if "error" in row:
             print(f"{run:>3}  error: {row['error']}")
             continue

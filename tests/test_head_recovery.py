@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+import yaml
 
 from ray_cml_provider.demo.echo_app import serve_config
 from ray_cml_provider.demo.local_cluster import LocalCluster
@@ -81,11 +82,22 @@ def test_a_crashed_head_recovers_its_serve_app_and_its_worker(start_emulator, tm
     shown = json.loads(cluster.ray_cml("status", "--json", str(cluster.config_path)).stdout)
     assert [n["kind"] for n in shown["nodes"]].count("head") == 1, shown
 
-    # `ray up` again on the recovered cluster: the same head, Ray restarted from its state.
+    # `ray up` again on the recovered cluster, with a change the head's autoscaler must pick
+    # up: the same head (Ray's own semantics: only a changed head node_config replaces it),
+    # Ray restarted there from the cluster's state, the same worker, the app still served.
+    config = yaml.safe_load(cluster.config_path.read_text())
+    config["available_node_types"]["gpu_worker"]["max_workers"] = 3
+    cluster.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     again = cluster.up()
     assert again.returncode == 0, again.stdout[-3000:]
     assert [h.id for h in cluster.nodes("head")] == [head.id]
+    bootstrap = emulator.project_dir / ".ray-cml" / "phoenix" / "home" / "ray_bootstrap_config.yaml"
+    assert (
+        yaml.safe_load(bootstrap.read_text())["available_node_types"]["gpu_worker"]["max_workers"]
+        == 3
+    )
     wait_until(lambda: answer("again"), 300, "the echo app after `ray up` again")
+    assert [w.id for w in cluster.workers()] == [worker.id]
 
     assert cluster.down().returncode == 0
     assert cluster.applications() == []

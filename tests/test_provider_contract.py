@@ -101,13 +101,21 @@ def test_head_node_lifecycle_and_tags_live_on_the_cml_side(provider, make_provid
     assert other.node_tags(head)[TAG_RAY_NODE_STATUS] == "up-to-date"
     assert other.node_tags(head)["ray-cluster-name"] == "c1"
 
+    # The head's own autoscaler never deletes its head (v2 can ask, after Ray restarted on a
+    # head whose GCS kept its state); `ray down`, from outside, does.
+    with pytest.MonkeyPatch.context() as inside_the_head:
+        inside_the_head.setenv("RAY_CML_NODE_KIND", NODE_KIND_HEAD)
+        inside_the_head.setenv("RAY_CML_NODE_ID", head)
+        other.terminate_nodes([head])
+    assert other.non_terminated_nodes({}) == [head]
+
     provider.terminate_node(head)
     assert provider.non_terminated_nodes({}) == []
     assert other.nodes_for_teardown({}) == []
 
 
 def test_workers_get_their_identity_and_exact_resources(provider, emulator):
-    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     workers = launch(provider, count=3, resources={"CPU": 1, "GPU": 1, "accelerator_type:A10G": 1})
     assert len(workers) == 3
     client = CMLClient(**emulator.client_settings())
@@ -119,6 +127,7 @@ def test_workers_get_their_identity_and_exact_resources(provider, emulator):
         assert json.loads(env["RAY_OVERRIDE_RESOURCES"])["accelerator_type:A10G"] == 1
         assert json.loads(env["RAY_OVERRIDE_LABELS"]) == {"zone": "a"}
         assert env["RAY_HEAD_IP"].startswith("127.")
+        assert env["RAY_CML_HEAD_NODE_ID"] == head  # whose node.json a worker follows
         assert emulator.api_key not in json.dumps(app.raw), "the user's key stays on the laptop"
         assert app.nvidia_gpu == 1
     assert sorted(provider.non_terminated_nodes({TAG_RAY_USER_NODE_TYPE: "gpu_worker"})) == workers

@@ -90,6 +90,14 @@ def _shorten_teardown_poll() -> None:
         commands.POLL_INTERVAL = TEARDOWN_LOOK_AGAIN_S
 
 
+def _is_own_head(node_id: str) -> bool:
+    """True inside the head application of ``node_id`` (the head's autoscaler)."""
+    return (
+        os.environ.get("RAY_CML_NODE_KIND") == NODE_KIND_HEAD
+        and os.environ.get("RAY_CML_NODE_ID") == node_id
+    )
+
+
 def _own_gcs_address() -> str | None:
     """The GCS of the head this provider runs in (the autoscaler's), else None (a laptop)."""
     if os.environ.get("RAY_CML_NODE_KIND") != NODE_KIND_HEAD:
@@ -152,6 +160,7 @@ class CMLNodeProvider(NodeProvider):
         self._launcher_uploaded = False
         self._shipped_zip: str | None = None
         self.ready_nodes: set[str] = set()  # nodes whose environment the runner has seen
+        self._refused_head = False  # see _refuse_own_head_termination
 
     # ------------------------------------------------------------------ listing
 
@@ -577,12 +586,33 @@ class CMLNodeProvider(NodeProvider):
             self._nodes[node_id] = Node(node_id, app, merged)
 
     def terminate_node(self, node_id: str) -> dict[str, Any] | None:
+        if _is_own_head(node_id):
+            self._refuse_own_head_termination(node_id)
+            return None
         try:
             node = self._node(node_id)
         except KeyError:
             return None
         self._delete(node, "terminated by Ray")
         return None
+
+    def _refuse_own_head_termination(self, node_id: str) -> None:
+        """The head's autoscaler never deletes its own head (``ray down`` does, from outside).
+
+        Autoscaler v2 asks for it after Ray restarts on a head whose GCS kept its state (a
+        recovered head, a ``ray up`` again): the GCS still lists the head's earlier Ray node,
+        DEAD, under the same cloud instance id, and when v2 looks before the new raylet has
+        registered it takes the instance for one whose Ray stopped. Said once per process.
+        """
+        with self._lock:
+            if self._refused_head:
+                return
+            self._refused_head = True
+        logger.warning(
+            "not deleting head %s: its own autoscaler asked (a dead Ray node of an earlier "
+            "start of this head, kept in the GCS state); `ray down` deletes the head",
+            node_id,
+        )
 
     def terminate_nodes(self, node_ids: list[str]) -> dict[str, Any] | None:
         if node_ids:
