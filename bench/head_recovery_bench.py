@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/head_recovery_bench.py [--runs 2] [--restart-delay-s 0]
                                                   [--start-delay-s 8] [--head-lost-timeout-s S]
+                                                  [--app echo|vllm]
 
 Each run: a fresh emulator that restarts a FAILED application after ``--restart-delay-s``
 (CML: 300 s by default) and plays ``--start-delay-s`` of application start (the emulator's
 default, 8 s); ``ray up`` of a cluster with ``provider.head_recovery: true``; the echo Serve
 application (``ray_cml_provider/demo/echo_app.py``, one replica on a GPU worker); then the
 head's engine is killed (``:crash``, as a node failure) and the clock runs until the
-application answers again through the head's URL, as an outside caller sees it.
+application answers again through the head's URL, as an outside caller sees it. ``--app
+vllm`` serves the CPU twin of the vLLM app instead (real vLLM; needs RAY_CML_VLLM_PYTHON
+and RAY_CML_MODEL_DIR, as ``make test`` sets them): the crash comes once its replica has
+answered, and the clock runs until a chat completion answers again.
 
 Columns: the head application back (RUNNING), the worker's Ray rejoined the new head,
 the endpoint answering; applications created during recovery (0: nothing replaced or
@@ -21,6 +25,7 @@ the restart delay, they delete themselves and the recovered autoscaler replaces 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import tempfile
@@ -32,6 +37,11 @@ import requests
 from ray_cml_provider.demo.echo_app import serve_config
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.harness import RunningEmulator
+from ray_cml_provider.llm import MODEL_NAME
+from ray_cml_provider.llm.model_cache import fill
+from ray_cml_provider.llm.serve_configs import in_project, load
+
+VLLM_APP = Path(__file__).resolve().parent.parent / "cluster-configs" / "vllm_app_cpu.yaml"
 
 CREATE = "POST /api/v2/projects/{project_id}/applications"
 
@@ -43,11 +53,13 @@ def free_port() -> int:
 
 
 def one_run(
-    restart_delay_s: float, start_delay_s: float, head_lost_timeout_s: float
+    restart_delay_s: float, start_delay_s: float, head_lost_timeout_s: float, app: str
 ) -> dict[str, float | str]:
-    serve_port = free_port()
+    serve_port = free_port() if app == "echo" else 8000  # the vLLM config's own port
     emulator_args = ["--restart-failed", "1", "--restart-delay-s", str(restart_delay_s)]
     emulator_args += ["--start-delay-s", str(start_delay_s), "--stop-grace-s", "1"]
+    if app == "vllm":
+        emulator_args += ["--python", os.environ["RAY_CML_VLLM_PYTHON"]]
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as work,
         RunningEmulator(extra_args=emulator_args) as emulator,
@@ -65,25 +77,39 @@ def one_run(
         try:
             if cluster.up().returncode != 0:
                 return {"error": "ray up failed"}
-            if cluster.serve_deploy(serve_config(port=serve_port)).returncode != 0:
+            if app == "echo":
+                config, name = serve_config(port=serve_port), "echo"
+            else:
+                fill(emulator.project_dir, os.environ["RAY_CML_MODEL_DIR"], log=lambda _: None)
+                config, name = in_project(load(VLLM_APP), emulator.project_dir), "llm"
+            if cluster.serve_deploy(config).returncode != 0:
                 return {"error": "serve deploy failed"}
-            cluster.wait_for_serve_app("echo", 300)
+            cluster.wait_for_serve_app(name, 300)
             [head] = cluster.nodes("head")
-            [worker] = cluster.workers()
-            url = f"{emulator.url}/apps/{head.subdomain}/v1/echo"
+            base = f"{emulator.url}/apps/{head.subdomain}/v1"
             login = {"Authorization": f"Bearer {emulator.api_key}"}
 
             def answers() -> bool:
                 try:
-                    return requests.get(url, headers=login, timeout=5).status_code == 200
+                    if app == "echo":
+                        reply = requests.get(f"{base}/echo", headers=login, timeout=5)
+                    else:
+                        chat = {"model": MODEL_NAME, "max_tokens": 1}
+                        chat["messages"] = [{"role": "user", "content": "Hi"}]
+                        reply = requests.post(
+                            f"{base}/chat/completions", json=chat, headers=login, timeout=30
+                        )
                 except requests.RequestException:
                     return False
+                return reply.status_code == 200
 
-            cluster.wait_for(answers, 60, "the echo app through the head's URL")
+            cluster.wait_for(answers, 400, f"the {name} app through the head's URL")
+            [worker] = cluster.workers()
             emulator.reset_stats()
             crashed = time.monotonic()
             emulator.crash(head.id)
             marks: dict[str, float] = {}
+            went_down = False
             worker_log = Path(
                 next(p for p in emulator.processes() if p["id"] == worker.id)["log_path"]
             )
@@ -93,7 +119,9 @@ def one_run(
                 now = time.monotonic() - crashed
                 if "head_running_s" not in marks:
                     status = next(a for a in cluster.applications() if a.id == head.id).status
-                    if status == "APPLICATION_RUNNING":
+                    if status != "APPLICATION_RUNNING":
+                        went_down = True  # CML's status lags the crash by a reconcile
+                    elif went_down:
                         marks["head_running_s"] = now
                 if "worker_rejoined_s" not in marks and re.search(
                     "Ray started again", worker_log.read_text(errors="replace")
@@ -119,16 +147,17 @@ def main() -> None:
     parser.add_argument("--restart-delay-s", type=float, default=0.0)
     parser.add_argument("--start-delay-s", type=float, default=8.0)
     parser.add_argument("--head-lost-timeout-s", type=float)
+    parser.add_argument("--app", choices=["echo", "vllm"], default="echo")
     args = parser.parse_args()
     head_lost_s = args.head_lost_timeout_s or args.restart_delay_s + 180
     columns = ["head_running_s", "worker_rejoined_s", "answers_s", "created", "applications"]
     print(
         f"restart delay {args.restart_delay_s:g} s, start delay {args.start_delay_s:g} s, "
-        f"head_lost_timeout_s {head_lost_s:g}"
+        f"head_lost_timeout_s {head_lost_s:g}, app {args.app}"
     )
     print("run  " + "  ".join(f"{c:>17}" for c in columns))
     for run in range(1, args.runs + 1):
-        row = one_run(args.restart_delay_s, args.start_delay_s, head_lost_s)
+        row = one_run(args.restart_delay_s, args.start_delay_s, head_lost_s, args.app)
         if "error" in row:
             print(f"{run:>3}  error: {row['error']}")
             continue
