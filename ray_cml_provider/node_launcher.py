@@ -87,6 +87,7 @@ AUTOSTOP_RECORD = "autostopped.json"
 RECOVERY_RECORD = "recovery.json"
 GCS_STATE_DIR = "gcs"
 NEW_HEAD_CHECK_S = 3.0
+RECOVERY_TRIES = 3  # of the recorded `ray start --head`
 HEAD_START = re.compile(r"\bray start\b.*--head\b", re.S)
 # `ray stop` (the shim runs this file, standard library only) needs no node environment:
 # `ray down` must stop a node whose environment failed, without waiting for one.
@@ -644,15 +645,24 @@ class NodeLauncher:
         self.state = "recovering: starting Ray from the cluster's saved state"
         commands = json.loads(self.env.get("RAY_CML_SETUP_COMMANDS", "[]"))
         log_path = self.node_dir / "recovery.log"
-        for command, extra in [*((c, {}) for c in commands), (record["cmd"], record["env"])]:
-            log(f"$ {command}")
-            code = self.run_command(command, extra, log_path)
-            if code != 0:
+        steps = [*((c, {}, 1) for c in commands), (record["cmd"], record["env"], RECOVERY_TRIES)]
+        for command, extra, tries in steps:
+            for attempt in range(1, tries + 1):
+                log(f"$ {command}")
+                code = self.run_command(command, extra, log_path)
+                if code == 0:
+                    break
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]
                 failure = f"recovery: `{command}` failed with exit status {code}:\n"
-                self.publish("failure.txt", (failure + "\n".join(tail)).encode(), overwrite=True)
                 log(failure + f"see {log_path}")
-                return False
+                if attempt == tries:
+                    self.publish(
+                        "failure.txt", (failure + "\n".join(tail)).encode(), overwrite=True
+                    )
+                    return False
+                # Ray gives its raylet 30 s to register with the GCS; a recovering GCS on a
+                # busy machine can take longer. Stop what started and try again.
+                stop_ray_of_this_node(grace_s=5, ray_tmp_dir=self.tmp_dir)
         log("recovered: Ray runs again from the cluster's saved state")
         return True
 

@@ -192,6 +192,16 @@ def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_start
         "up",
     ]
 
+    # A recorded start that fails (Ray gives its raylet 30 s to register; a recovering GCS on
+    # a busy machine can take longer) is tried again after Ray's processes are stopped.
+    stops = []
+    monkeypatch.setattr(node_launcher, "stop_ray_of_this_node", lambda **kw: stops.append(kw))
+    flaky = {"cmd": "test -f tried || { touch tried; exit 1; }", "env": {}}
+    assert second.restart_head_ray(flaky) and len(stops) == 1
+    never = {"cmd": "exit 3", "env": {}}
+    assert not second.restart_head_ray(never) and len(stops) == 1 + 2
+    assert "exit status 3" in (second.node_dir / "failure.txt").read_text()
+
     # Without recovery, commands get no GCS state (and a restarted node removes itself).
     plain = launcher(tmp_path, monkeypatch, RAY_CML_NODE_KIND="head")
     assert "RAY_gcs_storage" not in plain.command_env()
