@@ -287,11 +287,7 @@ class NodeLauncher:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         stale = {path.stem for path in self.inbox.glob("*.json")}
         with contextlib.suppress(OSError):
-            stale |= {
-                n[: -len(".json")]
-                for n in self.api.list_names(f"{self.node_rel}/inbox")
-                if n.endswith(".json")
-            }
+            stale |= self.inbox_names_through_api()
         answered = {path.stem for path in self.outbox.glob("*.rc")}
         for name in sorted(stale - answered):
             self.publish(
@@ -578,11 +574,7 @@ class NodeLauncher:
             idle_s = API_POLL_IDLE_S.get(self.kind, 15.0)
             self._next_api_poll = now + (API_POLL_BUSY_S if now < self._busy_until else idle_s)
             try:
-                names |= {
-                    n[: -len(".json")]
-                    for n in self.api.list_names(f"{self.node_rel}/inbox")
-                    if n.endswith(".json")
-                }
+                names |= self.inbox_names_through_api()
             except OSError as exc:
                 log(f"could not list the inbox through the API: {exc}")
         for name in sorted(names - self.done):
@@ -592,6 +584,14 @@ class NodeLauncher:
             self.done.add(name)
             self._busy_until = time.monotonic() + BUSY_FOR_S
             threading.Thread(target=self.run_request, args=(name, spec), daemon=True).start()
+
+    def inbox_names_through_api(self) -> set[str]:
+        """The requests in this node's inbox as CML's files API lists them (no ``.json``)."""
+        return {
+            n[: -len(".json")]
+            for n in self.api.list_names(f"{self.node_rel}/inbox")
+            if n.endswith(".json")
+        }
 
     def read_request(self, name: str) -> dict | None:
         for read in (
@@ -652,13 +652,10 @@ class NodeLauncher:
                 code = self.run_command(command, extra, log_path)
                 if code == 0:
                     break
-                tail = log_path.read_text(errors="replace").splitlines()[-15:]
-                failure = f"recovery: `{command}` failed with exit status {code}:\n"
-                log(failure + f"see {log_path}")
+                log(f"recovery: `{command}` failed with exit status {code}: see {log_path}")
                 if attempt == tries:
-                    self.publish(
-                        "failure.txt", (failure + "\n".join(tail)).encode(), overwrite=True
-                    )
+                    failure = "recovery: " + command_failure(command, code, log_path)
+                    self.publish("failure.txt", failure.encode(), overwrite=True)
                     return False
                 # Ray gives its raylet 30 s to register with the GCS; a recovering GCS on a
                 # busy machine can take longer. Stop what started and try again.
@@ -729,8 +726,7 @@ class NodeLauncher:
             code = self.run_command(command, ray_env, log_path, watch_head=True)
             if code != 0:
                 log(f"command failed with exit status {code}; see {log_path}")
-                tail = log_path.read_text(errors="replace").splitlines()[-15:]
-                failure = f"`{command}` failed with exit status {code}:\n" + "\n".join(tail)
+                failure = command_failure(command, code, log_path)
                 self.publish("failure.txt", failure.encode(), overwrite=True)
                 return False
         return True
@@ -962,6 +958,13 @@ class NodeLauncher:
             stop_ray_of_this_node(ray_tmp_dir=self.tmp_dir)
             self.delete_own_application()
             return 0
+
+
+def command_failure(command: str, code: int, log_path: Path) -> str:
+    """What ``failure.txt`` says of a command that failed: the command, its exit status and
+    the last lines of its log (the provider shows it in ``ray status`` and ``ray up``)."""
+    tail = log_path.read_text(errors="replace").splitlines()[-15:]
+    return f"`{command}` failed with exit status {code}:\n" + "\n".join(tail)
 
 
 def _ancestors(pid: int) -> set[int]:

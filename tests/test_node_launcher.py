@@ -21,6 +21,7 @@ from ray_cml_provider.provider.naming import (
     COMMAND_ENV,
     auth_token_path,
     cluster_dir,
+    gcs_state_path,
     node_dir,
     node_failure_path,
     node_info_path,
@@ -183,7 +184,7 @@ def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_start
     info = (tmp_path / node_info_path("c1", "0123abcd")).read_text()
     assert '"ip": "127.0.0.9"' in info and '"life": 2' in info
     assert second.restart_head_ray(record)
-    gcs_dir = tmp_path / cluster_dir("c1") / "gcs"
+    gcs_dir = tmp_path / gcs_state_path("c1")  # where the provider deletes a new head's
     assert (tmp_path / "started.txt").read_text().split() == [
         "rocksdb",
         str(gcs_dir),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import secrets
 import shlex
 import sys
@@ -30,6 +29,7 @@ from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
+from ray_cml_provider.node_launcher import HEAD_START
 from ray_cml_provider.provider.addresses import application_url
 from ray_cml_provider.provider.naming import node_dir, node_info_path
 from ray_cml_provider.provider.packages import local_ray_version
@@ -91,7 +91,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         if not with_output and text:
             sys.stdout.write(text)
             sys.stdout.flush()
-        if code == 0 and re.search(r"\bray start\b.*--head\b", cmd, re.S):
+        if code == 0 and HEAD_START.search(cmd):
             self._check_head_loads_provider()
             _note(self._how_to_connect())
         if code != 0:

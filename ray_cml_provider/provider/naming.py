@@ -161,7 +161,7 @@ def endpoint_key_path(cluster_name: str) -> str:
 
 def gcs_state_path(cluster_name: str) -> str:
     """Where a head with ``provider.head_recovery`` keeps its GCS state (RocksDB), so that
-    a restarted head starts Ray again from it (``node_launcher.recover``)."""
+    a restarted head starts Ray again from it (``NodeLauncher.restart_head_ray``)."""
     return f"{cluster_dir(cluster_name)}/gcs"
 
 
