@@ -60,8 +60,8 @@ import sys, threading
 from pathlib import Path
 from ray_cml_provider.node_gateway import Gateway, Keys, RunningGateway, Upstream
 
-upstream_port, key_file = int(sys.argv[1]), sys.argv[2]
-keys = Keys(Path(key_file), None) if key_file else Keys()
+upstream_port, key_file, locked = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+keys = Keys(Path(key_file), None, locked=locked)
 gateway = Gateway(Upstream("127.0.0.1", upstream_port, "upstream"),
                   Upstream("127.0.0.1", upstream_port, "upstream"), keys, log=lambda m: None)
 running = RunningGateway(gateway, "127.0.0.1", 0)
@@ -116,15 +116,15 @@ def main() -> None:
     parser.add_argument("--locked", action="store_true", help="require the endpoint key")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        key_file = ""
-        if args.locked:
-            key_file = str(Path(tmp) / "endpoint_key")
-            Path(key_file).write_text(KEY)
+        key_file = str(Path(tmp) / "endpoint_key")
+        Path(key_file).write_text(KEY)
         upstream, upstream_port = start(UPSTREAM)
         env_path = str(Path(__file__).resolve().parent.parent)
         os.environ["PYTHONPATH"] = os.pathsep.join([env_path, os.environ.get("PYTHONPATH", "")])
-        gateway, gateway_port = start(GATEWAY, str(upstream_port), key_file)
-        headers = {"Authorization": f"Bearer {KEY}"} if args.locked else {}
+        gateway, gateway_port = start(
+            GATEWAY, str(upstream_port), key_file, "1" if args.locked else "0"
+        )
+        headers = {"Authorization": f"Bearer {KEY}"}  # /v1 asks for the key in both modes
         try:
             direct = latencies(upstream_port, args.requests, headers)
             through = latencies(gateway_port, args.requests, headers)

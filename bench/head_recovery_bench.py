@@ -87,7 +87,8 @@ def one_run(
             cluster.wait_for_serve_app(name, 300)
             [head] = cluster.nodes("head")
             base = f"{emulator.url}/apps/{head.subdomain}/v1"
-            login = {"Authorization": f"Bearer {emulator.api_key}"}
+            key = cluster.ray_cml("endpoint-key", str(cluster.config_path)).stdout.strip()
+            login = {"Authorization": f"Bearer {emulator.api_key}", "X-Endpoint-Key": key}
 
             def answers() -> bool:
                 try:

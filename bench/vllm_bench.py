@@ -175,10 +175,13 @@ def print_stages(stages: list[tuple[str, float | None]]) -> None:
     )
 
 
-def throughput(url: str, requests_n: int, concurrency: int, max_tokens: int) -> float:
+def throughput(
+    url: str, requests_n: int, concurrency: int, max_tokens: int, key: str | None = None
+) -> float:
     def one(prompt: str) -> int:
         answer = requests.post(
             f"{url}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
             json={
                 "model": MODEL_ID,
                 "max_tokens": max_tokens,
@@ -215,7 +218,6 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
         )
         if cluster.up().returncode != 0:
             raise SystemExit("ray up failed")
-        head_ip = cluster.head_ip()
         [head] = cluster.nodes("head")
         cache, _ = fill(emulator.project_dir, str(args.model), log=lambda _: None)
         config = in_project(load(REPO_CONFIGS / "vllm_app_cpu.yaml"), emulator.project_dir)
@@ -233,7 +235,8 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
         if cluster.serve_deploy(config, "vllm_app_cpu.yaml").returncode != 0:
             raise SystemExit("serve deploy failed")
         cluster.wait_for_serve_app("llm")
-        direct = f"http://{head_ip}:8000/v1"
+        # Serve's proxy listens on the head's loopback (127.0.0.1 on CML is the head's own).
+        direct = "http://127.0.0.1:8000/v1"
         print_stages(cold_start(cluster, direct, head.name.rsplit("-", 1)[-1]))
         engine = next(p for p in emulator.processes() if p["id"] == head.id)
         gateway = f"http://{engine['ip_address']}:{engine['app_port']}/v1"
@@ -245,7 +248,8 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
                 flush=True,
             )
         if args.gateway:
-            through = throughput(gateway, args.requests, 8, args.max_tokens)
+            key = cluster.ray_cml("endpoint-key", str(cluster.config_path)).stdout.strip()
+            through = throughput(gateway, args.requests, 8, args.max_tokens, key)
             print(f"  Serve through the head's gateway, concurrency 8: {through:.1f} tokens/s")
         cluster.down()
         return results

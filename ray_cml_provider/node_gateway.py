@@ -1,30 +1,46 @@
-"""The head's front door: one URL for the OpenAI API and the Ray dashboard.
+"""The head's front door: one URL for the OpenAI API and the Ray dashboard, on aiohttp.
 
 CML publishes one port of an application, ``CDSW_APP_PORT``, at ``https://<subdomain>.<workspace
-domain>``. On the head the node launcher runs this gateway there, and it routes each request:
+domain>``; and every engine of the workspace can open that port on the head's own address
+directly, without CML's proxy or its login. On the head the node launcher runs this gateway
+there, once the node's environment (which has ``ray[default]`` and so aiohttp) is ready. It
+routes each request:
 
-- ``/v1/...`` (the OpenAI API of a Ray Serve LLM app) to Ray Serve's HTTP proxy on the head;
+- ``/v1/...`` (the OpenAI API of a Ray Serve LLM app) to Ray Serve's HTTP proxy, which listens
+  on the head's loopback only (the shipped Serve configs bind it to 127.0.0.1): nothing in
+  the workspace reaches Serve except through here;
 - everything else to the Ray dashboard, which listens on a port of its own.
 
-Streamed answers (``"stream": true``, server-sent events) pass chunk by chunk, and a WebSocket
-upgrade is spliced through.
+Who may call:
 
-Who may call. With CML's login in front (the default) CML lets in only people who may see the
-project, so the gateway checks nothing itself (the dashboard still asks for Ray's token). With
-``bypass_authentication`` on the head's ``node_config`` CML lets anyone in, and this gateway
-is the lock. Every request needs a key of the cluster, as ``Authorization: Bearer <key>``:
+- ``/v1/...`` always needs the cluster's *endpoint key* (``ray-cml endpoint-key``), as
+  ``Authorization: Bearer <key>`` or ``X-Endpoint-Key: <key>`` (for a caller behind CML's
+  login, whose proxy may take ``Authorization`` for itself), or Ray's token. A request that
+  came through CML's proxy cannot be told from one that did not, so the login is not a key.
+  Neither key reaches Serve: every credential header we accept is removed, and so is Ray's
+  dashboard cookie.
+- Everything else: with ``bypass_authentication`` on the head (``locked``), Ray's token only
+  (``Authorization``, ``X-Ray-Authorization`` or Ray's dashboard cookie), which the dashboard
+  then checks again; behind CML's login, what the dashboard itself asks (its API asks for
+  Ray's token). The endpoint key, handed to the model's callers, never runs code.
 
-- ``/v1/...`` opens with the cluster's *endpoint key* (``ray-cml endpoint-key``), the one to
-  hand to whoever calls the model, or with Ray's token;
-- anything else opens with Ray's token only (also accepted as ``X-Ray-Authorization`` or
-  Ray's dashboard cookie): the dashboard's job API runs code, and the endpoint key must not.
+Keys are compared in constant time; a refused request gets 401, is never forwarded, and its
+connection is closed without reading its body.
 
-Keys are compared in constant time; a refused request gets 401 and never reaches Ray. An
-endpoint key is removed from the request it opened, so no part of Ray ever sees it.
+HTTP itself is aiohttp's on both sides (its parser, llhttp, frames every request; its client
+frames what goes to Ray): this module never reads or writes a message's framing. What it adds
+are the rules a shared door needs, each tested in ``tests/test_node_gateway.py``:
 
-Standard library only (it runs before anything is installed): asyncio, in a thread of the
-node launcher. Connections to Ray are kept open and reused, so a request costs one hop on
-the loopback (see ``bench/gateway_bench.py``).
+- a ``Connection`` header that names a framing or credential header is refused (400): hop-by-
+  hop removal must not unframe a body or drop a key check;
+- time limits: a caller that sends no complete request head for ``idle_s`` is closed (aiohttp's
+  keep-alive timer runs from the connection's first byte), and so is one that stalls
+  inside a body for ``idle_s``;
+- caps: header line and field sizes and header count (aiohttp's parser), body size per route,
+  and open connections (below the process's file limit, with headroom for Ray's side);
+- an upgrade (WebSocket) only when the caller asked for one; a ``101`` nobody asked for is a
+  502;
+- no traceback and no raw control character in the log, whatever a caller sends.
 """
 
 from __future__ import annotations
@@ -32,41 +48,94 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
+import logging
+import resource
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_HEAD_BYTES = 64 * 1024
-BUFFER_BODY_UP_TO = 1024 * 1024  # see read_whole
-CLIENT_IDLE_S = 300.0
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+ENDPOINT_KEY_HEADER = "X-Endpoint-Key"
+RAY_TOKEN_HEADER = "X-Ray-Authorization"
+RAY_TOKEN_COOKIE = "ray-authentication-token"
+# Headers that belong to one hop (RFC 9110 7.6.1), and the framing that aiohttp sets anew on
+# each side.
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
     "te",
     "trailer",
     "upgrade",
-    "proxy-authorization",
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "expect",
 }
-RAY_TOKEN_COOKIE = "ray-authentication-token"
+# A Connection header naming one of these would make a hop-by-hop removal change how a body
+# is framed or what was authorised: such a request is refused.
+PROTECTED = {
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "authorization",
+    RAY_TOKEN_HEADER.lower(),
+    ENDPOINT_KEY_HEADER.lower(),
+    "cookie",
+}
+# The websocket handshake's own headers: aiohttp makes them again for the upstream.
+WEBSOCKET_HANDSHAKE = {
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one caller may cost the head. The defaults are the production ones; tests shrink
+    the times."""
+
+    idle_s: float = 60.0  # no complete request head, or no body bytes, for this long: closed
+    max_line_bytes: int = 16 * 1024  # request line, and each header field
+    max_headers: int = 100
+    max_api_body_bytes: int = 64 * 1024 * 1024  # /v1: prompts, embeddings inputs
+    max_dashboard_body_bytes: int = 512 * 1024 * 1024  # a job's working_dir package
+    replay_body_bytes: int = 64 * 1024  # read first, so a stale pooled connection is retried
+    max_connections: int = 0  # 0: from the file limit (``connection_cap``)
+
+
+def connection_cap(reserve: int = 128, most: int = 8192) -> int:
+    """How many callers may hold a connection at once: raise the soft file limit to the hard
+    one, then leave room for Ray's side (each caller may hold one connection upstream too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(16, min(most, (soft - reserve) // 2))
 
 
 @dataclass
 class Keys:
     """Where the keys are (files in the project); read when first needed, then kept.
 
-    ``endpoint_key_file`` set means CML's login is bypassed: every request needs a key.
+    ``locked``: CML's login is bypassed, so the dashboard's side needs Ray's token too.
     """
 
     endpoint_key_file: Path | None = None
     ray_token_file: Path | None = None
+    locked: bool = False
     _cache: dict[Path, bytes] = field(default_factory=dict)
-
-    @property
-    def locked(self) -> bool:
-        return self.endpoint_key_file is not None
 
     def _read(self, path: Path | None) -> bytes | None:
         if path is None:
@@ -87,182 +156,63 @@ class Keys:
         return self._read(self.ray_token_file)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Upstream:
     host: str
     port: int
     name: str  # for error messages: "Ray Serve's HTTP proxy", "the Ray dashboard"
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
 
-    async def connect(
-        self, reuse: bool = True
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
-        while reuse and self.idle:
-            reader, writer = self.idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer, True
-            writer.close()
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=MAX_HEAD_BYTES)
-        return reader, writer, False
-
-    def give_back(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.idle) < 64:
-            self.idle.append((reader, writer))
-        else:
-            writer.close()
+    def url(self, raw_target: str) -> URL:
+        # encoded=True: the target goes on exactly as the caller sent it (no dot-segment
+        # folding here: what is judged is what is forwarded).
+        return URL(f"http://{self.host}:{self.port}{raw_target}", encoded=True)
 
 
-class BadRequest(Exception):
-    pass
-
-
-@dataclass
-class Message:
-    """An HTTP/1.1 request or response head."""
-
-    start: str
-    headers: list[tuple[str, str]]
-
-    def get(self, name: str) -> str:
-        name = name.lower()
-        return ", ".join(v for k, v in self.headers if k.lower() == name)
-
-    def tokens(self, name: str) -> set[str]:
-        return {t.strip().lower() for t in self.get(name).split(",") if t.strip()}
-
-    def encode(self, extra: list[tuple[str, str]] = ()) -> bytes:
-        lines = [self.start, *(f"{k}: {v}" for k, v in [*self.headers, *extra])]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-async def read_head(reader: asyncio.StreamReader) -> Message | None:
-    """The next message head, or None at a clean end of the connection."""
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial.strip():
-            return None
-        raise BadRequest("the connection ended inside a message head") from None
-    except asyncio.LimitOverrunError:
-        raise BadRequest(f"a message head is over {MAX_HEAD_BYTES} bytes") from None
-    lines = raw.decode("latin-1").split("\r\n")
-    while lines and not lines[0]:  # stray CRLFs between requests are allowed
-        lines.pop(0)
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise BadRequest(f"a malformed header line: {line[:80]!r}")
-        headers.append((name, value.strip()))
-    return Message(lines[0], headers)
-
-
-def body_framing(message: Message) -> tuple[str, int]:
-    """("chunked", 0), ("length", n), or ("none", 0) for a request without a body."""
-    if "chunked" in message.tokens("transfer-encoding"):
-        return "chunked", 0
-    length = message.get("content-length")
-    if length:
-        try:
-            value = int(length)
-        except ValueError:
-            raise BadRequest(f"Content-Length {length!r} is not a number") from None
-        if value < 0 or "," in length:
-            raise BadRequest(f"Content-Length {length!r} is not valid")
-        return "length", value
-    return "none", 0
-
-
-def read_whole(framing: tuple[str, int]) -> bool:
-    """Whether a request body is small enough to read into memory first: no body, or a
-    Content-Length up to ``BUFFER_BODY_UP_TO``. Such a request can be sent again on a fresh
-    connection, and a refused one is read to its end, so the connection stays usable."""
-    kind, length = framing
-    return kind == "none" or (kind == "length" and length <= BUFFER_BODY_UP_TO)
-
-
-async def copy_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None, framing: tuple[str, int]
-) -> None:
-    """Copy one body (or discard it, ``writer`` None), flushing each piece as it comes: a
-    streamed answer reaches the caller token by token."""
-    kind, length = framing
-    if kind == "length":
-        while length:
-            data = await reader.read(min(length, 65536))
-            if not data:
-                raise ConnectionError("the connection ended inside a body")
-            length -= len(data)
-            if writer:
-                writer.write(data)
-                await writer.drain()
-    elif kind == "chunked":
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise BadRequest("a malformed chunk size") from None
-            if size == 0:
-                trailer = line
-                while True:  # trailers, then the empty line
-                    more = await reader.readuntil(b"\r\n")
-                    trailer += more
-                    if more == b"\r\n":
-                        break
-                if writer:
-                    writer.write(trailer)
-                    await writer.drain()
-                return
-            data = line + await reader.readexactly(size + 2)
-            if writer:
-                writer.write(data)
-                await writer.drain()
-    elif kind == "until-close":
-        while data := await reader.read(65536):
-            if writer:
-                writer.write(data)
-                await writer.drain()
-
-
-async def splice(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-) -> None:
-    async def one_way(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        with contextlib.suppress(OSError):
-            writer.write_eof()
-
-    await asyncio.gather(one_way(a[0], b[1]), one_way(b[0], a[1]))
+def printable(text: object, most: int = 200) -> str:
+    """``text`` safe for a log line: control characters escaped, cut to ``most``."""
+    value = str(text)[:most]
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
 
 
 def _bearer(value: str) -> bytes | None:
     scheme, _, credential = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not credential.strip():
         return None
-    return credential.strip().encode("latin-1", "replace")
+    return credential.strip().encode("utf-8", "replace")
 
 
-def _cookie(message: Message, name: str) -> bytes | None:
-    for part in message.get("cookie").replace(",", ";").split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name and value:
-            return value.encode("latin-1", "replace")
-    return None
+def _plain(value: str) -> bytes | None:
+    value = value.strip()
+    return value.encode("utf-8", "replace") if value else None
 
 
 def _same(offered: bytes | None, expected: bytes | None) -> bool:
     return bool(offered and expected and hmac.compare_digest(offered, expected))
 
 
+def _without_ray_cookie(value: str) -> str:
+    parts = [p.strip() for p in value.split(";")]
+    return "; ".join(p for p in parts if p and p.partition("=")[0].strip() != RAY_TOKEN_COOKIE)
+
+
+API_KEY_NEEDED = (
+    "this URL needs the endpoint key or Ray's token: send 'Authorization: Bearer <key>' "
+    f"or '{ENDPOINT_KEY_HEADER}: <key>'"
+)
+TOKEN_NEEDED = "this URL needs Ray's token: send 'Authorization: Bearer <token>'"
+
+
+class Refused(Exception):
+    """A request the gateway answers itself, with ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class Gateway:
-    """Route requests on the application's port; see the module's docstring."""
+    """Route and guard requests on the application's port; see the module's docstring."""
 
     def __init__(
         self,
@@ -270,221 +220,348 @@ class Gateway:
         dashboard: Upstream,
         keys: Keys,
         log: Callable[[str], None] = print,
+        limits: Limits | None = None,
     ) -> None:
         self.serve = serve
         self.dashboard = dashboard
         self.keys = keys
         self.log = log
+        self.limits = limits or Limits()
         self.refused = 0  # requests answered 401 (tests and the status page read it)
+        self._session: aiohttp.ClientSession | None = None
 
     # ---------------------------------------------------------------- decisions
 
     @staticmethod
-    def is_api(target: str) -> bool:
-        path = target.split("?", 1)[0]
+    def is_api(raw_target: str) -> bool:
+        path = raw_target.split("?", 1)[0]
         return path == "/v1" or path.startswith("/v1/")
 
-    def admit(self, request: Message, api: bool) -> tuple[bool, bool]:
-        """(allowed, strip the Authorization header) for one request."""
-        if not self.keys.locked:
-            return True, False
-        offered = _bearer(request.get("authorization"))
+    def admit(self, request: web.BaseRequest, api: bool) -> bool:
+        headers = request.headers
         token = self.keys.ray_token()
-        if _same(offered, token):
-            return True, False  # Ray checks its own token again
-        if api and _same(offered, self.keys.endpoint_key()):
-            return True, True
-        if not api:
-            other = _bearer(request.get("x-ray-authorization")) or _cookie(
-                request, RAY_TOKEN_COOKIE
+        authorization = _bearer(headers.get("Authorization", ""))
+        ray_header = _bearer(headers.get(RAY_TOKEN_HEADER, ""))
+        if _same(authorization, token) or _same(ray_header, token):
+            return True
+        if api:
+            key = self.keys.endpoint_key()
+            return _same(authorization, key) or _same(
+                _plain(headers.get(ENDPOINT_KEY_HEADER, "")), key
             )
-            if _same(other, token):
-                return True, False
-        return False, False
+        if not self.keys.locked:
+            return True  # behind CML's login: the dashboard's API asks for Ray's token itself
+        cookie = request.cookies.get(RAY_TOKEN_COOKIE)
+        return _same(cookie.encode("utf-8", "replace") if cookie else None, token)
+
+    @staticmethod
+    def check_connection_header(request: web.BaseRequest) -> set[str]:
+        """The lower-case names the caller's ``Connection`` header lists; raises ``Refused``
+        when one is a framing or credential header."""
+        named = {
+            token.strip().lower()
+            for value in request.headers.getall("Connection", [])
+            for token in value.split(",")
+            if token.strip()
+        }
+        if named & PROTECTED:
+            raise Refused(400, "the Connection header may not name framing or credential headers")
+        return named
+
+    def outgoing_headers(self, request: web.BaseRequest, api: bool, named: set[str]) -> CIMultiDict:
+        """The caller's headers as Ray gets them: no hop-by-hop or framing header (aiohttp
+        frames anew), and on ``/v1`` no credential of ours in any spelling we accept."""
+        drop = HOP_BY_HOP | named | {ENDPOINT_KEY_HEADER.lower()}
+        if api:
+            drop |= {"authorization", RAY_TOKEN_HEADER.lower()}
+        headers = CIMultiDict()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in drop or lower in WEBSOCKET_HANDSHAKE:
+                continue
+            if lower == "cookie" and api:
+                value = _without_ray_cookie(value)
+                if not value:
+                    continue
+            headers.add(name, value)
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+        headers["X-Forwarded-For"] = request.remote or ""
+        return headers
 
     # ---------------------------------------------------------------- serving
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = (writer.get_extra_info("peername") or ("?",))[0]
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        api = self.is_api(request.raw_path)
         try:
-            while await self.one_request(reader, writer, peer):
-                pass
-        except BadRequest as exc:
-            await self.answer(writer, 400, f"bad request: {exc}", close=True)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
+            named = self.check_connection_header(request)
+            if not self.admit(request, api):
+                self.refused += 1
+                raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
+            limit = self.limits.max_api_body_bytes if api else self.limits.max_dashboard_body_bytes
+            if (request.content_length or 0) > limit:
+                raise Refused(413, f"the body is over {limit} bytes")
+            upstream = self.serve if api else self.dashboard
+            headers = self.outgoing_headers(request, api, named)
+            if _asks_websocket(request):
+                return await self.relay_websocket(request, upstream, headers)
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return await self.forward(request, upstream, headers, limit)
+        except Refused as refusal:
+            return self.refusal(refusal)
 
-    async def answer(
-        self,
-        writer: asyncio.StreamWriter,
-        status: int,
-        message: str,
-        close: bool = False,
-        extra: list[tuple[str, str]] = (),
-    ) -> None:
-        reasons = {400: "Bad Request", 401: "Unauthorized", 502: "Bad Gateway"}
-        body = json.dumps({"error": message}).encode()
-        head = Message(
-            f"HTTP/1.1 {status} {reasons.get(status, 'Error')}",
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                *extra,
-                *([("Connection", "close")] if close else []),
-            ],
+    def refusal(self, refusal: Refused) -> web.Response:
+        extra = {"WWW-Authenticate": 'Bearer realm="ray-cml"'} if refusal.status == 401 else {}
+        response = web.json_response(
+            {"error": refusal.message}, status=refusal.status, headers=extra
         )
-        with contextlib.suppress(OSError):
-            writer.write(head.encode() + body)
-            await writer.drain()
+        response.force_close()  # the body, if any, is never read
+        return response
 
-    async def one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> bool:
-        """Serve one request; False when the connection is to be closed."""
-        request = await asyncio.wait_for(read_head(reader), CLIENT_IDLE_S)
-        if request is None:
-            return False
-        try:
-            method, target, version = request.start.split(" ")
-        except ValueError:
-            raise BadRequest(f"a malformed request line: {request.start[:80]!r}") from None
-        framing = body_framing(request)
-        api = self.is_api(target)
-        keep_alive = (
-            "close" not in request.tokens("connection")
-            if version == "HTTP/1.1"
-            else "keep-alive" in request.tokens("connection")
-        )
-        allowed, strip_key = self.admit(request, api)
-        if not allowed:
-            self.refused += 1
-            stays_open = keep_alive and read_whole(framing)
-            if read_whole(framing):  # read what was sent: the caller sees the answer, not a reset
-                await copy_body(reader, None, framing)
-            what = "the endpoint key or Ray's token" if api else "Ray's token"
-            await self.answer(
-                writer,
-                401,
-                f"this URL needs {what}: send 'Authorization: Bearer <key>'",
-                close=not stays_open,
-                extra=[("WWW-Authenticate", 'Bearer realm="ray-cml"')],
-            )
-            return stays_open
-        if "100-continue" in request.tokens("expect"):
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            await writer.drain()
-        upgrade = "upgrade" in request.tokens("connection") and request.get("upgrade")
-        drop = HOP_BY_HOP | {"expect"} | ({"authorization"} if strip_key else set())
-        drop |= {h.lower() for h in request.get("connection").split(",") if h.strip()}
-        headers = [(k, v) for k, v in request.headers if k.lower() not in drop]
-        headers.append(("X-Forwarded-For", peer))
-        headers.append(("Connection", "Upgrade") if upgrade else ("Connection", "keep-alive"))
-        if upgrade:
-            headers.append(("Upgrade", request.get("upgrade")))
-        outgoing = Message(f"{method} {target} HTTP/1.1", headers).encode()
-        body: bytes | None = None  # None: streamed to the upstream as it comes
-        if read_whole(framing):
-            body = await reader.readexactly(framing[1])
-        upstream = self.serve if api else self.dashboard
+    async def forward(
+        self, request: web.BaseRequest, upstream: Upstream, headers: CIMultiDict, limit: int
+    ) -> web.StreamResponse:
+        body: bytes | AsyncIterator[bytes] | None = None
+        replayable = not request.body_exists
+        stream = CallerBody(request, limit, self.limits.idle_s)
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= self.limits.replay_body_bytes:
+                body = b"".join([piece async for piece in stream])
+                replayable = True
+            else:
+                body = stream.__aiter__()
+        session = self.session()
         for attempt in (1, 2):
             try:
-                up_reader, up_writer, reused = await upstream.connect(reuse=attempt == 1)
-            except OSError:
-                stays_open = keep_alive and body is not None  # else the body is still unread
-                await self.answer(
-                    writer,
+                answer = await session.request(
+                    request.method,
+                    upstream.url(request.raw_path),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                )
+                break
+            except Refused:
+                raise
+            except aiohttp.ClientConnectorError:
+                stream.raise_refusal()
+                raise Refused(
                     502,
                     f"{upstream.name} does not answer on the head yet "
                     f"({upstream.host}:{upstream.port})",
-                    close=not stays_open,
-                )
-                return stays_open
+                ) from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A kept-alive connection Ray had closed: once more, when the body can be sent
+                # again.
+                stream.raise_refusal()
+                if attempt == 2 or not replayable:
+                    self.log(f"gateway: {upstream.name} failed a request: {printable(exc)}")
+                    raise Refused(502, f"{upstream.name} failed: {printable(exc)}") from None
+            except aiohttp.ClientError as exc:
+                stream.raise_refusal()
+                self.log(f"gateway: {upstream.name} failed a request: {printable(exc)}")
+                raise Refused(502, f"{upstream.name} failed: {printable(exc)}") from None
+        async with answer:
+            if answer.status == 101:  # only websocket upgrades, and those go elsewhere
+                raise Refused(502, f"{upstream.name} switched protocols unasked")
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            if answer.content_length is not None and "Content-Encoding" not in answer.headers:
+                response.content_length = answer.content_length
+            await response.prepare(request)
             try:
-                up_writer.write(outgoing + (body or b""))
-                if body is None:
-                    await copy_body(reader, up_writer, framing)
-                await up_writer.drain()
-                response = await read_head(up_reader)
-                while response and response.start.split(" ")[1:2] in (["100"], ["102"], ["103"]):
-                    response = await read_head(up_reader)  # interim answers: ours went already
-                if response is None:
-                    raise ConnectionResetError("closed before answering")
-                break
-            except (ConnectionError, asyncio.IncompleteReadError) as exc:
-                up_writer.close()
-                if not (reused and body is not None and attempt == 1):
-                    self.log(f"gateway: {upstream.name} failed a {method}: {exc!r}")
-                    await self.answer(writer, 502, f"{upstream.name} failed: {exc}", close=True)
-                    return False
-        status = response.start.split(" ")[1] if " " in response.start else ""
-        if status == "101":
-            writer.write(response.encode())
-            await writer.drain()
-            await splice((reader, writer), (up_reader, up_writer))
-            up_writer.close()
-            return False
-        if method == "HEAD" or status in ("204", "304"):
-            out_framing: tuple[str, int] = ("none", 0)
-        elif "chunked" in response.tokens("transfer-encoding"):
-            out_framing = ("chunked", 0)
-        elif response.get("content-length"):
-            out_framing = ("length", int(response.get("content-length")))
-        else:
-            out_framing = ("until-close", 0)
-        upstream_keeps = "close" not in response.tokens("connection") and out_framing[0] != (
-            "until-close"
-        )
-        client_keeps = keep_alive and out_framing[0] != "until-close"
-        drop = (HOP_BY_HOP - {"upgrade"}) | {
-            h.lower() for h in response.get("connection").split(",") if h.strip()
-        }
-        response.headers = [(k, v) for k, v in response.headers if k.lower() not in drop]
-        response.headers.append(("Connection", "keep-alive" if client_keeps else "close"))
-        writer.write(response.encode())
+                async for piece in answer.content.iter_any():
+                    await response.write(piece)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # The answer is cut: end the caller's connection so it cannot look whole.
+                self.log(f"gateway: {upstream.name} broke off an answer: {printable(exc)}")
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+
+    async def relay_websocket(
+        self, request: web.BaseRequest, upstream: Upstream, headers: CIMultiDict
+    ) -> web.StreamResponse:
+        protocols = [
+            p.strip()
+            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+            if p.strip()
+        ]
         try:
-            await copy_body(up_reader, writer, out_framing)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            up_writer.close()
-            return False
-        if upstream_keeps:
-            upstream.give_back(up_reader, up_writer)
-        else:
-            up_writer.close()
-        return client_keeps
+            outward = await self.session().ws_connect(
+                upstream.url(request.raw_path), headers=headers, protocols=protocols
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise Refused(502, f"{upstream.name} refused the upgrade ({exc.status})") from None
+        except aiohttp.ClientError as exc:
+            raise Refused(502, f"{upstream.name} does not answer: {printable(exc)}") from None
+        inward = web.WebSocketResponse(protocols=[outward.protocol] if outward.protocol else ())
+        await inward.prepare(request)
+
+        async def pump(source, sink) -> None:
+            async for message in source:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+                else:
+                    break
+            await sink.close()
+
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+            await asyncio.gather(pump(inward, outward), pump(outward, inward))
+        return inward
+
+    def session(self) -> aiohttp.ClientSession:
+        """One pool of kept-alive connections to Ray for every caller: each request goes on
+        whichever is free, framed by aiohttp, so no caller's bytes frame another's."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                auto_decompress=False,  # bytes pass as Ray sent them
+                cookie_jar=aiohttp.DummyCookieJar(),  # no caller's cookie outlives its request
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class CallerBody:
+    """The caller's body as it comes: each read bounded by ``idle_s``, the whole by
+    ``limit``. A breach ends the body and is kept in ``refusal`` (aiohttp's client wraps
+    what a body's iterator raises)."""
+
+    def __init__(self, request: web.BaseRequest, limit: int, idle_s: float) -> None:
+        self.request = request
+        self.limit = limit
+        self.idle_s = idle_s
+        self.refusal: Refused | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        while True:
+            try:
+                piece = await asyncio.wait_for(self.request.content.readany(), self.idle_s)
+            except asyncio.TimeoutError:
+                self.refusal = Refused(408, f"no body bytes for {self.idle_s:.0f} s")
+                raise self.refusal from None
+            if not piece:
+                return
+            seen += len(piece)
+            if seen > self.limit:
+                self.refusal = Refused(413, f"the body is over {self.limit} bytes")
+                raise self.refusal
+            yield piece
+
+    def raise_refusal(self) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+
+
+def _asks_websocket(request: web.BaseRequest) -> bool:
+    connection = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+class CappedServer(web.Server):
+    """aiohttp's low-level server with a bound on open connections: past it a new connection
+    is closed at once, so stalled callers cannot use up the head's file descriptors."""
+
+    def __init__(self, *args, max_connections: int, on_full: Callable[[], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.on_full = on_full
+
+    def connection_made(self, handler, transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self.connections) > self.max_connections:
+            self.on_full()
+            transport.close()
+
+
+class OneLineLog(logging.Handler):
+    """aiohttp's server log as one printable line per event, without tracebacks: what a
+    caller sends must not write raw bytes or stacks into the head's log."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.write = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        reason = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (f": {type(reason).__name__}: {reason}" if reason else "")
+        self.write(f"gateway: {printable(text, 300)}")
 
 
 class RunningGateway:
-    """The gateway on its own event loop in a daemon thread."""
+    """The gateway on its own event loop in a daemon thread (the launcher's other work is
+    threads and subprocesses)."""
 
     def __init__(self, gateway: Gateway, host: str, port: int) -> None:
         self.gateway = gateway
+        self.full = 0  # connections closed at once because the cap was reached
+        limits = gateway.limits
+        self.max_connections = limits.max_connections or connection_cap()
+        logger = logging.getLogger(f"ray_cml_provider.gateway.{id(self)}")
+        logger.propagate = False
+        logger.addHandler(OneLineLog(gateway.log))
         self.loop = asyncio.new_event_loop()
-        self.server: asyncio.AbstractServer | None = None
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(gateway.handle, host, port, limit=MAX_HEAD_BYTES, backlog=256)
+        server = CappedServer(
+            gateway.handle,
+            max_connections=self.max_connections,
+            on_full=self._count_full,
+            loop=self.loop,
+            keepalive_timeout=limits.idle_s,
+            max_line_size=limits.max_line_bytes,
+            max_field_size=limits.max_line_bytes,
+            max_headers=limits.max_headers,
+            lingering_time=0,  # a refused body is not read
+            auto_decompress=False,
+            logger=logger,
+            access_log=None,
         )
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.runner = web.ServerRunner(
+            server, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, host, port, backlog=512)
+        self.loop.run_until_complete(site.start())
+        self.port = self.runner.addresses[0][1]
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def _count_full(self) -> None:
+        self.full += 1
+        if self.full in (1, 10, 100) or self.full % 1000 == 0:
+            self.gateway.log(f"gateway: {self.full} connection(s) closed: over the cap")
+
+    def open_connections(self) -> int:
+        async def count() -> int:
+            return len(self.runner.server.connections)
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(5)
+
+    def close(self) -> None:
         """Close the port and every open connection, then end the loop's thread."""
 
         async def close() -> None:
-            if self.server:
-                self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for upstream in (self.gateway.serve, self.gateway.dashboard):
-                for _, writer in upstream.idle:
-                    writer.close()
-                upstream.idle.clear()
+            await self.runner.cleanup()
+            await self.gateway.close()
 
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()

@@ -1,15 +1,19 @@
 """What runs inside every CML application of a Ray cluster: the node launcher.
 
-Standard library only: it starts before anything is installed (it is the application's
-``script``, copied into the project by the provider). It
+The application's script is ``node_bootstrap`` (standard library: it answers CML's poll and
+makes the node's Python environment ready), which then ``exec``-s this module with the
+provider code ``ray up`` shipped and that environment first on ``PYTHONPATH``. This module
+imports only the standard library at the top, so it also runs (and reports) when the
+environment could not be made; the head's gateway (``node_gateway``, aiohttp) is imported
+once the environment is there. It
 
 - publishes the node's address (``nodes/<id>/node.json`` in the cluster's folder of the
   shared project filesystem), so the provider can answer ``internal_ip``;
 - makes the cluster's Ray token (``auth/token`` in the cluster's folder, created by ``ray
   up``) owner-only and points every command at it (``RAY_AUTH_MODE=token``,
   ``RAY_AUTH_TOKEN_PATH``): every Ray port of the cluster then asks for it;
-- makes the node's Python environment ready (``node_env``: Ray and the type's
-  ``pip_packages``, built once per project and shared; nothing when the runtime has them);
+- reports how the node's Python environment was made ready, or why not (the bootstrap made
+  it; ``ray up`` again tries again);
 - runs the commands the laptop's ``ray up``/``exec``/``submit``/``down`` post into
   ``nodes/<id>/inbox/`` and publishes their output and exit status in ``outbox/`` (CML has
   no SSH: the project files are the channel);
@@ -28,9 +32,10 @@ Standard library only: it starts before anything is installed (it is the applica
   long (``cluster/idleness.py`` says what idle is): it leaves ``autostopped.json`` in the
   cluster's folder for ``ray-cml status`` and deletes every application of the cluster,
   itself last; ``ray up`` brings the cluster back;
-- on a worker, answers HTTP on the application's port (``CDSW_APP_PORT``) with the node's
-  state from its first second: CML polls that port to learn the application is up (the
-  head's dashboard answers there), so a worker that answered nothing might never be RUNNING.
+- answers HTTP on the application's port (``CDSW_APP_PORT``), which the bootstrap answered
+  until now: on the head the gateway (``/v1`` to Serve, the rest to the dashboard, keys
+  checked); on a worker, and on a head whose environment failed, the bootstrap's status page
+  (CML polls that port to learn the application is up).
 
 Every command runs with ``HOME`` set to the cluster's own folder (so ``~/ray_bootstrap_config
 .yaml`` of two clusters in one project never collide), its own ``RAY_TMPDIR``, and a ``ray``
@@ -61,15 +66,9 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-try:  # uploaded next to this file in the cluster's folder
-    import node_api
-    import node_env
-    import node_gateway
-except ImportError:  # imported from the package (tests, tools)
-    from ray_cml_provider import node_api, node_env, node_gateway
+from ray_cml_provider import node_api, node_bootstrap, node_env
 
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
@@ -226,10 +225,13 @@ class NodeLauncher:
         # Ray's token (provider/ray_auth.py): the file's path only; Ray's processes read it.
         token_file = env.get("RAY_CML_AUTH_TOKEN_FILE", "")
         self.token_path = self.project_dir / token_file if token_file else None
-        # Set when the head's URL bypasses CML's login: the gateway then asks for keys.
+        # The key /v1 asks for; with the head's URL outside CML's login, everything else asks
+        # for Ray's token too.
         key_file = env.get("RAY_CML_ENDPOINT_KEY_FILE", "")
         self.endpoint_key_path = self.project_dir / key_file if key_file else None
-        self.gateway: node_gateway.RunningGateway | None = None
+        self.login_bypassed = env.get("RAY_CML_LOGIN_BYPASSED") == "1"
+        self.door = None  # the gateway or the status page on CDSW_APP_PORT (``open_door``)
+        self.gateway_open = False
         minutes = env.get("RAY_CML_AUTOSTOP_MINUTES", "") if self.kind == "head" else ""
         self.autostop_s = float(minutes) * 60 if minutes else 0.0
         self.node_rel = f"{env['RAY_CML_DIR']}/nodes/{self.node_id}"  # for the files API
@@ -239,9 +241,26 @@ class NodeLauncher:
         self._next_api_poll = 0.0
         self._busy_until = time.monotonic() + BUSY_FOR_S  # `ray up` talks to a new head now
         self.packages: list[str] = json.loads(env.get("RAY_CML_PIP_PACKAGES", "[]"))
-        self.environment: node_env.Environment | None = None
-        self.environment_error = ""
-        self.environment_ready = threading.Event()
+        # What the bootstrap made (node_bootstrap.HANDOFF); the node's commands get the
+        # runtime's own PYTHONPATH back, with the shipped code and the environment in front.
+        self.code = env.get("RAY_CML_LAUNCHER_CODE") or str(Path(__file__).resolve().parents[1])
+        site = env.get("RAY_CML_NODE_SITE", "")
+        self.environment_error = env.get("RAY_CML_ENVIRONMENT_ERROR", "")
+        self.environment: node_env.Environment | None = (
+            None
+            if self.environment_error
+            else node_env.Environment(
+                Path(site) if site else None,
+                env.get("RAY_CML_ENVIRONMENT_SUMMARY") or "no packages asked for",
+            )
+        )
+        if "RAY_CML_RUNTIME_PYTHONPATH" in env:
+            env["PYTHONPATH"] = env["RAY_CML_RUNTIME_PYTHONPATH"]
+        for name in node_bootstrap.HANDOFF:
+            env.pop(name, None)
+        if not env.get("PYTHONPATH"):
+            env.pop("PYTHONPATH", None)
+        self._environment_lock = threading.Lock()
         self.state = "starting"  # what the status page on the application's port says
         self._head_lost_since: float | None = None
         self._next_head_check = 0.0
@@ -302,12 +321,9 @@ class NodeLauncher:
         """Wait for the cluster's token (and, on a head without CML's login, its endpoint key)
         to show on the mount (``ray up`` wrote them through the API before creating the head),
         then make them owner-only. Raises ``NoToken``."""
-        if self.token_path is None:
+        secrets_files = [path for path in (self.token_path, self.endpoint_key_path) if path]
+        if not secrets_files:
             return
-        secrets_files = [
-            self.token_path,
-            *([self.endpoint_key_path] if self.endpoint_key_path else []),
-        ]
         started = time.monotonic()
         next_note = started + 15
         while not all(path.is_file() for path in secrets_files):
@@ -325,7 +341,7 @@ class NodeLauncher:
                 log(f"waiting for {missing.name} to show here ({waited:.0f} s)")
             time.sleep(1.0)
         with contextlib.suppress(OSError):  # another node may be doing the same now
-            self.token_path.parent.chmod(0o700)
+            secrets_files[0].parent.chmod(0o700)
             for path in secrets_files:
                 path.chmod(0o600)
 
@@ -339,7 +355,8 @@ class NodeLauncher:
             "#!/bin/bash\n"
             "# ray-cml: 'ray stop' stops only this node's Ray, never other processes here.\n"
             'if [ "$1" = "stop" ]; then\n'
-            f'  exec "{sys.executable}" "{Path(__file__).resolve()}" stop-ray\n'
+            f'  PYTHONPATH="{self.code}" exec "{sys.executable}" -m ray_cml_provider.node_launcher'
+            " stop-ray\n"
             "fi\n"
             f'PATH="${{PATH#{shim_dir}:}}"\n'
             "# ray-cml: 'ray start' keeps the node's files in its own RAY_TMPDIR. Ray would put a\n"
@@ -397,64 +414,43 @@ class NodeLauncher:
 
     # ------------------------------------------------------------------ environment
 
-    def prepare_environment(self) -> bool:
-        """Make the node's packages ready (see ``node_env``); False, with the reason kept in
-        ``environment_error``, when they cannot be."""
-        try:
-            if self.packages:
-                build = node_env.EnvironmentBuild(
-                    self.project_dir,
-                    self.env.get("RAY_CML_RUNTIME", ""),
-                    self.packages,
-                    self.node_id,
-                    log,
-                )
-                self.environment = build.ensure()
-            else:
-                self.environment = node_env.Environment(None, "no packages asked for")
-            log(self.environment.summary)
-            return True
-        except node_env.NodeEnvironmentError as exc:
-            self.environment_error = str(exc)
-            log(self.environment_error)
-            return False
-        except Exception as exc:  # an unexpected failure must still reach the user
-            self.environment_error = f"ray-cml: preparing the node environment failed: {exc!r}"
-            log(self.environment_error)
-            return False
-        finally:
-            self.environment_ready.set()
+    def retry_environment(self) -> bool:
+        """The bootstrap could not make the node's packages ready: try again (``ray up``
+        again asks for it; ``node_env`` says when a failed build may be tried again). Once it
+        works, this process imports from it too (the gateway needs aiohttp), and the head's
+        door opens. False, with the reason in ``environment_error``, while it fails."""
+        with self._environment_lock:
+            if not self.environment_error:
+                return True
+            environment, error = node_bootstrap.prepare_environment(self.env, self.project_dir)
+            log(error or environment.summary)
+            self.environment_error = error
+            if error:
+                return False
+            self.environment = environment
+            if environment.site and str(environment.site) not in sys.path:
+                sys.path.insert(0, str(environment.site))
+        if self.kind == "head":
+            self.open_door()
+        return True
 
     def environment_report(self) -> tuple[int, str]:
         """What a ``{"report": "environment"}`` request answers: the summary and the Ray
         version commands see, or the failure."""
-        self.environment_ready.wait()
-        if self.environment_error:  # `ray up` again: try again (node_env says when it may)
-            self.environment_error = ""
-            self.prepare_environment()
-        if self.environment_error:
+        if not self.retry_environment():
             return 1, self.environment_error + "\n"
         ray_version = node_env.ray_pin(self.packages)
         return 0, f"{self.environment.summary}\nRAY_VERSION={ray_version}\n"
 
     def shipped_code(self, relative: str) -> str:
-        """Where to import the provider code ``ray up`` shipped from: the project's copy,
-        or, while NFS does not show it here yet (a newer ``ray up`` just uploaded it), a
-        copy fetched through the API. Its name is its digest: a copy is never stale."""
-        in_project = self.project_dir / relative
-        if in_project.exists() or not self.api.available:
-            return str(in_project)
-        local = Path(self.tmp_dir) / "lib" / Path(relative).name
-        if not local.exists():
-            try:
-                data = self.api.download(relative)
-            except OSError as exc:
-                log(f"cannot fetch {relative} yet: {exc}")
-                return str(in_project)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.with_suffix(".tmp").write_bytes(data)
-            local.with_suffix(".tmp").replace(local)
-        return str(local)
+        """Where a command imports the provider code ``ray up`` shipped from (a newer ``ray
+        up`` ships newer code): the project's copy, or one fetched through the API while NFS
+        does not show it here yet (``node_bootstrap.shipped_code``)."""
+        try:
+            tmp = Path(self.tmp_dir)
+            return str(node_bootstrap.shipped_code(relative, self.project_dir, tmp, self.api, 0))
+        except RuntimeError:
+            return str(self.project_dir / relative)
 
     def command_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(self.env)
@@ -639,7 +635,7 @@ class NodeLauncher:
         """A restarted head: the cluster's setup commands, then the recorded ``ray start
         --head`` on this new address; the GCS finds the cluster's state in its folder."""
         self.state = "recovering: preparing its Python environment"
-        if not self.prepare_environment():
+        if not self.retry_environment():
             self.publish("failure.txt", self.environment_error.encode(), overwrite=True)
             return False
         self.state = "recovering: starting Ray from the cluster's saved state"
@@ -667,7 +663,7 @@ class NodeLauncher:
         if spec.get("report") == "environment":
             code, text = self.environment_report()
             output.write_text(text)
-        elif not RAY_STOP.fullmatch(spec.get("cmd") or "") and not self.wait_for_environment():
+        elif not RAY_STOP.fullmatch(spec.get("cmd") or "") and self.environment_error:
             code = 1
             output.write_text(self.environment_error + "\n")
         else:
@@ -675,10 +671,6 @@ class NodeLauncher:
             if code == 0 and spec.get("cmd"):
                 code = self.run_command(spec["cmd"], spec.get("env") or {}, output)
         return code
-
-    def wait_for_environment(self) -> bool:
-        self.environment_ready.wait()
-        return not self.environment_error
 
     def write_files(self, files: list[dict], output: Path) -> int:
         """Write the files a request carries (``~`` is the cluster's HOME): how file mounts
@@ -702,8 +694,7 @@ class NodeLauncher:
     # ------------------------------------------------------------------ worker
 
     def start_worker_ray(self) -> bool:
-        self.state = "preparing its Python environment"
-        if not self.prepare_environment():
+        if self.environment_error:
             # The provider reads this to say why the node failed (`ray status`, monitor.log).
             self.publish("failure.txt", self.environment_error.encode())
             return False
@@ -788,59 +779,61 @@ class NodeLauncher:
                 log(f"could not delete my application yet: {exc}")
                 time.sleep(3)
 
-    def serve_status_page(self) -> None:
-        """Answer ``GET /`` on ``CDSW_APP_PORT`` in a thread: what CML's status poll and the
-        worker's application URL see."""
+    def open_door(self) -> None:
+        """What answers on ``CDSW_APP_PORT`` from now on (the bootstrap's page answered until
+        the launcher started): on a head whose environment is ready, the gateway to the
+        dashboard and the OpenAI API (``node_gateway``); otherwise the status page."""
         port = int(self.env.get("CDSW_APP_PORT") or 0)
         if not port:
             return
-        launcher = self
+        with self._environment_lock:
+            if self.gateway_open:
+                return
+            if self.door is not None:
+                self.door.close()
+                self.door = None
+            if self.kind == "head" and not self.environment_error:
+                self.door = self.open_gateway(port)
+                self.gateway_open = self.door is not None
+            if self.door is None:
+                self.door = node_bootstrap.open_status_page(self.env, self.describe)
 
-        class StatusPage(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-                body = (
-                    f"ray-cml {launcher.kind} node {launcher.node_id} of cluster "
-                    f"{launcher.cluster}: {launcher.state}\n"
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def describe(self) -> str:
+        """The status page's line."""
+        state = "its Python environment failed" if self.environment_error else self.state
+        return f"ray-cml {self.kind} node {self.node_id} of cluster {self.cluster}: {state}"
 
-            def log_message(self, *args: object) -> None:
-                pass  # CML polls often: keep the application's log for what matters
-
+    def open_gateway(self, port: int):
+        """The gateway (aiohttp, from the node's environment) on ``port``; None, with one
+        line in the log, when it cannot start."""
         try:
-            server = ThreadingHTTPServer((self.ip, port), StatusPage)
-        except OSError as exc:
-            log(f"no status page on port {port}: {exc}")
-            return
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="status-page", daemon=True).start()
-
-    def open_gateway(self) -> None:
-        """On the head, the application's port (its URL) is the gateway to the dashboard and
-        the OpenAI API (``node_gateway``), from the first second."""
-        port = int(self.env.get("CDSW_APP_PORT") or 0)
-        if not port:
-            return
+            from ray_cml_provider import node_gateway  # aiohttp: only in the environment
+        except ImportError as exc:
+            log(f"no gateway: {exc}; the node's environment needs ray[default]")
+            return None
+        limits = node_gateway.Limits(
+            idle_s=float(self.env.get("RAY_CML_GATEWAY_IDLE_S") or node_gateway.Limits.idle_s)
+        )
         gateway = node_gateway.Gateway(
-            serve=node_gateway.Upstream(self.ip, self.serve_port, "Ray Serve's HTTP proxy"),
+            # Serve's proxy listens on the head's loopback only (the shipped Serve configs).
+            serve=node_gateway.Upstream("127.0.0.1", self.serve_port, "Ray Serve's HTTP proxy"),
             dashboard=node_gateway.Upstream(self.ip, self.dashboard_port, "the Ray dashboard"),
-            keys=node_gateway.Keys(self.endpoint_key_path, self.token_path),
+            keys=node_gateway.Keys(self.endpoint_key_path, self.token_path, self.login_bypassed),
             log=log,
+            limits=limits,
         )
         try:
-            self.gateway = node_gateway.RunningGateway(gateway, self.ip, port)
+            running = node_gateway.RunningGateway(gateway, self.ip, port)
         except OSError as exc:
             log(f"no gateway on port {port}: {exc}")
-            return
-        locked = "asks every caller for a key" if self.endpoint_key_path else "behind CML's login"
+            return None
+        outside = "without CML's login" if self.login_bypassed else "behind CML's login"
         log(
-            f"gateway on port {port}: /v1 -> Serve :{self.serve_port}, "
-            f"the rest -> dashboard :{self.dashboard_port} ({locked})"
+            f"gateway on port {port} ({outside}): /v1 -> Serve 127.0.0.1:{self.serve_port} "
+            f"(endpoint key), the rest -> dashboard :{self.dashboard_port}, "
+            f"at most {running.max_connections} connections"
         )
+        return running
 
     # ------------------------------------------------------------------ autostop
 
@@ -854,7 +847,7 @@ class NodeLauncher:
         log(f"autostop: the cluster stops after {self.autostop_s / 60:g} idle minute(s)")
         while True:
             time.sleep(check_s)
-            if not self.environment_ready.is_set():
+            if self.environment_error:
                 continue
             try:
                 probe = subprocess.run(
@@ -928,15 +921,11 @@ class NodeLauncher:
             log(str(exc))
             self.publish("failure.txt", str(exc).encode(), overwrite=True)
             return 1
-        if self.kind == "worker":
-            self.serve_status_page()
-        else:  # the head: ray up's commands wait for it, and meanwhile can be answered
-            self.open_gateway()
+        self.open_door()
+        if self.kind == "head":
             if self.autostop_s:
                 threading.Thread(target=self.watch_idleness, name="autostop", daemon=True).start()
-            if recovery is None:
-                threading.Thread(target=self.prepare_environment, daemon=True).start()
-            elif not self.restart_head_ray(recovery):
+            if recovery is not None and not self.restart_head_ray(recovery):
                 stop_ray_of_this_node(ray_tmp_dir=self.tmp_dir)
                 return 1  # FAILED: CML restarts it again, or `ray down` removes it
         try:

@@ -53,7 +53,9 @@ def test_a_crashed_head_recovers_its_serve_app_and_its_worker(start_emulator, tm
     [worker] = cluster.workers()
     # Someone outside the cluster: through the head's URL (CML's proxy, with a login).
     url = f"{emulator.url}/apps/{head.subdomain}/v1/echo"
-    login = {"Authorization": f"Bearer {emulator.api_key}"}
+    key = cluster.ray_cml("endpoint-key", str(cluster.config_path)).stdout.strip()
+    # CML's login takes Authorization; the endpoint key goes in the header it leaves alone.
+    login = {"Authorization": f"Bearer {emulator.api_key}", "X-Endpoint-Key": key}
 
     def answer(say: str) -> dict | None:
         try:

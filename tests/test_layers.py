@@ -1,7 +1,8 @@
 """The package's floors: each module imports only from its own floor or below, and no two
 modules import each other, directly or round about (imports inside functions count).
 
-    0  version, the stdlib node side (node_launcher, node_env, node_api, node_gateway), the
+    0  version, the node side (node_bootstrap, node_env, node_api: standard library; then
+       node_launcher and node_gateway, in the node's environment), the
        CML client (cml), the emulator, llm's constants and Serve config helpers
     1  provider          Ray semantics on CML applications
     2  cluster, llm.preflight   a cluster seen from outside, as a library
@@ -13,6 +14,7 @@ modules import each other, directly or round about (imports inside functions cou
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "ray_cml_provider"
 
 FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.version", 0),
+    ("ray_cml_provider.node_bootstrap", 0),
     ("ray_cml_provider.node_launcher", 0),
     ("ray_cml_provider.node_env", 0),
     ("ray_cml_provider.node_api", 0),
@@ -37,8 +40,8 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.cli", 5),
     ("ray_cml_provider", 5),
 ]
-# They run before anything is installed.
-STDLIB_ONLY = ("node_launcher", "node_env", "node_api", "node_gateway")
+# The bootstrap stage: it runs before anything is installed.
+STDLIB_ONLY = ("node_bootstrap", "node_env", "node_api")
 
 
 def module_name(path: Path) -> str:
@@ -114,8 +117,47 @@ def test_no_import_circle(graph):
     assert not circles, "\n".join(circles)
 
 
-def test_the_node_side_imports_only_the_standard_library_and_itself(graph):
+def top_level_imports(path: Path, everywhere: bool) -> set[str]:
+    """The first names of what ``path`` imports (only at module level unless ``everywhere``)."""
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if everywhere else tree.body
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Try) and not everywhere:
+            found |= top_level_imports_of(node.body)
+    return found
+
+
+def top_level_imports_of(body: list[ast.stmt]) -> set[str]:
+    return {
+        alias.name.split(".")[0]
+        for node in body
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+
+
+def test_the_bootstrap_stage_imports_only_the_standard_library_and_itself(graph):
+    stage = {f"ray_cml_provider.{other}" for other in STDLIB_ONLY}
     for name in STDLIB_ONLY:
         module = f"ray_cml_provider.{name}"
-        deps = graph[module] - {f"ray_cml_provider.{other}" for other in STDLIB_ONLY}
+        deps = graph[module] - stage
         assert not deps, f"{module} imports {deps}: it runs before anything is installed"
+        outside = (
+            top_level_imports(PACKAGE_ROOT / f"{name}.py", everywhere=True)
+            - set(sys.stdlib_module_names)
+            - {"ray_cml_provider", "__future__", *STDLIB_ONLY}
+        )
+        assert not outside, f"{module} imports {outside}: it runs before anything is installed"
+
+
+def test_the_launcher_starts_without_the_nodes_environment():
+    """It reports a failed environment, so only the gateway (aiohttp) waits for one."""
+    at_start = top_level_imports(PACKAGE_ROOT / "node_launcher.py", everywhere=False)
+    assert at_start <= set(sys.stdlib_module_names) | {"ray_cml_provider", "__future__"}
+    gateway = top_level_imports(PACKAGE_ROOT / "node_gateway.py", everywhere=False)
+    assert "aiohttp" in gateway

@@ -131,7 +131,16 @@ def test_real_vllm_answers_outside_callers_at_the_heads_url_from_the_projects_mo
     deployed(second, serve_config)
     url = status_json(second)["dashboard_url"]
     assert stream_chat(f"{url}/v1", MODEL, "Hi", timeout_s=60).status == 401  # CML's login
-    answer = stream_chat(f"{url}/v1", MODEL, "Name a fruit.", key=emulator.api_key, max_tokens=8)
+    login = {"Authorization": f"Bearer {emulator.api_key}"}  # CML's proxy takes it
+    assert stream_chat(f"{url}/v1", MODEL, "Hi", timeout_s=60, headers=login).status == 401
+    second_key = second.ray_cml("endpoint-key", str(second.config_path)).stdout.strip()
+    answer = stream_chat(
+        f"{url}/v1",
+        MODEL,
+        "Name a fruit.",
+        max_tokens=8,
+        headers={**login, "X-Endpoint-Key": second_key},
+    )
     assert answer.status == 200 and answer.text.strip(), answer.error
     assert (cache / MARKER).stat().st_mtime_ns == record
     assert sorted(p.relative_to(cache.parent) for p in cache.parent.rglob("*")) == cached_files

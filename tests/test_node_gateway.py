@@ -1,17 +1,21 @@
 """The head's gateway (``node_gateway``) against two real HTTP servers standing in for Ray
-Serve's proxy and the dashboard: routing, streaming, keep-alive, and the lock it puts on the
-URL when CML's login is bypassed."""
+Serve's proxy and the dashboard: routing, streaming, keep-alive, the keys, and every attack
+on the door we know of (smuggling, stalls, floods, malformed bytes, unasked upgrades), each
+kept as a test. The same attacks against a real head are in ``test_provider_contract``."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ray_cml_provider.node_gateway import Gateway, Keys, RunningGateway, Upstream
+from ray_cml_provider.node_gateway import Gateway, Keys, Limits, RunningGateway, Upstream
 
 ENDPOINT_KEY = "endpoint-key-0123456789"
 RAY_TOKEN = "ray-token-abcdef"
@@ -65,6 +69,12 @@ class Recorder(ThreadingHTTPServer):
                     self.wfile.flush()
                 self.wfile.write(b"0\r\n\r\n")
 
+            def do_HEAD(self) -> None:  # noqa: N802 - the name http.server calls
+                outer.seen.append({"upstream": outer.name, "method": "HEAD", "path": self.path})
+                self.send_response(200)
+                self.send_header("Content-Length", "42")
+                self.end_headers()
+
             do_GET = do_POST = do_PUT = do_DELETE = _any
 
             def log_message(self, *args: object) -> None:
@@ -88,21 +98,40 @@ def upstreams():
         server.server_close()
 
 
-def open_gateway(serve: Recorder, dashboard: Recorder, keys: Keys) -> RunningGateway:
+class Logged(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+
+def open_gateway(
+    serve: Recorder, dashboard: Recorder, keys: Keys, limits: Limits | None = None, log=None
+) -> RunningGateway:
     gateway = Gateway(
         Upstream("127.0.0.1", serve.port, "Ray Serve's HTTP proxy"),
         Upstream("127.0.0.1", dashboard.port, "the Ray dashboard"),
         keys,
-        log=lambda _: None,
+        log=log if log is not None else (lambda _: None),
+        limits=limits,
     )
     return RunningGateway(gateway, "127.0.0.1", 0)
 
 
-@pytest.fixture
-def locked_keys(tmp_path) -> Keys:
+def key_files(tmp_path, locked: bool) -> Keys:
     (tmp_path / "endpoint_key").write_text(ENDPOINT_KEY + "\n")
     (tmp_path / "token").write_text(RAY_TOKEN)
-    return Keys(tmp_path / "endpoint_key", tmp_path / "token")
+    return Keys(tmp_path / "endpoint_key", tmp_path / "token", locked=locked)
+
+
+@pytest.fixture
+def locked_keys(tmp_path) -> Keys:
+    """CML's login bypassed: every request needs a key."""
+    return key_files(tmp_path, locked=True)
+
+
+@pytest.fixture
+def login_keys(tmp_path) -> Keys:
+    """Behind CML's login (which a direct connection to the port walks around)."""
+    return key_files(tmp_path, locked=False)
 
 
 def call(conn: http.client.HTTPConnection, method: str, path: str, body=None, headers=None):
@@ -116,36 +145,70 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_routes_v1_to_serve_and_the_rest_to_the_dashboard_on_one_connection(upstreams):
+BAD_REQUEST = (b"HTTP/1.1 400", b"HTTP/1.0 400")  # aiohttp's parser answers in 1.0
+
+
+def raw(port: int, data: bytes, wait_s: float = 5.0) -> bytes:
+    """Send ``data`` as it is; what comes back until the gateway closes (or ``wait_s``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return received
+
+
+def test_routes_v1_to_serve_and_the_rest_to_the_dashboard_on_one_connection(upstreams, login_keys):
     serve, dashboard = upstreams
-    running = open_gateway(serve, dashboard, Keys())
+    running = open_gateway(serve, dashboard, login_keys)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
-        status, seen, _ = call(conn, "GET", "/v1/models?x=1")
+        key = bearer(ENDPOINT_KEY)
+        status, seen, _ = call(conn, "GET", "/v1/models?x=1", None, key)
         assert (status, seen["upstream"], seen["path"]) == (200, "serve", "/v1/models?x=1")
         body = json.dumps({"model": "m", "messages": []})
         status, seen, _ = call(
-            conn, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+            conn, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **key}
         )
         assert (seen["upstream"], seen["method"], seen["body"]) == ("serve", "POST", body)
+        # Behind CML's login the dashboard's side is the dashboard's to judge.
         status, seen, _ = call(conn, "GET", "/api/serve/applications/")
         assert (status, seen["upstream"]) == (200, "dashboard")
         status, seen, _ = call(conn, "GET", "/v1beta")  # not the API's prefix
         assert seen["upstream"] == "dashboard"
+        status, _, answer = call(conn, "HEAD", "/", None)
+        assert (status, answer.getheader("Content-Length")) == (200, "42")
         conn.close()
-        # Behind CML's login nothing is asked for, and what callers send reaches Ray as sent.
-        assert all("authorization" not in s["headers"] for s in serve.seen + dashboard.seen)
         assert running.gateway.refused == 0
     finally:
-        running.stop()
+        running.close()
 
 
-def test_a_streamed_answer_arrives_event_by_event(upstreams):
+def test_v1_asks_for_the_key_behind_cmls_login_too(upstreams, login_keys):
+    """A direct connection to the head's port never passed CML's login: /v1 needs the key,
+    in the header CML's proxy leaves alone as well as in Authorization."""
     serve, dashboard = upstreams
-    running = open_gateway(serve, dashboard, Keys())
+    running = open_gateway(serve, dashboard, login_keys)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
-        conn.request("POST", "/v1/chat/stream", body="{}")
+        assert call(conn, "GET", "/v1/models")[0] == 401
+        assert call(conn, "GET", "/v1/models", None, bearer("wrong"))[0] == 401
+        status, seen, _ = call(conn, "GET", "/v1/models", None, {"X-Endpoint-Key": ENDPOINT_KEY})
+        assert (status, seen["upstream"]) == (200, "serve")
+        assert running.gateway.refused == 2
+    finally:
+        running.close()
+
+
+def test_a_streamed_answer_arrives_event_by_event(upstreams, login_keys):
+    serve, dashboard = upstreams
+    running = open_gateway(serve, dashboard, login_keys)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        conn.request("POST", "/v1/chat/stream", body="{}", headers=bearer(ENDPOINT_KEY))
         answer = conn.getresponse()
         assert answer.status == 200
         # The upstream holds the rest back until the first event got through the gateway.
@@ -153,14 +216,13 @@ def test_a_streamed_answer_arrives_event_by_event(upstreams):
         serve.release_stream.set()
         assert b"[DONE]" in answer.read()
     finally:
-        running.stop()
+        running.close()
 
 
 def test_locked_url_refuses_callers_without_a_key_before_ray_sees_them(upstreams, locked_keys):
     serve, dashboard = upstreams
     running = open_gateway(serve, dashboard, locked_keys)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
         job = json.dumps({"entrypoint": "touch /tmp/pwned"})
         for method, path, body, headers in [
             ("GET", "/v1/models", None, {}),
@@ -168,18 +230,22 @@ def test_locked_url_refuses_callers_without_a_key_before_ray_sees_them(upstreams
             ("GET", "/", None, {}),
             ("POST", "/api/jobs/", job, {}),  # Ray's job submission: it runs code
             ("POST", "/api/jobs/", job, bearer(ENDPOINT_KEY)),  # the model's key: not jobs
+            ("POST", "/api/jobs/", job, {"X-Endpoint-Key": ENDPOINT_KEY}),
             ("GET", "/api/serve/applications/", None, bearer(ENDPOINT_KEY)),
             ("POST", "/api/jobs/", job, {"X-Ray-Authorization": f"Bearer {ENDPOINT_KEY}"}),
             ("GET", "/v1/models", None, {"Authorization": ENDPOINT_KEY}),  # no scheme
         ]:
+            # A refused request's connection is closed: each on its own.
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
             status, answer, response = call(conn, method, path, body, headers)
             assert status == 401, (method, path, headers)
             assert response.getheader("WWW-Authenticate") == 'Bearer realm="ray-cml"'
             assert "Bearer" in answer["error"]
+            conn.close()
         assert serve.seen == [] and dashboard.seen == []
-        assert running.gateway.refused == 8
+        assert running.gateway.refused == 9
     finally:
-        running.stop()
+        running.close()
 
 
 def test_the_endpoint_key_opens_the_api_and_rays_token_opens_everything(upstreams, locked_keys):
@@ -189,10 +255,6 @@ def test_the_endpoint_key_opens_the_api_and_rays_token_opens_everything(upstream
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
         status, seen, _ = call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))
         assert (status, seen["upstream"]) == (200, "serve")
-        assert "authorization" not in seen["headers"]  # the key never reaches Ray
-        # One connection carries many callers (CML's proxy pools them): each request is judged.
-        status, _, _ = call(conn, "GET", "/v1/models")
-        assert status == 401
         status, seen, _ = call(conn, "POST", "/api/jobs/", "{}", bearer(RAY_TOKEN))
         assert (status, seen["upstream"]) == (200, "dashboard")
         assert seen["headers"]["authorization"] == f"Bearer {RAY_TOKEN}"  # Ray checks it too
@@ -206,50 +268,324 @@ def test_the_endpoint_key_opens_the_api_and_rays_token_opens_everything(upstream
         assert (status, seen["upstream"]) == (200, "dashboard")
         status, seen, _ = call(conn, "GET", "/v1/models", None, bearer(RAY_TOKEN))
         assert (status, seen["upstream"]) == (200, "serve")
+        # One connection carries many callers (CML's proxy pools them): each request is judged.
+        assert call(conn, "GET", "/v1/models")[0] == 401
     finally:
-        running.stop()
+        running.close()
+
+
+def test_neither_key_nor_rays_token_ever_reaches_serve(upstreams, locked_keys):
+    serve, dashboard = upstreams
+    running = open_gateway(serve, dashboard, locked_keys)
+    try:
+        spellings = [
+            bearer(ENDPOINT_KEY),
+            {"X-Endpoint-Key": ENDPOINT_KEY},
+            bearer(RAY_TOKEN),
+            {"X-Ray-Authorization": f"Bearer {RAY_TOKEN}"},
+            {**bearer(ENDPOINT_KEY), "Cookie": f"a=1; ray-authentication-token={RAY_TOKEN}"},
+            {"X-Endpoint-Key": ENDPOINT_KEY, "X-Ray-Authorization": f"Bearer {RAY_TOKEN}"},
+        ]
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        for headers in spellings:
+            assert call(conn, "POST", "/v1/chat/completions", "{}", headers)[0] == 200
+        assert len(serve.seen) == len(spellings)
+        for seen in serve.seen:
+            text = json.dumps(seen["headers"])
+            assert ENDPOINT_KEY not in text and RAY_TOKEN not in text, seen["headers"]
+        assert serve.seen[4]["headers"]["cookie"] == "a=1"  # the caller's own cookie stays
+    finally:
+        running.close()
 
 
 def test_keys_not_on_the_mount_yet_keep_the_url_locked(upstreams, tmp_path):
     serve, dashboard = upstreams
-    keys = Keys(tmp_path / "endpoint_key", tmp_path / "token")  # neither file exists yet
+    keys = Keys(tmp_path / "endpoint_key", tmp_path / "token", locked=True)  # not there yet
     running = open_gateway(serve, dashboard, keys)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
-        assert call(conn, "GET", "/v1/models", None, bearer(""))[0] == 401
-        assert call(conn, "GET", "/v1/models", None, bearer("anything"))[0] == 401
+        for offered in ("", "anything"):
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+            assert call(conn, "GET", "/v1/models", None, bearer(offered))[0] == 401
         (tmp_path / "endpoint_key").write_text(ENDPOINT_KEY)
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
         assert call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))[0] == 200
     finally:
-        running.stop()
+        running.close()
 
 
-def test_an_upstream_that_is_not_up_yet_gets_a_502_naming_it(upstreams):
+def test_an_upstream_that_is_not_up_yet_gets_a_502_naming_it(upstreams, login_keys):
     serve, dashboard = upstreams
     serve.shutdown()
     serve.server_close()
-    running = open_gateway(serve, dashboard, Keys())
+    running = open_gateway(serve, dashboard, login_keys)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
-        status, answer, _ = call(conn, "GET", "/v1/models")
+        status, answer, _ = call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))
         assert status == 502
         assert "Ray Serve's HTTP proxy does not answer on the head yet" in answer["error"]
-        status, seen, _ = call(conn, "GET", "/")  # the same connection still serves
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        status, seen, _ = call(conn, "GET", "/")
         assert (status, seen["upstream"]) == (200, "dashboard")
     finally:
-        running.stop()
+        running.close()
 
 
-def test_a_malformed_request_gets_400(upstreams):
+# ------------------------------------------------------------------------- attacks
+
+
+def test_smuggling_through_a_connection_header_is_refused_and_no_caller_gets_foreign_answers(
+    upstreams, locked_keys
+):
+    """The attack that worked on the hand-written gateway: a body framed by Content-Length,
+    then Content-Length dropped as 'hop-by-hop' because Connection named it, so the body
+    became a second request on a connection shared with other callers."""
     serve, dashboard = upstreams
-    running = open_gateway(serve, dashboard, Keys())
+    running = open_gateway(serve, dashboard, locked_keys)
+    try:
+        hidden = b"GET /v1/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
+        for named in (b"content-length", b"transfer-encoding", b"authorization", b"cookie"):
+            attack = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + ENDPOINT_KEY.encode() + b"\r\n"
+                b"Connection: keep-alive, " + named + b"\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden
+            )
+            assert raw(running.port, attack).startswith(BAD_REQUEST), named
+        # Framing that disagrees with itself is the parser's to refuse (llhttp).
+        for attack in (
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            % ENDPOINT_KEY.encode(),
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 40\r\n\r\nabc",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        ):
+            assert raw(running.port, attack).startswith(BAD_REQUEST), attack
+        # Callers on their own connections get their own answers, as often as they ask.
+        for i in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+            status, seen, _ = call(conn, "GET", f"/v1/mine-{i}", None, bearer(ENDPOINT_KEY))
+            assert (status, seen["path"]) == (200, f"/v1/mine-{i}")
+        assert not any("SMUGGLED" in seen["path"] for seen in serve.seen + dashboard.seen)
+    finally:
+        running.close()
+
+
+def test_stalled_callers_are_closed_and_do_not_delay_others(upstreams, locked_keys):
+    serve, dashboard = upstreams
+    running = open_gateway(serve, dashboard, locked_keys, Limits(idle_s=2.0))
+    stalled = []
+    try:
+        key = ENDPOINT_KEY.encode()
+        openings = [
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",  # a head that never ends
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: 1000\r\n\r\nabc" % key,  # a body that stops, with the key
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer %s\r\n\r\nffffffffff\r\nabc" % key,  # a huge chunk, stalled
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",  # refused
+            b"",  # nothing at all
+        ]
+        for i in range(100):
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            sock.sendall(openings[i % len(openings)])
+            stalled.append(sock)
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        assert call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))[0] == 200
+        assert time.monotonic() - started < 2.0
+        deadline = time.monotonic() + 10
+        for sock in stalled:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while sock.recv(65536):
+                    pass  # an answer (a 401 or 408) may come first; then the close
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 6.0  # idle_s after they fell silent, and a bit
+        assert running.open_connections() <= 1
+        # Only the keyed caller whose body streams (chunked) reached Serve, on a connection
+        # of its own that ended with the body; small bodies are read whole first.
+        partial = [s for s in serve.seen if s["path"] == "/v1/x"]
+        assert all(s["headers"].get("transfer-encoding") == "chunked" for s in partial)
+    finally:
+        for sock in stalled:
+            sock.close()
+        running.close()
+
+
+def test_connections_past_the_cap_are_closed_while_the_rest_are_served(upstreams, locked_keys):
+    serve, dashboard = upstreams
+    running = open_gateway(serve, dashboard, locked_keys, Limits(max_connections=5))
+    held = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(5)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+        extra.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert extra.recv(100) == b""
+        extra.close()
+        assert running.full >= 1
+        for sock in held:
+            sock.close()
+        wait_for_open_connections(running, 0)
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        assert call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        running.close()
+
+
+def wait_for_open_connections(running: RunningGateway, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while running.open_connections() > count:
+        assert time.monotonic() < deadline, "connections were not let go"
+        time.sleep(0.05)
+
+
+def test_bodies_over_the_cap_are_refused_without_reading_them(upstreams, locked_keys):
+    serve, dashboard = upstreams
+    limits = Limits(max_api_body_bytes=1000, replay_body_bytes=100)
+    running = open_gateway(serve, dashboard, locked_keys, limits)
+    try:
+        key = ENDPOINT_KEY.encode()
+        declared = (
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: 5000\r\n\r\n" % key
+        )
+        assert raw(running.port, declared).startswith(b"HTTP/1.1 413")
+        chunked = (
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % key + b"400\r\n" + b"a" * 1024 + b"\r\n"
+        ) * 1
+        answer = raw(running.port, chunked + b"400\r\n" + b"b" * 1024 + b"\r\n0\r\n\r\n")
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 413")  # cut while it streamed
+        # A refused request's big body is not read: the answer comes at once.
+        started = time.monotonic()
+        refused = b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+        assert raw(running.port, refused + b"z" * 65536).startswith(b"HTTP/1.1 401")
+        assert time.monotonic() - started < 2
+    finally:
+        running.close()
+
+
+def test_malformed_input_is_answered_without_a_traceback_or_raw_bytes_in_the_log(
+    upstreams, locked_keys
+):
+    serve, dashboard = upstreams
+    log = Logged()
+    running = open_gateway(serve, dashboard, locked_keys, Limits(idle_s=1.0), log=log)
+    key = b"Authorization: Bearer " + ENDPOINT_KEY.encode() + b"\r\n"
+    try:
+        for attack in [
+            b"\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+            b"G\x1bET\x07 /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"H: v\r\n" * 500 + b"\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\n" + key + b"Content-Length: nope\r\n\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\n" + key + b"Content-Length: -5\r\n\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\n"
+            + key
+            + b"Transfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\n"
+            + key
+            + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            + b"T: x\r\n" * 2000
+            + b"\r\n",
+            b"GET /v1/\x00models HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /v1/models HTTP/9.9\r\nHost: x\r\n\r\n",
+        ]:
+            answer = raw(running.port, attack)
+            assert answer == b"" or answer.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), attack
+        text = "\n".join(log)
+        assert "Traceback" not in text
+        assert all(c.isprintable() for line in log for c in line), log
+        assert [s for s in serve.seen if s["path"] == "/v1/x"] == []
+    finally:
+        running.close()
+
+
+def test_an_upgrade_nobody_asked_for_is_not_spliced(tmp_path, login_keys):
+    """An upstream that answers 101 to a plain request must not get a raw tunnel."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def switch_protocols() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            sock.recv(65536)
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW")
+            sock.close()
+
+    threading.Thread(target=switch_protocols, daemon=True).start()
+    dashboard = Recorder("dashboard")
+    gateway = Gateway(
+        Upstream("127.0.0.1", listener.getsockname()[1], "Ray Serve's HTTP proxy"),
+        Upstream("127.0.0.1", dashboard.port, "the Ray dashboard"),
+        login_keys,
+        log=lambda _: None,
+    )
+    running = RunningGateway(gateway, "127.0.0.1", 0)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
-        conn.putrequest("POST", "/v1/x", skip_accept_encoding=True)
-        conn.putheader("Content-Length", "nope")
-        conn.endheaders()
-        answer = conn.getresponse()
-        assert answer.status == 400 and b"Content-Length" in answer.read()
-        assert serve.seen == []
+        status, answer, _ = call(conn, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))
+        assert status == 502 and "switched protocols" in answer["error"]
     finally:
-        running.stop()
+        running.close()
+        listener.close()
+        dashboard.shutdown()
+        dashboard.server_close()
+
+
+def test_a_websocket_reaches_the_dashboard_only_with_rays_token(locked_keys):
+    """The dashboard's websockets (log streams) pass, spliced by aiohttp on both sides."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    async def echo(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str("echo " + message.data)
+        return ws
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    gateway = Gateway(
+        Upstream("127.0.0.1", 9, "Ray Serve's HTTP proxy"),
+        Upstream("127.0.0.1", port, "the Ray dashboard"),
+        locked_keys,
+        log=lambda _: None,
+    )
+    running = RunningGateway(gateway, "127.0.0.1", 0)
+
+    async def client(headers) -> str:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{running.port}/ws"
+            async with session.ws_connect(url, headers=headers) as ws:
+                await ws.send_str("hi")
+                return (await ws.receive(timeout=10)).data
+
+    try:
+        assert asyncio.run(client(bearer(RAY_TOKEN))) == "echo hi"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            asyncio.run(client(bearer(ENDPOINT_KEY)))
+        assert refused.value.status == 401
+    finally:
+        running.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)

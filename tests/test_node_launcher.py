@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ray_cml_provider import node_launcher
+from ray_cml_provider import node_bootstrap, node_launcher
 from ray_cml_provider.node_launcher import NodeLauncher, NoToken
 from ray_cml_provider.provider.naming import (
     APPLICATION_ENV,
+    BOOTSTRAP_ENV,
     COMMAND_ENV,
     auth_token_path,
     cluster_dir,
@@ -93,10 +94,11 @@ def test_the_launcher_writes_where_the_provider_reads(tmp_path, monkeypatch):
     assert "the cluster's Ray token" in failure
 
 
-def test_the_launcher_reads_and_sets_exactly_the_named_variables():
-    source = Path(node_launcher.__file__).read_text()
+def test_the_node_side_reads_and_sets_exactly_the_named_variables():
+    source = "".join(Path(m.__file__).read_text() for m in (node_launcher, node_bootstrap))
     used = set(re.findall(r"RAY_CML_[A-Z_]+", source))
-    assert used == set(APPLICATION_ENV) | set(COMMAND_ENV)
+    assert used == set(APPLICATION_ENV) | set(COMMAND_ENV) | set(BOOTSTRAP_ENV)
+    assert set(node_bootstrap.HANDOFF) == set(BOOTSTRAP_ENV)
 
 
 def test_the_ray_shim_keeps_each_nodes_files_in_its_own_folder(tmp_path, monkeypatch):

@@ -166,7 +166,8 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     # A new head of the same cluster (`ray up` after its head died) keeps the token.
     provider.terminate_nodes([head, worker])
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
-    assert token_file.read_text() == token and len(list(token_file.parent.iterdir())) == 1
+    assert token_file.read_text() == token
+    assert sorted(p.name for p in token_file.parent.iterdir()) == ["endpoint_key", "token"]
 
     # Turned off: no token, and the node is told nothing.
     [off] = launch(
@@ -174,7 +175,8 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     )
     off_app = client.list_applications({"name": f"ray-c2-head-{off}"})[0]
     assert "RAY_CML_AUTH_TOKEN_FILE" not in off_app.environment
-    assert not (emulator.project_dir / ".ray-cml" / "c2" / "auth").exists()
+    off_secrets = emulator.project_dir / ".ray-cml" / "c2" / "auth"
+    assert [p.name for p in off_secrets.iterdir()] == ["endpoint_key"]  # /v1 still asks
     # The head's own autoscaler creates workers in its head's mode, whatever the config says.
     monkeypatch.setenv("RAY_CML_NODE_KIND", "head")
     assert make_provider("c2").ray_auth_mode == "disabled"
@@ -493,6 +495,152 @@ def test_a_head_without_cmls_login_gets_an_endpoint_key_by_file_and_a_locked_url
     assert "RAY_CML_ENDPOINT_KEY_FILE" not in json.dumps(
         provider.client.get_application(provider.application(worker).id).raw
     )
+
+
+def test_the_heads_door_holds_against_a_workspace_engine_that_dials_it_directly(provider, emulator):
+    """Another engine of the workspace opens the head engine's address and application port
+    itself (no CML proxy, no login) with only the model callers' key, and attacks the real
+    head: its bootstrap, its launcher and its gateway, as `ray up` starts them. A recorder
+    stands in for Serve's proxy on the head's loopback (Ray is not needed for the door)."""
+    serve = RecordingServe()
+    config = {
+        **HEAD_CONFIG,
+        "environment": {"RAY_CML_SERVE_PORT": str(serve.port), "RAY_CML_GATEWAY_IDLE_S": "3"},
+    }
+    [head] = launch(provider, tags=HEAD_TAGS, config=config)  # behind CML's login
+    app = provider.application(head)
+    engine = next(p for p in emulator.processes() if p["id"] == app.id)
+    door = (engine["ip_address"], engine["app_port"])
+    auth = emulator.project_dir / ".ray-cml" / "c1" / "auth"
+    key, token = (auth / "endpoint_key").read_text().strip(), (auth / "token").read_text().strip()
+    base = f"http://{door[0]}:{door[1]}"
+    wait_until(
+        lambda: requests.get(f"{base}/v1/models", timeout=5).status_code == 401,
+        60,
+        "the head's gateway on its engine's address",
+    )
+    keyed = {"Authorization": f"Bearer {key}"}
+    try:
+        # 1. Smuggling: a body the gateway would once have unframed onto a shared connection.
+        hidden = b"GET /v1/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
+        attack = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nConnection: keep-alive, content-length\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(hidden)
+            + hidden
+        )
+        for _ in range(3):
+            assert send_raw(door, attack).split(b" ")[1] == b"400"
+        mine = [requests.get(f"{base}/v1/mine-{i}", headers=keyed, timeout=10) for i in range(10)]
+        assert [r.json()["path"] for r in mine] == [f"/v1/mine-{i}" for i in range(10)]
+        assert not any("SMUGGLED" in path for path, _ in serve.seen)
+        # 2. Neither key nor Ray's token reaches Serve, in any spelling the gateway accepts.
+        for headers in (
+            keyed,
+            {"X-Endpoint-Key": key},
+            {"Authorization": f"Bearer {token}"},
+            {
+                "X-Ray-Authorization": f"Bearer {token}",
+                "Cookie": f"ray-authentication-token={token}",
+            },
+        ):
+            assert requests.get(f"{base}/v1/models", headers=headers, timeout=10).ok
+        assert not any(key in text or token in text for _, text in serve.seen)
+        # 3. 400 stalled callers: an authorised one is served at once; they are all closed.
+        stalled = [stall(door, i, key) for i in range(400)]
+        started = time.monotonic()
+        assert requests.get(f"{base}/v1/models", headers=keyed, timeout=10).ok
+        assert time.monotonic() - started < 2
+        for sock in stalled:
+            sock.settimeout(max(0.5, started + 15 - time.monotonic()))
+            assert read_to_close(sock), "a stalled caller was kept past the idle limit"
+        assert time.monotonic() - started < 15  # idle_s 3 after they fell silent, and a bit
+        # 4. Malformed bytes get an answer and leave no traceback in the head's log.
+        for bad in (
+            b"\r\n\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n",
+            b"G\x1bET /v1 HTTP/1.1\r\n\r\n",
+        ):
+            send_raw(door, bad)
+        log = Path(engine["log_path"]).read_text(errors="replace")
+        assert "Traceback" not in log and "\x1b" not in log
+        assert "gateway on port" in log  # the launcher, from the shipped code, opened it
+    finally:
+        for sock in locals().get("stalled", []):
+            sock.close()
+        serve.close()
+
+
+class RecordingServe:
+    """Serve's proxy, played on the head's loopback: it answers with the path it got and
+    keeps (path, every header as text) of each request."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                seen.append((self.path, str(self.headers)))
+                body = json.dumps({"path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send_raw(address: tuple[str, int], data: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(data)
+        return read_to_close(sock, keep=True) or b""
+
+
+def read_to_close(sock: socket.socket, keep: bool = False) -> bytes | bool:
+    """Read until the peer closes: what came (``keep``), or True; False on a time-out."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return received if keep else False
+    return received if keep else True
+
+
+def stall(address: tuple[str, int], i: int, key: str) -> socket.socket:
+    """A caller that starts a request and falls silent: in its head, or in a body (with the
+    key), or after a refused head that announces a body it never sends."""
+    sock = socket.create_connection(address, timeout=10)
+    opening = [
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",
+        b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: 1000\r\n\r\nabc" % key.encode(),
+        b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+    ][i % 3]
+    sock.sendall(opening)
+    return sock
 
 
 def test_a_workspace_that_forbids_unauthenticated_apps_refuses_the_head_in_one_sentence(

@@ -32,9 +32,11 @@ def build(args: dict[str, Any]) -> Any:
 
 def serve_config(port: int = 8000, route_prefix: str = "/v1/echo") -> dict[str, Any]:
     """The ``serve deploy`` config of this application behind the head's gateway, which
-    sends ``/v1`` to Serve's proxy on ``port`` (``RAY_CML_SERVE_PORT``)."""
+    sends ``/v1`` to Serve's proxy on the head's loopback, ``port`` (``RAY_CML_SERVE_PORT``):
+    nothing but the gateway reaches it."""
     return {
-        "http_options": {"host": "0.0.0.0", "port": port},
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
             {"name": "echo", "route_prefix": route_prefix, "import_path": IMPORT_PATH}
         ],

@@ -35,10 +35,12 @@ def stream_chat(
     max_tokens: int = 32,
     on_piece: Callable[[str], None] | None = None,
     timeout_s: float = 900,
+    headers: dict[str, str] | None = None,
 ) -> StreamedAnswer:
     """POST ``{base_url}/chat/completions`` with ``"stream": true``; read the events as they
-    come (``on_piece`` sees each piece of text)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    come (``on_piece`` sees each piece of text). ``key`` goes as ``Authorization: Bearer``;
+    ``headers`` are sent too (a login, or the key as ``X-Endpoint-Key``)."""
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     answer = StreamedAnswer(status=0, sent_at=time.time())
     with requests.post(
         f"{base_url.rstrip('/')}/chat/completions",

@@ -33,8 +33,12 @@ def bypasses_login(head_node_config: dict[str, Any]) -> bool:
 
 
 def application_env(cluster_name: str, locked: bool) -> dict[str, str]:
-    """What the head's application is told: the key's file (never the key)."""
-    return {ENDPOINT_KEY_FILE_ENV: endpoint_key_path(cluster_name)} if locked else {}
+    """What the head's application is told: the key's file (never the key), and whether its
+    URL is outside CML's login (then the dashboard's side asks for Ray's token too)."""
+    env = {ENDPOINT_KEY_FILE_ENV: endpoint_key_path(cluster_name)}
+    if locked:
+        env["RAY_CML_LOGIN_BYPASSED"] = "1"
+    return env
 
 
 def ensure_endpoint_key(client: CMLClient, cluster_name: str) -> bool:

@@ -31,8 +31,9 @@ NODE_NAME = re.compile(
 )
 # A node's variables. The provider sets APPLICATION_ENV on the node's application (a
 # node_config may set RAY_CML_GCS_PORT_PREFERRED); the node's launcher reads them and gives
-# every command it runs COMMAND_ENV too. The launcher is standard library only and spells
-# the names out: tests/test_node_launcher.py keeps it, the provider and these lists in step.
+# every command it runs COMMAND_ENV too; the bootstrap hands the launcher BOOTSTRAP_ENV. The
+# node side spells the names out: tests/test_node_launcher.py keeps it, the provider and these
+# lists in step.
 APPLICATION_ENV = (
     "RAY_CML_CLUSTER",  # the cluster's name
     "RAY_CML_NODE_ID",  # this node's id (also RAY_CLOUD_INSTANCE_ID)
@@ -43,15 +44,24 @@ APPLICATION_ENV = (
     "RAY_CML_PIP_PACKAGES",  # JSON list: the node environment's packages
     "RAY_CML_RUNTIME",  # the runtime's image (part of the environment's key)
     "RAY_CML_AUTH_TOKEN_FILE",  # the cluster's Ray token file (provider/ray_auth.py)
-    "RAY_CML_PROVIDER_ZIP",  # head: the shipped provider code (provider/shipping.py)
+    "RAY_CML_PROVIDER_ZIP",  # the shipped provider code the launcher runs (shipping.py)
     "RAY_CML_SETUP_COMMANDS",  # worker: JSON list, run before Ray starts
     "RAY_CML_START_COMMANDS",  # worker: JSON list, worker_start_ray_commands
     "RAY_CML_GCS_PORT_PREFERRED",  # head: the GCS port when free (default 6379)
     "RAY_CML_ENDPOINT_KEY_FILE",  # head: the endpoint key's file (provider/endpoint.py)
+    "RAY_CML_LOGIN_BYPASSED",  # head: "1" when its URL is outside CML's login
+    "RAY_CML_GATEWAY_IDLE_S",  # head: seconds a silent caller keeps a connection (60)
     "RAY_CML_SERVE_PORT",  # head: Serve's HTTP proxy, behind the URL's /v1 (default 8000)
     "RAY_CML_AUTOSTOP_MINUTES",  # head: stop the cluster after this many idle minutes
     "RAY_CML_HEAD_RECOVERY",  # "1": a restarted head recovers; workers follow it (both kinds)
     "RAY_CML_HEAD_NODE_ID",  # worker: the head's node id (whose node.json says where it is)
+)
+BOOTSTRAP_ENV = (  # node_bootstrap.HANDOFF
+    "RAY_CML_NODE_SITE",
+    "RAY_CML_ENVIRONMENT_SUMMARY",
+    "RAY_CML_ENVIRONMENT_ERROR",
+    "RAY_CML_LAUNCHER_CODE",
+    "RAY_CML_RUNTIME_PYTHONPATH",
 )
 COMMAND_ENV = (
     "RAY_CML_GCS_PORT",

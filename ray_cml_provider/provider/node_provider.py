@@ -69,7 +69,7 @@ from ray_cml_provider.provider.naming import (
 )
 from ray_cml_provider.provider.packages import node_type_packages
 from ray_cml_provider.provider.ray_auth import TOKEN, application_env, cluster_mode, ensure_token
-from ray_cml_provider.provider.shipping import launcher_files, provider_zip
+from ray_cml_provider.provider.shipping import BOOTSTRAP_SCRIPT, launcher_files, provider_zip
 from ray_cml_provider.provider.workspace_check import check_workspace
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ DEFAULT_HEAD_LOST_TIMEOUT_S = 120.0
 MAX_PARALLEL_CALLS = 8
 # How long `ray down` waits between deleting the nodes and looking whether any is left.
 TEARDOWN_LOOK_AGAIN_S = 0.5
+# How long a worker's create waits for a just-started head to publish its address.
+HEAD_ADDRESS_WAIT_S = 60.0
 
 
 def _shorten_teardown_poll() -> None:
@@ -337,11 +339,7 @@ class CMLNodeProvider(NodeProvider):
             # restarts recovers from it).
             self.client.delete_file(autostop_record_path(self.cluster_name), missing_ok=True)
             self.client.delete_file(gcs_state_path(self.cluster_name), missing_ok=True)
-        if (
-            kind == NODE_KIND_HEAD
-            and endpoint.bypasses_login(node_config)
-            and endpoint.ensure_endpoint_key(self.client, self.cluster_name)
-        ):
+        if kind == NODE_KIND_HEAD and endpoint.ensure_endpoint_key(self.client, self.cluster_name):
             logger.info("created the endpoint key of cluster %s", self.cluster_name)
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
         request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
@@ -486,12 +484,13 @@ class CMLNodeProvider(NodeProvider):
                 "RAY_CML_PIP_PACKAGES": json.dumps(internal.get("pip_packages", [])),
                 "RAY_CML_RUNTIME": node_config["runtime_identifier"],
                 **application_env(self.cluster_name, self.ray_auth_mode),
+                # The code the node's launcher runs (node_bootstrap execs it).
+                "RAY_CML_PROVIDER_ZIP": self.ship_code(),
             }
         )
         if self.provider_config.get("head_recovery"):
             env["RAY_CML_HEAD_RECOVERY"] = "1"
         if kind == NODE_KIND_HEAD:
-            env["RAY_CML_PROVIDER_ZIP"] = self.ship_code()
             # What a restarted head runs again before the `ray start` it recorded.
             env["RAY_CML_SETUP_COMMANDS"] = json.dumps(internal.get("setup_commands", []))
             if self.provider_config.get("autostop_minutes"):
@@ -516,7 +515,7 @@ class CMLNodeProvider(NodeProvider):
             "name": name,
             "subdomain": name,
             "description": encode_tags(tags),
-            "script": f"{self.dir}/launcher.py",
+            "script": f"{self.dir}/{BOOTSTRAP_SCRIPT}",
             "cpu": node_config["cpu"],
             "memory": node_config["memory"],
             "nvidia_gpu": 0 if kind == NODE_KIND_HEAD else node_config.get("nvidia_gpu", 0),
@@ -545,8 +544,23 @@ class CMLNodeProvider(NodeProvider):
         heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
         if not heads:
             raise NodeLaunchException("NoHead", "the cluster has no running head", None)
-        info = json.loads(self.client.download_file(node_info_path(self.cluster_name, heads[0])))
-        return heads[0], info["ip"], int(info["gcs_port"])
+        # A head that has just started publishes its address once its launcher runs (after
+        # the bootstrap readied its environment): wait for it a little.
+        deadline = time.monotonic() + HEAD_ADDRESS_WAIT_S
+        while True:
+            try:
+                path = node_info_path(self.cluster_name, heads[0])
+                info = json.loads(self.client.download_file(path))
+                return heads[0], info["ip"], int(info["gcs_port"])
+            except CMLNotFoundError:
+                if time.monotonic() > deadline:
+                    raise NodeLaunchException(
+                        "NoHead",
+                        f"the head {heads[0]} has not published its address "
+                        f"after {HEAD_ADDRESS_WAIT_S:.0f} s",
+                        None,
+                    ) from None
+                time.sleep(0.5)
 
     def _upload_launcher(self) -> None:
         """The node launcher and its environment builder: every application's script."""

@@ -1,0 +1,248 @@
+"""The first thing every CML application of a Ray cluster runs: a tiny standard-library stage.
+
+It is the application's ``script`` (``.ray-cml/<cluster>/bootstrap.py``, next to
+``node_env.py`` and ``node_api.py``), because it runs before anything is installed: a CML
+runtime has Python and pip, not Ray. It
+
+1. answers CML's poll on the application's port (``CDSW_APP_PORT``) at once: ``GET /`` gets a
+   one-line "starting" page, anything else a 503 with ``Retry-After``; it proxies nothing
+   and reads no body (``StatusPage``);
+2. makes the node's Python environment ready (``node_env``: Ray and the type's
+   ``pip_packages``, built once per project and shared; nothing when the runtime has them);
+3. finds the provider code ``ray up`` shipped (``RAY_CML_PROVIDER_ZIP``), fetching it through
+   the files API while NFS does not show it here yet;
+4. replaces itself (``exec``, same process, same process group) with the node launcher,
+   ``python -m ray_cml_provider.node_launcher``, run with the shipped code and the
+   environment first on ``PYTHONPATH``: the launcher and the head's gateway then use real
+   libraries (aiohttp, from ``ray[default]``).
+
+A failed environment does not stop the node here: the launcher starts anyway (it imports
+nothing from the environment until it needs the gateway) and reports the failure as before,
+to ``ray up`` for the head and in ``failure.txt`` for a worker; ``ray stop`` still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+try:  # uploaded next to this file in the cluster's folder
+    import node_api
+    import node_env
+except ImportError:  # imported from the package (the launcher, tests)
+    from ray_cml_provider import node_api, node_env
+
+# What the bootstrap hands the launcher, beside the application's own environment.
+HANDOFF = (
+    "RAY_CML_NODE_SITE",  # the environment's folder, or empty (the runtime has it all)
+    "RAY_CML_ENVIRONMENT_SUMMARY",  # what `ray up` prints: built, reused, waited for
+    "RAY_CML_ENVIRONMENT_ERROR",  # why the environment could not be made (pip's last lines)
+    "RAY_CML_LAUNCHER_CODE",  # the provider code the launcher runs from (a zip)
+    "RAY_CML_RUNTIME_PYTHONPATH",  # PYTHONPATH as the runtime had it, for the node's commands
+)
+ERROR_MOST = 8000  # characters of an environment failure carried to the launcher
+
+
+def log(message: str) -> None:
+    print(f"[ray-cml bootstrap {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class StatusPage:
+    """What the application's port answers while no real door is open: ``GET /`` (CML's
+    status poll) gets ``200`` and one line of state; anything else gets ``503`` with
+    ``Retry-After``. Nothing is proxied and no body is read; a silent caller is dropped after
+    ``timeout_s``, and at most ``most`` callers are served at once (the rest are closed)."""
+
+    def __init__(self, host: str, port: int, describe, timeout_s: float = 10.0, most: int = 64):
+        page = self
+        self.describe = describe  # () -> str, the line the page shows
+        self.slots = threading.BoundedSemaphore(most)
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # seconds a caller may stay silent
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                if self.path.split("?", 1)[0] == "/":
+                    self.answer(200, page.describe())
+                else:
+                    self.answer(503, "this node is not serving yet; try again shortly")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.answer(200 if self.path == "/" else 503, "", with_body=False)
+
+            def not_yet(self) -> None:
+                self.answer(503, "this node is not serving yet; try again shortly")
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_yet
+
+            def answer(self, status: int, text: str, with_body: bool = True) -> None:
+                body = (text + "\n").encode("utf-8", "replace")
+                self.close_connection = True  # no body is read: the connection ends here
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                if status == 503:
+                    self.send_header("Retry-After", "5")
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass  # CML polls often, and callers' bytes do not belong in the log
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def process_request(self, request, client_address) -> None:
+                if not page.slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # full: close at once
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    page.slots.release()
+
+        self.server = Server((host, port), Handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="status-page", daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop answering and free the port (the launcher's door binds it next)."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def open_status_page(env: dict[str, str], describe) -> StatusPage | None:
+    port = int(env.get("CDSW_APP_PORT") or 0)
+    if not port:
+        return None
+    host = env.get("CDSW_IP_ADDRESS") or "0.0.0.0"
+    try:
+        return StatusPage(host, port, describe)
+    except OSError as exc:
+        log(f"no status page on port {port}: {exc}")
+        return None
+
+
+def prepare_environment(env: dict[str, str], project_dir: Path) -> tuple[object | None, str]:
+    """(the node's ``node_env.Environment``, "") or (None, why it could not be made)."""
+    packages = json.loads(env.get("RAY_CML_PIP_PACKAGES", "[]"))
+    try:
+        if not packages:
+            return node_env.Environment(None, "no packages asked for"), ""
+        build = node_env.EnvironmentBuild(
+            project_dir, env.get("RAY_CML_RUNTIME", ""), packages, env["RAY_CML_NODE_ID"], log
+        )
+        return build.ensure(), ""
+    except node_env.NodeEnvironmentError as exc:
+        return None, str(exc)
+    except Exception as exc:  # an unexpected failure must still reach the user
+        return None, f"ray-cml: preparing the node environment failed: {exc!r}"
+
+
+def shipped_code(
+    relative: str, project_dir: Path, tmp_dir: Path, api: node_api.ProjectAPI, wait_s: float
+) -> Path:
+    """The provider code ``ray up`` shipped (``relative`` to the project): the project's copy,
+    or, while NFS does not show it here yet (a newer ``ray up`` just uploaded it), a copy
+    fetched through the API into ``tmp_dir``. Its name is its digest: a copy is never stale.
+    Tries for ``wait_s``; then raises ``RuntimeError``."""
+    in_project = project_dir / relative
+    local = tmp_dir / "lib" / Path(relative).name
+    deadline = time.monotonic() + wait_s
+    while True:
+        if in_project.exists():
+            return in_project
+        if local.exists():
+            return local
+        if api.available:
+            try:
+                data = api.download(relative)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.with_suffix(".tmp").write_bytes(data)
+                local.with_suffix(".tmp").replace(local)
+                return local
+            except OSError as exc:
+                log(f"cannot fetch {relative} yet: {exc}")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the provider code {relative} is not in the project")
+        time.sleep(2)
+
+
+def launcher_environment(
+    env: dict[str, str], code: Path, environment, error: str
+) -> dict[str, str]:
+    """The launcher's process environment: the shipped code, then the node environment, first
+    on ``PYTHONPATH``, and what it needs to know of this stage (``HANDOFF``)."""
+    site = getattr(environment, "site", None) if environment is not None else None
+    runtime_path = env.get("PYTHONPATH", "")
+    child = {k: v for k, v in env.items() if k not in HANDOFF}
+    child.update(
+        {
+            "RAY_CML_NODE_SITE": str(site or ""),
+            "RAY_CML_ENVIRONMENT_SUMMARY": getattr(environment, "summary", "") or "",
+            "RAY_CML_ENVIRONMENT_ERROR": error[-ERROR_MOST:],
+            "RAY_CML_LAUNCHER_CODE": str(code),
+            "RAY_CML_RUNTIME_PYTHONPATH": runtime_path,
+            "PYTHONPATH": os.pathsep.join(
+                [
+                    str(code),
+                    *([str(site)] if site else []),
+                    *([runtime_path] if runtime_path else []),
+                ]
+            ),
+        }
+    )
+    return child
+
+
+def main() -> int:
+    env = dict(os.environ)
+    project_dir = Path.cwd()
+    state = {"now": "preparing its Python environment"}
+    kind = env.get("RAY_CML_NODE_KIND", "worker")
+    node = f"ray-cml {kind} node {env.get('RAY_CML_NODE_ID', '?')} of cluster " + env.get(
+        "RAY_CML_CLUSTER", "?"
+    )
+    page = open_status_page(env, lambda: f"{node}: {state['now']}")
+    api = node_api.ProjectAPI(env, log)
+    environment, error = prepare_environment(env, project_dir)
+    log(error or environment.summary)
+    state["now"] = "starting its launcher"
+    try:
+        relative = env.get("RAY_CML_PROVIDER_ZIP", "")
+        if not relative:
+            raise RuntimeError("the application names no provider code: `ray up` again")
+        tmp_dir = Path(f"/tmp/rcml-{env.get('RAY_CML_NODE_ID', 'node')}")
+        code = shipped_code(relative, project_dir, tmp_dir, api, wait_s=120)
+    except RuntimeError as exc:
+        log(str(exc))
+        relative = f"{env.get('RAY_CML_DIR', '')}/nodes/{env.get('RAY_CML_NODE_ID', '')}"
+        if api.available:
+            try:
+                api.upload(f"{relative}/failure.txt", f"ray-cml: {exc}".encode())
+            except OSError as upload_error:
+                log(f"could not publish the failure: {upload_error}")
+        return 1
+    if page is not None:
+        page.close()
+    child = launcher_environment(env, code, environment, error)
+    python = sys.executable
+    os.execve(python, [python, "-m", "ray_cml_provider.node_launcher"], child)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
