@@ -66,6 +66,7 @@ class StatusPage:
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_s  # seconds a caller may stay silent
             protocol_version = "HTTP/1.1"
+            server_version, sys_version = "ray-cml", ""  # no versions to fingerprint
 
             def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
                 if self.path.split("?", 1)[0] == "/":

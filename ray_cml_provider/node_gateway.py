@@ -492,14 +492,27 @@ class CappedServer(web.Server):
 
 
 class OneLineLog(logging.Handler):
-    """aiohttp's server log as one printable line per event, without tracebacks: what a
-    caller sends must not write raw bytes or stacks into the head's log."""
+    """aiohttp's server log as one printable line per event, without tracebacks, and at most
+    ``per_minute`` lines a minute: what callers send must not write raw bytes or stacks into
+    the head's log, nor fill it."""
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self, log: Callable[[str], None], per_minute: int = 30) -> None:
         super().__init__(logging.INFO)
         self.write = log
+        self.per_minute = per_minute
+        self.window_start = 0.0
+        self.in_window = 0
+        self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.created - self.window_start >= 60:
+            if self.dropped:
+                self.write(f"gateway: {self.dropped} more line(s) of the last minute left out")
+            self.window_start, self.in_window, self.dropped = record.created, 0, 0
+        self.in_window += 1
+        if self.in_window > self.per_minute:
+            self.dropped += 1
+            return
         reason = record.exc_info[1] if record.exc_info else None
         text = record.getMessage() + (f": {type(reason).__name__}: {reason}" if reason else "")
         self.write(f"gateway: {printable(text, 300)}")

@@ -589,3 +589,20 @@ def test_a_websocket_reaches_the_dashboard_only_with_rays_token(locked_keys):
         running.close()
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_the_gateway_bench_runs_and_prints_its_figures():
+    """A smoke run of ``bench/gateway_bench.py`` (tiny sizes), so the bench cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "gateway_bench.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--requests", "50", "--locked"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "hop (p50 difference):" in run.stdout and "events/s" in run.stdout

@@ -88,6 +88,7 @@ class ClusterStatus:
     gpu_hours: float = 0.0
     dashboard_url: str = ""  # the head application's URL (its gateway: dashboard and /v1)
     dashboard_address: str = ""  # the dashboard itself, for CML sessions of the project
+    gateway_address: str = ""  # the head's gateway on its engine's address, for the project
     endpoint_locked: bool = False  # the URL bypasses CML's login and asks for the endpoint key
     autostopped: dict[str, Any] | None = None  # the head's record, when it stopped idle
     gcs_address: str = ""
@@ -156,6 +157,8 @@ def collect_status(
         report.endpoint_locked = bool(info.get("endpoint_locked"))
         if info.get("dashboard_port"):
             report.dashboard_address = f"http://{info['ip']}:{info['dashboard_port']}"
+        if info.get("app_port"):
+            report.gateway_address = f"http://{info['ip']}:{info['app_port']}"
         view = _ray_view(config, client, head.node_id, report, ray_view)
 
     for own in ours:

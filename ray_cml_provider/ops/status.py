@@ -74,7 +74,7 @@ def render(report: ClusterStatus) -> str:
         lines.append(f"failed launch: {launch['count']} {launch['node_type']}: {launch['details']}")
     if report.dashboard_url:
         lines.append(f"URL: {report.dashboard_url} (the Ray dashboard)")
-        lines += how_to_call(report.dashboard_url, report.endpoint_locked)
+        lines += how_to_call(report.dashboard_url, report.endpoint_locked, report.gateway_address)
     if report.dashboard_address:
         lines.append(f"dashboard from a CML session (ray job, serve): {report.dashboard_address}")
     if report.gcs_address:

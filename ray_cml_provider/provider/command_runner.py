@@ -281,7 +281,10 @@ class CMLCommandRunner(CommandRunnerInterface):
             lines.append(f'  Ray Client:  ray.init("ray://{info["ip"]}:{info["client_port"]}")')
         lines += [
             f"  Ray Jobs:    ray job submit --address {dashboard} -- python my_script.py",
-            f"  Serve:       serve deploy my_app.yaml -a {dashboard}",
+            f"  Serve:       serve deploy my_app.yaml -a {dashboard}"
+            " (http_options.host: 127.0.0.1: only the head's gateway reaches it)",
+            f"  OpenAI API:  {url}/v1 and, in the project, http://{info['ip']}:{info['app_port']}/v1,"
+            " with the key `ray-cml endpoint-key CONFIG` prints",
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
         ]
         running = info.get("ray_auth", DISABLED)

@@ -65,19 +65,26 @@ def refused_bypass(exc: Exception, head_type: str) -> str | None:
     return None
 
 
-def how_to_call(url: str, locked: bool) -> list[str]:
-    """Lines that show how to call the cluster's OpenAI API at the head's URL."""
-    if locked:
-        return [
-            f"OpenAI API: {url}/v1 (open to any caller with the endpoint key; "
-            "CML's login is bypassed)",
-            "  export RAY_CML_ENDPOINT_KEY=$(ray-cml endpoint-key CONFIG)",
-            f'  curl {url}/v1/models -H "Authorization: Bearer $RAY_CML_ENDPOINT_KEY"',
-            f'  openai.OpenAI(base_url="{url}/v1", api_key=os.environ["RAY_CML_ENDPOINT_KEY"])',
-        ]
-    return [
-        f"OpenAI API: {url}/v1 (behind CML's login: a browser signed in to CML; for "
-        "programs, set bypass_authentication on the head, see docs/security.md)",
-        "  from a CML session of this project: "
-        'openai.OpenAI(base_url="http://<head IP>:8000/v1", api_key="none")',
+def how_to_call(url: str, locked: bool, inside: str = "") -> list[str]:
+    """Lines that show how to call the cluster's OpenAI API: at the head's URL, and from the
+    project at the head's gateway (``inside``). Every call needs the endpoint key."""
+    key = 'api_key=os.environ["RAY_CML_ENDPOINT_KEY"]'
+    lines = [
+        f"OpenAI API: {url}/v1 (with the endpoint key; "
+        + (
+            "CML's login is bypassed)"
+            if locked
+            else "behind CML's login too: send the key as X-Endpoint-Key there)"
+        ),
+        "  export RAY_CML_ENDPOINT_KEY=$(ray-cml endpoint-key CONFIG)",
     ]
+    if locked:
+        lines += [
+            f'  curl {url}/v1/models -H "Authorization: Bearer $RAY_CML_ENDPOINT_KEY"',
+            f'  openai.OpenAI(base_url="{url}/v1", {key})',
+        ]
+    if inside:
+        lines.append(
+            f'  from a CML session of this project: openai.OpenAI(base_url="{inside}/v1", {key})'
+        )
+    return lines
