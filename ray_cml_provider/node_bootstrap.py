@@ -16,6 +16,9 @@ runtime has Python and pip, not Ray. It
    environment first on ``PYTHONPATH``: the launcher and the head's gateway then use real
    libraries (aiohttp, from ``ray[default]``).
 
+``bootstrap.py stop-ray`` is the node's ``ray stop`` (``node_processes``): it needs neither
+the environment nor the shipped code.
+
 A failed environment does not stop the node here: the launcher starts anyway (it imports
 nothing from the environment until it needs the gateway) and reports the failure as before,
 to ``ray up`` for the head and in ``failure.txt`` for a worker; ``ray stop`` still works.
@@ -34,15 +37,15 @@ from pathlib import Path
 try:  # uploaded next to this file in the cluster's folder
     import node_api
     import node_env
+    import node_processes
 except ImportError:  # imported from the package (the launcher, tests)
-    from ray_cml_provider import node_api, node_env
+    from ray_cml_provider import node_api, node_env, node_processes
 
 # What the bootstrap hands the launcher, beside the application's own environment.
 HANDOFF = (
     "RAY_CML_NODE_SITE",  # the environment's folder, or empty (the runtime has it all)
     "RAY_CML_ENVIRONMENT_SUMMARY",  # what `ray up` prints: built, reused, waited for
     "RAY_CML_ENVIRONMENT_ERROR",  # why the environment could not be made (pip's last lines)
-    "RAY_CML_LAUNCHER_CODE",  # the provider code the launcher runs from (a zip)
     "RAY_CML_RUNTIME_PYTHONPATH",  # PYTHONPATH as the runtime had it, for the node's commands
 )
 ERROR_MOST = 8000  # characters of an environment failure carried to the launcher
@@ -195,7 +198,6 @@ def launcher_environment(
             "RAY_CML_NODE_SITE": str(site or ""),
             "RAY_CML_ENVIRONMENT_SUMMARY": getattr(environment, "summary", "") or "",
             "RAY_CML_ENVIRONMENT_ERROR": error[-ERROR_MOST:],
-            "RAY_CML_LAUNCHER_CODE": str(code),
             "RAY_CML_RUNTIME_PYTHONPATH": runtime_path,
             "PYTHONPATH": os.pathsep.join(
                 [
@@ -210,6 +212,9 @@ def launcher_environment(
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["stop-ray"]:  # the node's `ray stop` (the launcher's `ray` shim)
+        node_processes.stop_ray_of_this_node()
+        return 0
     env = dict(os.environ)
     project_dir = Path.cwd()
     state = {"now": "preparing its Python environment"}

@@ -69,6 +69,7 @@ import time
 from pathlib import Path
 
 from ray_cml_provider import node_api, node_bootstrap, node_env
+from ray_cml_provider.node_processes import stop_ray_of_this_node
 
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
@@ -243,7 +244,6 @@ class NodeLauncher:
         self.packages: list[str] = json.loads(env.get("RAY_CML_PIP_PACKAGES", "[]"))
         # What the bootstrap made (node_bootstrap.HANDOFF); the node's commands get the
         # runtime's own PYTHONPATH back, with the shipped code and the environment in front.
-        self.code = env.get("RAY_CML_LAUNCHER_CODE") or str(Path(__file__).resolve().parents[1])
         site = env.get("RAY_CML_NODE_SITE", "")
         self.environment_error = env.get("RAY_CML_ENVIRONMENT_ERROR", "")
         self.environment: node_env.Environment | None = (
@@ -355,8 +355,7 @@ class NodeLauncher:
             "#!/bin/bash\n"
             "# ray-cml: 'ray stop' stops only this node's Ray, never other processes here.\n"
             'if [ "$1" = "stop" ]; then\n'
-            f'  PYTHONPATH="{self.code}" exec "{sys.executable}" -m ray_cml_provider.node_launcher'
-            " stop-ray\n"
+            f'  exec "{sys.executable}" "{self.bootstrap_script()}" stop-ray\n'
             "fi\n"
             f'PATH="${{PATH#{shim_dir}:}}"\n'
             "# ray-cml: 'ray start' keeps the node's files in its own RAY_TMPDIR. Ray would put a\n"
@@ -390,6 +389,12 @@ class NodeLauncher:
         }
         self.publish("node.json", json.dumps(info).encode(), overwrite=self.life > 1)
         log(f"{self.kind} node {self.node_id} of cluster {self.cluster} on {self.ip}")
+
+    def bootstrap_script(self) -> Path:
+        """The application's script (``node_bootstrap``, next to the modules it imports in the
+        cluster's folder): the ``ray`` shim's ``ray stop`` runs it, standard library only."""
+        uploaded = self.cluster_dir / "bootstrap.py"
+        return uploaded if uploaded.exists() else Path(node_bootstrap.__file__).resolve()
 
     def publish(self, name: str, data: bytes, overwrite: bool = False) -> None:
         """Write ``nodes/<id>/<name>`` for the provider to read: through the files API, which
@@ -956,98 +961,7 @@ def command_failure(command: str, code: int, log_path: Path) -> str:
     return f"`{command}` failed with exit status {code}:\n" + "\n".join(tail)
 
 
-def _ancestors(pid: int) -> set[int]:
-    chain = set()
-    while pid > 1 and pid not in chain:
-        chain.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
-    return chain
-
-
-def _node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
-    """This node's live processes: the launcher's process group, and the processes whose
-    command line names the node's own Ray folder (Ray's workers, the Serve controller and
-    replicas among them, each run in a process group of their own)."""
-    marker = ray_tmp_dir.rstrip("/") + "/" if ray_tmp_dir else ""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] == "Z":
-                continue
-            if int(fields[2]) == pgid or (
-                marker and marker in (entry / "cmdline").read_bytes().decode(errors="replace")
-            ):
-                members.append(int(entry.name))
-        except OSError:
-            continue
-    return members
-
-
-def _stop_order(pid: int) -> int:
-    """Ray's own ``ray stop`` order: the raylet first, its workers and Ray's other processes
-    next, the GCS last. All at once, the raylet and the GCS each wait for the other to
-    answer before they exit (10 s and more)."""
-    try:
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return 1
-    return {"raylet": 0, "gcs_server": 2}.get(name, 1)
-
-
-def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None) -> None:
-    """``ray stop`` for one node: end the Ray processes of this node (``_node_processes``),
-    in Ray's order (``_stop_order``), each step SIGTERM then, after its share of ``grace_s``,
-    SIGKILL.
-
-    Ray's own ``ray stop`` kills every Ray process on the machine, which in the emulator
-    means other nodes and other clusters. Here what Ray started for this node is the
-    launcher's process group and whatever names the node's Ray folder (``RAY_TMPDIR``):
-    a Ray worker left behind would make the next ``ray start`` here refuse to run ("Ray is
-    already running") and could keep a GPU's memory.
-    """
-    pgid = int(os.environ.get("RAY_CML_LAUNCHER_PGID", os.getpgrp()))
-    tmp_dir = ray_tmp_dir if ray_tmp_dir is not None else os.environ.get("RAY_TMPDIR", "")
-    keep = _ancestors(os.getpid()) | {int(os.environ.get("RAY_CML_LAUNCHER_PID", "0"))}
-    left: list[int] = []
-    for step in (0, 1, 2):
-        targets = [
-            pid
-            for pid in _node_processes(pgid, tmp_dir)
-            if pid not in keep and _stop_order(pid) == step
-        ]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in targets:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + (grace_s / 3 if sig == signal.SIGTERM else 2)
-            while targets and time.monotonic() < deadline:
-                time.sleep(0.05)
-                targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid in targets]
-            if not targets:
-                break
-        left += targets
-    if tmp_dir and not left:
-        # As Ray's `ray stop` does: forget the node's last cluster address. `ray start --head`
-        # refuses to run while that address is "in use" by any process of the machine, and
-        # on the emulator a worker's raylet on the same machine names the head's address.
-        with contextlib.suppress(OSError):
-            (Path(tmp_dir) / "ray" / "ray_current_cluster").unlink()
-    print("Stopped Ray on this node." if not left else f"Could not stop pids {left}.")
-
-
 def main(argv: list[str]) -> int:
-    if argv[1:2] == ["stop-ray"]:
-        stop_ray_of_this_node()
-        return 0
-
     launcher = NodeLauncher(dict(os.environ))
 
     def leave(signum: int, _frame: object) -> None:

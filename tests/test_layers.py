@@ -24,6 +24,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "ray_cml_provider"
 FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.version", 0),
     ("ray_cml_provider.node_bootstrap", 0),
+    ("ray_cml_provider.node_processes", 0),
     ("ray_cml_provider.node_launcher", 0),
     ("ray_cml_provider.node_env", 0),
     ("ray_cml_provider.node_api", 0),
@@ -41,7 +42,7 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider", 5),
 ]
 # The bootstrap stage: it runs before anything is installed.
-STDLIB_ONLY = ("node_bootstrap", "node_env", "node_api")
+STDLIB_ONLY = ("node_bootstrap", "node_env", "node_api", "node_processes")
 
 
 def module_name(path: Path) -> str:

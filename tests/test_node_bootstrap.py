@@ -67,7 +67,8 @@ def test_a_silent_caller_is_dropped_and_a_flood_is_closed_at_once(page):
 
 def test_a_large_body_is_not_read_and_bad_bytes_get_no_traceback(page, capfd):
     with socket.create_connection(("127.0.0.1", port_of(page)), timeout=5) as sock:
-        sock.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n" + b"a" * 4096)
+        # The answer comes without waiting for the announced body (which is never read).
+        sock.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 503")
     for bad in (b"\r\n\r\n", b"G\x1bT / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", port_of(page)), timeout=5) as sock:
@@ -111,7 +112,6 @@ def test_the_launcher_gets_the_runtimes_pythonpath_back_for_commands(tmp_path, m
     )
     node = NodeLauncher(env)
     assert node.environment_error == "ray-cml: pip failed"
-    assert node.code == "/code.zip"
     assert node.env["PYTHONPATH"] == "/runtime/own"
     assert not any(name in node.env for name in node_bootstrap.HANDOFF)
     assert node.answer_request({"cmd": "true"}, tmp_path / "out") == 1  # no environment

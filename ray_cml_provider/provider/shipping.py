@@ -60,11 +60,12 @@ LAUNCHER_FILES = {  # the standard-library stage; the launcher runs from the zip
     BOOTSTRAP_SCRIPT: "node_bootstrap.py",
     "node_api.py": "node_api.py",
     "node_env.py": "node_env.py",
+    "node_processes.py": "node_processes.py",
 }
 
 
 def launcher_files() -> dict[str, bytes]:
     """What every application runs first, by its name in the cluster's folder: the bootstrap
-    and the two modules it imports (read from a folder or from a shipped zip)."""
+    and the modules it imports (read from a folder or from a shipped zip)."""
     package = resources.files(PACKAGE)
     return {name: package.joinpath(module).read_bytes() for name, module in LAUNCHER_FILES.items()}
