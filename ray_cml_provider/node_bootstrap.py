@@ -116,6 +116,9 @@ class StatusPage:
                 finally:
                     page.slots.release()
 
+            def handle_error(self, request, client_address) -> None:
+                pass  # a caller that reset or went silent: no traceback in the node's log
+
         self.server = Server((host, port), Handler)
         self.thread = threading.Thread(
             target=self.server.serve_forever, name="status-page", daemon=True

@@ -83,7 +83,9 @@ def test_a_crashed_head_recovers_its_serve_app_and_its_worker(start_emulator, tm
     wait_until(lambda: len(cluster.workers()) == 1, 120, "exactly one worker")
     created = emulator.stats()["requests"].get(CREATE, 0)
     rejoined = before["engine_ip"] == after["engine_ip"] and cluster.workers()[0].id == worker.id
-    assert created == (0 if rejoined else 1), (created, rejoined)
+    # At most one application created: a rejoined worker may still see v2 start a replacement
+    # for its earlier Ray node, which it then gives back (one worker at the end, above).
+    assert created <= 1 and (rejoined or created == 1), (created, rejoined)
     print(f"the worker {'rejoined the new head' if rejoined else 'was replaced'}")
     [worker] = cluster.workers()
     status = cluster.ray_status()
