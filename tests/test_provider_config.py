@@ -71,3 +71,14 @@ def test_ray_cli_hook_stops_a_broken_config_with_one_sentence():
         "ray-cml: invalid cluster config: available_node_types.gpu_worker.node_config."
         "nvidia_gpu: -1 is less than the minimum of 0"
     )
+
+
+def test_the_autoscaler_does_not_warn_about_rays_own_legacy_fields_every_loop(caplog):
+    """Ray's defaults for an external provider carry empty head_node/worker_nodes and it
+    warned about each on every loop of the head's autoscaler (monitor.log)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    with caplog.at_level("WARNING"):
+        prepared = prepare_config(local_config())
+    assert "head_node" not in prepared and "worker_nodes" not in prepared
+    assert "legacy field" not in caplog.text

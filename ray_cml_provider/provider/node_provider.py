@@ -736,3 +736,17 @@ class CMLNodeProvider(NodeProvider):
         config.get("auth", {}).pop("ssh_private_key", None)
         config["provider"].pop("_config_cache_path", None)
         return config
+
+
+class _WithoutLegacyFieldWarnings(logging.Filter):
+    """Ray fills every external provider's config with its ``MINIMAL_EXTERNAL_CONFIG``, whose
+    ``head_node`` and ``worker_nodes`` are empty legacy fields, then warns that it drops them:
+    in the head's autoscaler that is two warnings every loop (it reads its config each time),
+    burying monitor.log's real events. Nothing in a cluster YAML can avoid it; only that
+    message is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Dropping the empty legacy field")
+
+
+logging.getLogger("ray.autoscaler._private.util").addFilter(_WithoutLegacyFieldWarnings())
