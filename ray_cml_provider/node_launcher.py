@@ -68,8 +68,8 @@ import threading
 import time
 from pathlib import Path
 
-from ray_cml_provider import node_api, node_bootstrap, node_env
-from ray_cml_provider.node_processes import stop_ray_of_this_node
+from ray_cml_provider import node_api, node_bootstrap, node_env, node_watchdog
+from ray_cml_provider.node_processes import node_processes, stop_ray_of_this_node
 
 POLL_S = 0.2
 HEAD_CHECK_S = 2.0
@@ -840,6 +840,32 @@ class NodeLauncher:
         )
         return running
 
+    # ------------------------------------------------------------------ watchdog
+
+    def watch_the_autoscaler(self) -> None:
+        """In a thread on the head: restart an autoscaler that stopped updating
+        (``node_watchdog``), and publish what was done for ``ray-cml status``."""
+        stuck_s = float(self.env.get("RAY_CML_AUTOSCALER_STUCK_S") or node_watchdog.DEFAULT_STUCK_S)
+        watchdog = node_watchdog.AutoscalerWatchdog(
+            self.tmp_dir, os.getpgrp(), stuck_s, log, node_processes
+        )
+        while True:
+            time.sleep(min(5.0, stuck_s / 4))
+            try:
+                restart = watchdog.check()
+            except Exception as exc:  # the watchdog must outlive anything it meets
+                log(f"watchdog: {exc!r}")
+                continue
+            if restart is None:
+                continue
+            record = {
+                "restarts": watchdog.restarts,
+                "last_restart_at": restart.at,
+                "stalled_s": round(restart.stalled_s, 1),
+                "stacks": "\n".join(restart.stacks.splitlines()[:60]),
+            }
+            self.publish("autoscaler.json", json.dumps(record).encode(), overwrite=True)
+
     # ------------------------------------------------------------------ autostop
 
     def watch_idleness(self) -> None:
@@ -928,6 +954,9 @@ class NodeLauncher:
             return 1
         self.open_door()
         if self.kind == "head":
+            threading.Thread(
+                target=self.watch_the_autoscaler, name="autoscaler-watchdog", daemon=True
+            ).start()
             if self.autostop_s:
                 threading.Thread(target=self.watch_idleness, name="autostop", daemon=True).start()
             if recovery is not None and not self.restart_head_ray(recovery):

@@ -27,7 +27,7 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
-def _node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
+def node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
     """This node's live processes: the launcher's process group, and the processes whose
     command line names the node's own Ray folder (Ray's workers, the Serve controller and
     replicas among them, each run in a process group of their own)."""
@@ -79,7 +79,7 @@ def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None)
     for step in (0, 1, 2):
         targets = [
             pid
-            for pid in _node_processes(pgid, tmp_dir)
+            for pid in node_processes(pgid, tmp_dir)
             if pid not in keep and _stop_order(pid) == step
         ]
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -89,7 +89,7 @@ def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None)
             deadline = time.monotonic() + (grace_s / 3 if sig == signal.SIGTERM else 2)
             while targets and time.monotonic() < deadline:
                 time.sleep(0.05)
-                targets = [pid for pid in _node_processes(pgid, tmp_dir) if pid in targets]
+                targets = [pid for pid in node_processes(pgid, tmp_dir) if pid in targets]
             if not targets:
                 break
         left += targets

@@ -25,6 +25,7 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.version", 0),
     ("ray_cml_provider.node_bootstrap", 0),
     ("ray_cml_provider.node_processes", 0),
+    ("ray_cml_provider.node_watchdog", 0),
     ("ray_cml_provider.node_launcher", 0),
     ("ray_cml_provider.node_env", 0),
     ("ray_cml_provider.node_api", 0),

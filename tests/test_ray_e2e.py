@@ -7,7 +7,9 @@ failure handling on autoscaler v1.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,24 @@ from ray_cml_provider.cml import ApplicationStatus
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.demo.ray_demo import GPU_TASK
 from ray_cml_provider.emulator.processes import live_group_members
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
 
 SET_GPU_DEMAND = Path(__file__).resolve().parent.parent / "bench" / "set_gpu_demand.py"
 RUNNING = ApplicationStatus.RUNNING
+
+
+def autoscaler_pid(pgid: int) -> int:
+    """The head's autoscaler (Ray's monitor.py) among the head engine's processes."""
+    for pid in live_group_members(pgid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/monitor.py") for a in argv):
+            return pid
+    raise AssertionError("no autoscaler among the head's processes")
 
 
 def engine(emulator, app_id: str) -> dict:
@@ -75,6 +90,9 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
         # The checks below want the GPU worker still there, idle: a minute covers them even
         # on a machine busy with other tests (the shipped 15 s is tight there).
         config["idle_timeout_minutes"] = 1
+        # The autoscaler is frozen below: the head's watchdog restarts it after 10 s.
+        head = config["available_node_types"]["head"]["node_config"]
+        head.setdefault("environment", {})["RAY_CML_AUTOSCALER_STUCK_S"] = "10"
 
     cluster = LocalCluster(
         emulator, tmp_path / "work", cluster_name="e2e", config_overrides=idle_for_a_minute
@@ -104,6 +122,18 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     attach = cluster.ray("attach", str(cluster.config_path))
     assert attach.returncode != 0 and "ray attach is not available on CML" in attach.stdout
 
+    # A frozen autoscaler (as one stuck in a call) is found by the head and started again;
+    # the GPU task below then gets its worker from the new one.
+    frozen = autoscaler_pid(head_engine["pgid"])
+    os.kill(frozen, signal.SIGSTOP)
+    restarts = wait_until(
+        lambda: status_json(cluster, "--cml-only").get("autoscaler_restarts"),
+        90,
+        "the head to restart its frozen autoscaler",
+    )
+    assert restarts["restarts"] == 1 and restarts["stalled_s"] >= 10
+    assert not Path(f"/proc/{frozen}").exists()  # the stuck one is gone, not left running
+    assert autoscaler_pid(head_engine["pgid"]) != frozen
     submitted = cluster.submit(GPU_TASK)
     assert submitted.returncode == 0, submitted.stdout[-3000:]
     [worker] = cluster.workers()
@@ -138,6 +168,7 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
     table = cluster.ray_cml("status", "--ray-view", "head", str(cluster.config_path))
     assert table.returncode == 0, table.stdout
     assert "Ray's view asked of the head" in table.stdout
+    assert "autoscaler: restarted 1 time(s) by the head" in table.stdout
     assert re.search(rf"{worker_id}\s+gpu_worker\s+RUNNING\s+(alive|idle)", table.stdout)
     outputs = [
         up.stdout,

@@ -27,6 +27,7 @@ from ray_cml_provider.provider.cluster_files import read_file
 from ray_cml_provider.provider.naming import (
     TAG_USER_NODE_TYPE,
     application_prefix,
+    autoscaler_record_path,
     autostop_record_path,
     cluster_dir,
     parse_application,
@@ -91,6 +92,8 @@ class ClusterStatus:
     gateway_address: str = ""  # the head's gateway on its engine's address, for the project
     endpoint_locked: bool = False  # the URL bypasses CML's login and asks for the endpoint key
     autostopped: dict[str, Any] | None = None  # the head's record, when it stopped idle
+    # The head's watchdog restarted a stuck autoscaler: restarts, last_restart_at, stalled_s.
+    autoscaler_restarts: dict[str, Any] | None = None
     gcs_address: str = ""
     client_address: str = ""
     ray_auth: str = ""  # "token" | "disabled" (the head's), "" without a running head
@@ -155,6 +158,12 @@ def collect_status(
         report.auth_token_path = info.get("auth_token_path", "")
         report.dashboard_url = application_url(report.host, head.app)
         report.endpoint_locked = bool(info.get("endpoint_locked"))
+        restarts = read_file(client, autoscaler_record_path(cluster, head.node_id))
+        with contextlib.suppress(ValueError, TypeError):
+            record = json.loads(restarts) if restarts else None
+            report.autoscaler_restarts = (
+                {k: v for k, v in record.items() if k != "stacks"} if record else None
+            )
         if info.get("dashboard_port"):
             report.dashboard_address = f"http://{info['ip']}:{info['dashboard_port']}"
         if info.get("app_port"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from ray_cml_provider.cluster.status import (
@@ -72,6 +73,14 @@ def render(report: ClusterStatus) -> str:
         lines.append(f"* stray {n.application}: {n.note} (ray-cml gc / ray down remove it)")
     for launch in report.failed_launches:
         lines.append(f"failed launch: {launch['count']} {launch['node_type']}: {launch['details']}")
+    restarts = report.autoscaler_restarts
+    if restarts:
+        at = time.strftime("%H:%M:%S", time.localtime(restarts.get("last_restart_at", 0)))
+        lines.append(
+            f"autoscaler: restarted {restarts.get('restarts')} time(s) by the head, last at {at}"
+            f" after {restarts.get('stalled_s'):.0f} s without an update (its stacks are in the"
+            " head application's log)"
+        )
     if report.dashboard_url:
         lines.append(f"URL: {report.dashboard_url} (the Ray dashboard)")
         lines += how_to_call(report.dashboard_url, report.endpoint_locked, report.gateway_address)

@@ -51,6 +51,7 @@ APPLICATION_ENV = (
     "RAY_CML_ENDPOINT_KEY_FILE",  # head: the endpoint key's file (provider/endpoint.py)
     "RAY_CML_LOGIN_BYPASSED",  # head: "1" when its URL is outside CML's login
     "RAY_CML_GATEWAY_IDLE_S",  # head: seconds a silent caller keeps a connection (60)
+    "RAY_CML_AUTOSCALER_STUCK_S",  # head: no autoscaler update this long: restart it (60)
     "RAY_CML_SERVE_PORT",  # head: Serve's HTTP proxy, behind the URL's /v1 (default 8000)
     "RAY_CML_AUTOSTOP_MINUTES",  # head: stop the cluster after this many idle minutes
     "RAY_CML_HEAD_RECOVERY",  # "1": a restarted head recovers; workers follow it (both kinds)
@@ -172,6 +173,12 @@ def gcs_state_path(cluster_name: str) -> str:
     """Where a head with ``provider.head_recovery`` keeps its GCS state (RocksDB), so that
     a restarted head starts Ray again from it (``NodeLauncher.restart_head_ray``)."""
     return f"{cluster_dir(cluster_name)}/gcs"
+
+
+def autoscaler_record_path(cluster_name: str, head_id: str) -> str:
+    """What the head's watchdog publishes when it restarted a stuck autoscaler
+    (``node_watchdog``)."""
+    return f"{node_dir(cluster_name, head_id)}/autoscaler.json"
 
 
 def autostop_record_path(cluster_name: str) -> str:

@@ -35,6 +35,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
+from ray_cml_provider import node_watchdog
 from ray_cml_provider.cml import (
     TRANSIENT_ERRORS,
     Application,
@@ -139,6 +140,7 @@ class CMLNodeProvider(NodeProvider):
 
     def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
         super().__init__(provider_config, cluster_name)
+        node_watchdog.install_stack_dump()  # in the head's autoscaler: stacks on SIGUSR1
         validate_provider_config(provider_config)
         validate_cluster_name(cluster_name)
         self.client = CMLClient(
@@ -198,6 +200,7 @@ class CMLNodeProvider(NodeProvider):
         return all(node.tags.get(k) == v for k, v in tag_filters.items())
 
     def non_terminated_nodes(self, tag_filters: dict[str, str]) -> list[str]:
+        node_watchdog.beat()  # the head's autoscaler is alive: an update got this far
         try:
             nodes = self._refresh()
         except TRANSIENT_ERRORS as exc:
