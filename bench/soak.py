@@ -31,7 +31,6 @@ from ray_cml_provider.emulator.processes import live_group_members
 from ray_cml_provider.provider.naming import application_prefix
 
 DEMAND = Path(__file__).with_name("set_gpu_demand.py")
-REQUESTED_TIMEOUT_ENV = "RAY_AUTOSCALER_RECONCILE_REQUEST_STATUS_TIMEOUT_S"
 # The bench's own clients retry through the faults it injects; their retry lines are noise.
 logging.getLogger("ray_cml_provider.cml").setLevel(logging.ERROR)
 
@@ -77,6 +76,26 @@ def keep_autoscaler_log(cluster: LocalCluster) -> None:
     print(f"soak: a cycle was slow; the autoscaler's log is in {kept}", file=sys.stderr)
 
 
+def autoscaler_restarts(cluster: LocalCluster, emulator: RunningEmulator) -> int:
+    """How often the head's watchdog restarted a stuck autoscaler; when it did, the head's
+    log (with the stuck process's stacks) is kept where the reader can find it."""
+    [head] = cluster.nodes("head")
+    try:
+        record = json.loads(
+            cluster.client.download_file(
+                f".ray-cml/{cluster.cluster_name}/nodes/"
+                f"{head.name.rsplit('-', 1)[-1]}/autoscaler.json"
+            )
+        )
+    except Exception:  # noqa: BLE001 - no record: no restart
+        return 0
+    engine = next(p for p in emulator.processes() if p["id"] == head.id)
+    kept = Path(tempfile.gettempdir()) / f"soak-head-{int(time.time())}.log"
+    kept.write_text(Path(engine["log_path"]).read_text(errors="replace"))
+    print(f"soak: the autoscaler was restarted; the head's log is in {kept}", file=sys.stderr)
+    return int(record.get("restarts", 0))
+
+
 def soak(
     minutes: float,
     workers: int,
@@ -90,14 +109,9 @@ def soak(
     with tempfile.TemporaryDirectory(prefix="soak-") as work, RunningEmulator() as emulator:
         emulator.set_faults(fault_rate=fault_rate, latency_ms=latency_ms, drop_rate=drop_rate)
 
-        def edit(config: dict) -> None:
+        def edit(config: dict) -> None:  # Ray's own timeouts: nothing shortened here
             config["max_workers"] = workers
             config["available_node_types"]["gpu_worker"]["max_workers"] = workers
-            # Autoscaler v2 re-queues a launch it never saw an instance for only after
-            # this many seconds (600 by default); once in ~6 soak runs one sat there past
-            # the cycle's 300 s wait. Shorter here, so v2's own recovery fits the cycle.
-            head = config["available_node_types"][config["head_node_type"]]["node_config"]
-            head.setdefault("environment", {})[REQUESTED_TIMEOUT_ENV] = "120"
 
         cluster = LocalCluster(emulator, Path(work), cluster_name="soak", config_overrides=edit)
         # The bench's own view of CML retries harder than users would, so that counting
@@ -130,6 +144,7 @@ def soak(
             results["cycles"] += 1
         monitor = cluster.exec("cat $RAY_TMPDIR/ray/session_latest/logs/monitor.* 2>/dev/null")
         results["autoscaler_exceptions"] = monitor.stdout.count("Traceback")
+        results["autoscaler_restarts"] = autoscaler_restarts(cluster, emulator)
         # After the last scale-down Ray must wait for nothing (no phantom pending instance).
         results["ray_status_pending"] = len(cluster.ray_status().pending)
         groups = [p["pgid"] for p in emulator.processes() if p.get("pgid")]

@@ -643,6 +643,39 @@ def stall(address: tuple[str, int], i: int, key: str) -> socket.socket:
     return sock
 
 
+def test_the_listing_never_waits_on_another_threads_call_to_cml(provider):
+    """The head's autoscaler lists the nodes every update. A launch thread uploading the
+    launcher or the code, or setting tags, through minutes of API retries must not hold it
+    up: an update that waits is an autoscaler that stopped deciding (issue 24)."""
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    provider._launcher_uploaded, provider._shipped_zip = False, None
+    for call, work in (
+        ("upload_file", provider._upload_launcher),
+        ("list_files", provider.ship_code),
+        ("update_application", lambda: provider.set_node_tags(head, {"x": "1"})),
+    ):
+        held, release = threading.Event(), threading.Event()
+        real = getattr(provider.client, call)
+
+        def stuck(*args, real=real, held=held, release=release, **kwargs):
+            held.set()  # in CML's hands, as through minutes of retries
+            release.wait(60)
+            return real(*args, **kwargs)
+
+        setattr(provider.client, call, stuck)
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        assert held.wait(10), call
+        started = time.monotonic()
+        assert provider.non_terminated_nodes({}) == [head]
+        assert provider.node_tags(head)[TAG_RAY_NODE_KIND] == NODE_KIND_HEAD
+        assert time.monotonic() - started < 5, call
+        release.set()
+        thread.join(30)
+        setattr(provider.client, call, real)
+    assert provider.node_tags(head)["x"] == "1"
+
+
 def test_a_workspace_that_forbids_unauthenticated_apps_refuses_the_head_in_one_sentence(
     start_emulator, monkeypatch
 ):

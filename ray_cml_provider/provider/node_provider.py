@@ -157,7 +157,12 @@ class CMLNodeProvider(NodeProvider):
         self.poll_interval_s = float(provider_config.get("poll_interval_s", 2.0))
         self.ray_auth_mode = cluster_mode(provider_config)  # see provider/ray_auth.py
         self.dir = cluster_dir(cluster_name)
+        # Guards the listing below, and is never held across a call to CML: the head's
+        # autoscaler reads the listing every update, and an update waiting on another
+        # thread's retries (minutes under API faults) is an autoscaler that stops deciding.
         self._lock = threading.RLock()
+        self._shipping_lock = threading.Lock()  # one upload of the launcher and the code
+        self._tags_lock = threading.Lock()  # one tag update at a time: none is lost
         self._nodes: dict[str, Node] = {}  # every application of this cluster, last listing
         self._ips: dict[str, str] = {}
         self._launches = LaunchTracker(_own_gcs_address())
@@ -567,7 +572,7 @@ class CMLNodeProvider(NodeProvider):
 
     def _upload_launcher(self) -> None:
         """The node launcher and its environment builder: every application's script."""
-        with self._lock:
+        with self._shipping_lock:
             if self._launcher_uploaded:
                 return
             for name, data in launcher_files().items():
@@ -577,7 +582,7 @@ class CMLNodeProvider(NodeProvider):
     def ship_code(self) -> str:
         """Put this provider's code in the cluster's folder (once; the name is its digest)
         and return its path there: the head's autoscaler imports it from that zip."""
-        with self._lock:
+        with self._shipping_lock:
             if self._shipped_zip:
                 return self._shipped_zip
             name, data = provider_zip()
@@ -596,11 +601,12 @@ class CMLNodeProvider(NodeProvider):
     # ------------------------------------------------------------------ tags, termination
 
     def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
-        with self._lock:
+        with self._tags_lock:
             node = self._node(node_id)
             merged = {**node.tags, **tags}
             app = self.client.update_application(node.app.id, {"description": encode_tags(merged)})
-            self._nodes[node_id] = Node(node_id, app, merged)
+            with self._lock:
+                self._nodes[node_id] = Node(node_id, app, merged)
 
     def terminate_node(self, node_id: str) -> dict[str, Any] | None:
         if _is_own_head(node_id):
