@@ -131,6 +131,12 @@ class StatusPage:
         self.server.server_close()
 
 
+def status_line(env: dict[str, str], state: str) -> str:
+    """What the status page says of a node (the bootstrap's, then the launcher's)."""
+    kind, node = env.get("RAY_CML_NODE_KIND", "worker"), env.get("RAY_CML_NODE_ID", "?")
+    return f"ray-cml {kind} node {node} of cluster {env.get('RAY_CML_CLUSTER', '?')}: {state}"
+
+
 def open_status_page(env: dict[str, str], describe) -> StatusPage | None:
     port = int(env.get("CDSW_APP_PORT") or 0)
     if not port:
@@ -221,11 +227,7 @@ def main() -> int:
     env = dict(os.environ)
     project_dir = Path.cwd()
     state = {"now": "preparing its Python environment"}
-    kind = env.get("RAY_CML_NODE_KIND", "worker")
-    node = f"ray-cml {kind} node {env.get('RAY_CML_NODE_ID', '?')} of cluster " + env.get(
-        "RAY_CML_CLUSTER", "?"
-    )
-    page = open_status_page(env, lambda: f"{node}: {state['now']}")
+    page = open_status_page(env, lambda: status_line(env, state["now"]))
     api = node_api.ProjectAPI(env, log)
     environment, error = prepare_environment(env, project_dir)
     log(error or environment.summary)

@@ -806,7 +806,7 @@ class NodeLauncher:
     def describe(self) -> str:
         """The status page's line."""
         state = "its Python environment failed" if self.environment_error else self.state
-        return f"ray-cml {self.kind} node {self.node_id} of cluster {self.cluster}: {state}"
+        return node_bootstrap.status_line(self.env, state)
 
     def open_gateway(self, port: int):
         """The gateway (aiohttp, from the node's environment) on ``port``; None, with one

@@ -171,18 +171,13 @@ class AutoscalerWatchdog:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
         deadline = time.monotonic() + 3
-        stacks = ""
-        while time.monotonic() < deadline:
+        stacks, seen = "", None
+        while time.monotonic() < deadline and (not stacks.strip() or stacks != seen):
+            seen = stacks  # read until the dump has come and stopped growing
             time.sleep(0.2)
             with contextlib.suppress(OSError), open(target, "rb") as handle:
                 handle.seek(start)
                 stacks = handle.read().decode(errors="replace")
-            if stacks.strip():
-                time.sleep(0.2)  # let it finish writing every thread
-                with open(target, "rb") as handle:
-                    handle.seek(start)
-                    stacks = handle.read().decode(errors="replace")
-                break
         if stacks.strip():
             self.log(f"watchdog: the stuck autoscaler's stacks (pid {pid}):\n{stacks.rstrip()}")
         else:
