@@ -1,4 +1,4 @@
-"""What the head's gateway (``node_gateway``) adds to a request. Prints numbers; asserts nothing.
+"""What the head's gateway (``node/gateway.py``) adds to a request. Prints numbers; asserts nothing.
 
     .venv/bin/python bench/gateway_bench.py [--requests 2000] [--locked]
 
@@ -58,7 +58,7 @@ server.serve_forever()
 GATEWAY = r"""
 import sys, threading
 from pathlib import Path
-from ray_cml_provider.node_gateway import Gateway, Keys, RunningGateway, Upstream
+from ray_cml_provider.node.gateway import Gateway, Keys, RunningGateway, Upstream
 
 upstream_port, key_file, locked = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 keys = Keys(Path(key_file), None, locked=locked)

@@ -25,10 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient, RetryPolicy
+from ray_cml_provider.contract import application_prefix
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.emulator.processes import live_group_members
-from ray_cml_provider.provider.naming import application_prefix
 
 DEMAND = Path(__file__).with_name("set_gpu_demand.py")
 # The bench's own clients retry through the faults it injects; their retry lines are noise.

@@ -1,10 +1,17 @@
-"""``ray-cml``: the project's command line. Each subcommand is a module with its own parser."""
+"""``ray-cml``: the project's command line. Each subcommand is a module with its own parser.
+
+Library code raises; here an error of ours (``errors.RayCMLError``) or of CML's API becomes
+one ``ray-cml:`` sentence on stderr and an exit status, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from ray_cml_provider.cml import CMLError
+from ray_cml_provider.errors import RayCMLError, one_line
+from ray_cml_provider.provider.workspace_check import explain
 
 # name -> (module whose main(argv) runs it, one-line help)
 SUBCOMMANDS = {
@@ -63,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         module, _ = SUBCOMMANDS[argv[0]]
-        return importlib.import_module(module).main(argv[1:])
+        try:
+            return importlib.import_module(module).main(argv[1:])
+        except RayCMLError as exc:
+            print(one_line(exc), file=sys.stderr)
+            return exc.exit_code
+        except CMLError as exc:
+            print(f"ray-cml: {explain(exc)}", file=sys.stderr)
+            return 1
     parser = argparse.ArgumentParser(
         prog="ray-cml",
         description="Ray clusters on Cloudera Machine Learning. "

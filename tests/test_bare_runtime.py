@@ -34,12 +34,30 @@ TWO_GPU_TASKS = """
 import ray, time
 ray.init()
 
+@ray.remote(num_cpus=0)
+class Arrivals:
+    def __init__(self):
+        self.count = 0
+
+    def arrive(self):
+        self.count += 1
+
+    def seen(self):
+        return self.count
+
+arrivals = Arrivals.remote()
+
 @ray.remote(num_gpus=1)
-def where():
-    time.sleep(15)  # long enough for both tasks to hold a GPU at once
+def where(arrivals):
+    ray.get(arrivals.arrive.remote())
+    deadline = time.monotonic() + 900
+    while ray.get(arrivals.seen.remote()) < 2:  # until both tasks hold a GPU at once
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other GPU task never started")
+        time.sleep(0.2)
     return ray.get_runtime_context().get_node_id()
 
-print("GPU tasks ran on", len(set(ray.get([where.remote(), where.remote()]))), "nodes")
+print("GPU tasks ran on", len(set(ray.get([where.remote(arrivals) for _ in range(2)]))), "nodes")
 """
 
 

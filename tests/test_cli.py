@@ -99,3 +99,28 @@ def test_the_engines_interpreter_is_resolved_once_to_an_absolute_path(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert interpreter("venv/bin/python") == str(venv_python)  # absolute, symlink not followed
     assert interpreter("python3") == shutil.which("python3")
+
+
+def test_a_commands_error_is_one_sentence_and_its_exit_status(monkeypatch, capsys):
+    """Library code raises; the command line turns our errors and CML's into one line."""
+    import types
+
+    from ray_cml_provider import cli
+    from ray_cml_provider.cml import CMLConnectionError
+    from ray_cml_provider.errors import NodeNotReady
+
+    failing = types.ModuleType("failing_command")
+    monkeypatch.setitem(sys.modules, "failing_command", failing)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "failing", ("failing_command", "fails"))
+    for error, code, said in (
+        (NodeNotReady("node 0123abcd runs Ray 2.1"), 86, "ray-cml: node 0123abcd runs Ray 2.1"),
+        (CMLConnectionError("GET", "/api/v2/projects/p", "refused"), 1, "ray-cml: cannot reach"),
+    ):
+
+        def main(argv, error=error):
+            raise error
+
+        failing.main = main
+        assert cli.main(["failing"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(said) and err.count("\n") == 1 and "Traceback" not in err

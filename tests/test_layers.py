@@ -1,9 +1,10 @@
 """The package's floors: each module imports only from its own floor or below, and no two
 modules import each other, directly or round about (imports inside functions count).
 
-    0  version, the node side (node_bootstrap, node_env, node_api: standard library; then
-       node_launcher and node_gateway, in the node's environment), the
-       CML client (cml), the emulator, llm's constants and Serve config helpers
+    0  version, errors, the contract between provider and node (contract), the node side
+       (node: the standard-library bootstrap stage, then the launcher's parts in the node's
+       environment), the CML client (cml), the emulator, llm's constants and Serve config
+       helpers
     1  provider          Ray semantics on CML applications
     2  cluster, llm.preflight   a cluster seen from outside, as a library
     3  ops, api          the commands and the Python API: arguments and rendering
@@ -19,17 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from ray_cml_provider.provider.shipping import LAUNCHER_FILES
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "ray_cml_provider"
 
 FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.version", 0),
-    ("ray_cml_provider.node_bootstrap", 0),
-    ("ray_cml_provider.node_processes", 0),
-    ("ray_cml_provider.node_watchdog", 0),
-    ("ray_cml_provider.node_launcher", 0),
-    ("ray_cml_provider.node_env", 0),
-    ("ray_cml_provider.node_api", 0),
-    ("ray_cml_provider.node_gateway", 0),
+    ("ray_cml_provider.errors", 0),
+    ("ray_cml_provider.contract", 0),
+    ("ray_cml_provider.node", 0),
     ("ray_cml_provider.cml", 0),
     ("ray_cml_provider.emulator", 0),
     ("ray_cml_provider.llm", 0),
@@ -42,8 +41,11 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.cli", 5),
     ("ray_cml_provider", 5),
 ]
-# The bootstrap stage: it runs before anything is installed.
-STDLIB_ONLY = ("node_bootstrap", "node_env", "node_api", "node_processes")
+# The bootstrap stage: it runs before anything is installed, uploaded flat (shipping.py).
+STDLIB_ONLY = {
+    f"ray_cml_provider.{module[:-3].replace('/', '.')}": flat[:-3]
+    for flat, module in LAUNCHER_FILES.items()
+}
 
 
 def module_name(path: Path) -> str:
@@ -120,46 +122,48 @@ def test_no_import_circle(graph):
 
 
 def top_level_imports(path: Path, everywhere: bool) -> set[str]:
-    """The first names of what ``path`` imports (only at module level unless ``everywhere``)."""
+    """The first names of what ``path`` imports (only at module level unless ``everywhere``;
+    module level includes both sides of an ``if``/``try`` there)."""
     tree = ast.parse(path.read_text())
-    nodes = ast.walk(tree) if everywhere else tree.body
+    return _imports_in(list(ast.walk(tree)) if everywhere else tree.body, everywhere)
+
+
+def _imports_in(nodes: list[ast.AST], everywhere: bool) -> set[str]:
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Try) and not everywhere:
-            found |= top_level_imports_of(node.body)
+        elif isinstance(node, ast.If | ast.Try) and not everywhere:
+            branches = node.body + node.orelse
+            branches += [s for h in getattr(node, "handlers", []) for s in h.body]
+            found |= _imports_in(branches, everywhere)
     return found
 
 
-def top_level_imports_of(body: list[ast.stmt]) -> set[str]:
-    return {
-        alias.name.split(".")[0]
-        for node in body
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    }
+def module_path(module: str) -> Path:
+    return PACKAGE_ROOT.parent / (module.replace(".", "/") + ".py")
 
 
 def test_the_bootstrap_stage_imports_only_the_standard_library_and_itself(graph):
-    stage = {f"ray_cml_provider.{other}" for other in STDLIB_ONLY}
-    for name in STDLIB_ONLY:
-        module = f"ray_cml_provider.{name}"
-        deps = graph[module] - stage
+    for module in STDLIB_ONLY:
+        deps = graph[module] - set(STDLIB_ONLY)
         assert not deps, f"{module} imports {deps}: it runs before anything is installed"
         outside = (
-            top_level_imports(PACKAGE_ROOT / f"{name}.py", everywhere=True)
+            top_level_imports(module_path(module), everywhere=True)
             - set(sys.stdlib_module_names)
-            - {"ray_cml_provider", "__future__", *STDLIB_ONLY}
+            - {"ray_cml_provider", "__future__", *STDLIB_ONLY.values()}
         )
         assert not outside, f"{module} imports {outside}: it runs before anything is installed"
 
 
 def test_the_launcher_starts_without_the_nodes_environment():
     """It reports a failed environment, so only the gateway (aiohttp) waits for one."""
-    at_start = top_level_imports(PACKAGE_ROOT / "node_launcher.py", everywhere=False)
-    assert at_start <= set(sys.stdlib_module_names) | {"ray_cml_provider", "__future__"}
-    gateway = top_level_imports(PACKAGE_ROOT / "node_gateway.py", everywhere=False)
-    assert "aiohttp" in gateway
+    allowed = set(sys.stdlib_module_names) | {"ray_cml_provider", "__future__"}
+    for path in sorted((PACKAGE_ROOT / "node").glob("*.py")):
+        at_start = top_level_imports(path, everywhere=False)
+        if path.name == "gateway.py":
+            assert "aiohttp" in at_start
+        else:
+            assert at_start <= allowed | set(STDLIB_ONLY.values()), path.name

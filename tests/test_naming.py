@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ray_cml_provider.provider.naming import (
+from ray_cml_provider.contract import (
     TAG_CLUSTER_NAME,
     application_name,
     application_prefix,

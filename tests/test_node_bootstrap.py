@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ray_cml_provider import node_bootstrap
-from ray_cml_provider.node_bootstrap import StatusPage, launcher_environment
-from ray_cml_provider.node_env import Environment
+from ray_cml_provider.node import bootstrap as node_bootstrap
+from ray_cml_provider.node.bootstrap import StatusPage, launcher_environment
+from ray_cml_provider.node.environment import Environment
 
 
 @pytest.fixture
@@ -95,7 +95,8 @@ def test_the_launcher_runs_with_the_shipped_code_then_the_environment_first(tmp_
 
 
 def test_the_launcher_gets_the_runtimes_pythonpath_back_for_commands(tmp_path, monkeypatch):
-    from ray_cml_provider.node_launcher import NodeLauncher
+    from ray_cml_provider.contract import Handoff, Request
+    from ray_cml_provider.node.launcher import NodeLauncher
 
     monkeypatch.chdir(tmp_path)
     env = launcher_environment(
@@ -111,8 +112,8 @@ def test_the_launcher_gets_the_runtimes_pythonpath_back_for_commands(tmp_path, m
         "ray-cml: pip failed",
     )
     node = NodeLauncher(env)
-    assert node.environment_error == "ray-cml: pip failed"
-    assert node.env["PYTHONPATH"] == "/runtime/own"
-    assert not any(name in node.env for name in node_bootstrap.HANDOFF)
-    assert node.answer_request({"cmd": "true"}, tmp_path / "out") == 1  # no environment
+    assert node.environment.error == "ray-cml: pip failed"
+    assert node.ctx.env["PYTHONPATH"] == "/runtime/own"
+    assert not any(name in node.ctx.env for name in Handoff.variables())
+    assert node.commands.answer(Request(cmd="true"), tmp_path / "out") == 1  # no environment
     assert "pip failed" in (tmp_path / "out").read_text()

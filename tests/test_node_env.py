@@ -9,7 +9,6 @@ engines. The end-to-end case (two GPU workers of a bare runtime) is in test_bare
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 import zipfile
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_cml_provider import node_env
-from ray_cml_provider.node_env import EnvironmentBuild, NodeEnvironmentError
+from ray_cml_provider.node import environment as node_env
+from ray_cml_provider.node.environment import EnvironmentBuild, NodeEnvironmentError
 from tests.conftest import wait_until
 
 PACKAGES = ["tiny-pkg==1.0"]
@@ -80,8 +79,8 @@ def test_a_dead_builder_neither_blocks_nor_leaves_half_an_environment(
     project, logs = tmp_path / "project", []
     dead = build(project, "dead", logs)
     dead.envs.mkdir(parents=True)
-    dead.lock.mkdir()
-    (dead.lock / "owner.json").write_text(json.dumps({"node": "dead", "at": time.time() - 999}))
+    dead.lock.path.mkdir()
+    dead.lock.write_owner({"node": "dead", "at": time.time() - 999})
     half = dead.envs / f"{dead.key}.build-dead" / "site"
     half.mkdir(parents=True)
     (half / "half_installed.py").write_text("")
@@ -89,7 +88,7 @@ def test_a_dead_builder_neither_blocks_nor_leaves_half_an_environment(
     env = build(project, "alive", logs).ensure()
     assert any("dead stopped building" in line and "taking over" in line for line in logs), logs
     assert not (env.site / "half_installed.py").exists()
-    assert not list(dead.envs.glob("*.build-*")) and not dead.lock.exists()
+    assert not list(dead.envs.glob("*.build-*")) and not dead.lock.path.exists()
 
 
 def test_a_failed_build_is_reported_with_pips_lines_and_trusted_by_nobody(tmp_path, offline_index):
@@ -115,8 +114,7 @@ def test_nodes_that_waited_for_a_failed_build_report_it_instead_of_retrying(tmp_
     project, logs = tmp_path / "project", []
     holder = build(project, "holder", logs)
     holder.envs.mkdir(parents=True)
-    holder.lock.mkdir()
-    holder._write_owner()
+    assert holder.lock.take(holder._owner())
     errors: list[str] = []
 
     def waiter() -> None:
@@ -137,7 +135,7 @@ def test_nodes_that_waited_for_a_failed_build_report_it_instead_of_retrying(tmp_
         "pip_tail": ["ERROR: boom"],
     }
     holder.failed.write_text(json.dumps(failure))
-    shutil.rmtree(holder.lock)
+    holder.lock.release()
     thread.join(30)
     assert errors and "ERROR: boom" in errors[0] and "on node holder" in errors[0]
     assert not any("building" in line for line in logs)

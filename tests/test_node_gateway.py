@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ray_cml_provider.node_gateway import Gateway, Keys, Limits, RunningGateway, Upstream
+from ray_cml_provider.node.gateway import Gateway, Keys, Limits, RunningGateway, Upstream
 
 ENDPOINT_KEY = "endpoint-key-0123456789"
 RAY_TOKEN = "ray-token-abcdef"

@@ -1,32 +1,33 @@
-"""The node launcher in-process (no application, no Ray): the places it writes, which the
-provider reads by ``provider/naming.py`` (the launcher is standard library only and cannot
-import it), and its Ray authentication settings."""
+"""The node launcher's parts in-process (no application, no Ray): the places they write,
+which the provider reads through ``contract.py``, the commands' environment, the ports, head
+recovery, and ``ray stop``."""
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import socket
 import stat
 import subprocess
 import sys
-from pathlib import Path
+import threading
 
 import pytest
 
-from ray_cml_provider import node_bootstrap, node_launcher
-from ray_cml_provider.node_launcher import NodeLauncher, NoToken
-from ray_cml_provider.provider.naming import (
-    APPLICATION_ENV,
-    BOOTSTRAP_ENV,
-    COMMAND_ENV,
+from ray_cml_provider.contract import (
+    NodeFolder,
+    NodeInfo,
+    RecoveryRecord,
+    Request,
     auth_token_path,
     cluster_dir,
     gcs_state_path,
-    node_dir,
-    node_failure_path,
-    node_info_path,
 )
+from ray_cml_provider.node import preparation, processes, recovery
+from ray_cml_provider.node.launcher import NodeLauncher
+from ray_cml_provider.node.ports import PortReservation
+from ray_cml_provider.node.preparation import NoToken, prepare, previous_life, secure_secrets
+from tests.conftest import wait_until
 
 TOKEN_FILE = auth_token_path("c1")
 
@@ -57,60 +58,54 @@ def test_commands_get_the_token_file_and_nothing_else_decides(tmp_path, monkeypa
         RAY_AUTH_MODE="disabled",
         RAY_AUTH_TOKEN="guess",
     )
-    node.secure_token()
+    secure_secrets(node.ctx)
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
-    env = node.command_env({"RAY_AUTH_MODE": "disabled"})
+    env = node.commands.env({"RAY_AUTH_MODE": "disabled"})
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(token)
     assert "RAY_AUTH_TOKEN" not in env
 
 
 def test_without_a_token_file_env_ray_is_told_auth_is_off(tmp_path, monkeypatch):
     node = launcher(tmp_path, monkeypatch, RAY_AUTH_TOKEN_PATH="/elsewhere")
-    node.secure_token()  # nothing to wait for
-    env = node.command_env()
+    secure_secrets(node.ctx)  # nothing to wait for
+    env = node.commands.env()
     assert env["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN_PATH" not in env
 
 
 def test_a_token_that_never_shows_fails_the_node_with_one_sentence(tmp_path, monkeypatch):
-    monkeypatch.setattr(node_launcher, "TOKEN_WAIT_S", 0.2)
+    monkeypatch.setattr(preparation, "TOKEN_WAIT_S", 0.2)
     node = launcher(tmp_path, monkeypatch, RAY_CML_AUTH_TOKEN_FILE=TOKEN_FILE)
     with pytest.raises(NoToken, match=r"the cluster's Ray token .* is not in the project after"):
-        node.secure_token()
+        secure_secrets(node.ctx)
 
 
 def test_the_launcher_writes_where_the_provider_reads(tmp_path, monkeypatch):
     node = launcher(tmp_path, monkeypatch)  # no CML API here: it writes to the mount
-    assert node.node_rel == node_dir("c1", "0123abcd")
-    node.prepare()
-    assert (tmp_path / node_info_path("c1", "0123abcd")).is_file()
+    assert node.ctx.folder == NodeFolder.of("c1", "0123abcd")
+    prepare(node.ctx, node.ports)
+    info = NodeInfo.from_json((tmp_path / NodeFolder.of("c1", "0123abcd").info).read_bytes())
+    assert (info.ip, info.gcs_port, info.kind) == ("127.0.0.1", node.ports.gcs, "worker")
 
-    monkeypatch.setattr(node_launcher, "TOKEN_WAIT_S", 0.2)
+    monkeypatch.setattr(preparation, "TOKEN_WAIT_S", 0.2)
     failing = launcher(
         tmp_path, monkeypatch, RAY_CML_NODE_ID="4567cdef", RAY_CML_AUTH_TOKEN_FILE=TOKEN_FILE
     )
     assert failing.run() == 1
-    failure = (tmp_path / node_failure_path("c1", "4567cdef")).read_text()
+    failure = (tmp_path / NodeFolder.of("c1", "4567cdef").failure).read_text()
     assert "the cluster's Ray token" in failure
-
-
-def test_the_node_side_reads_and_sets_exactly_the_named_variables():
-    source = "".join(Path(m.__file__).read_text() for m in (node_launcher, node_bootstrap))
-    used = set(re.findall(r"RAY_CML_[A-Z_]+", source))
-    assert used == set(APPLICATION_ENV) | set(COMMAND_ENV) | set(BOOTSTRAP_ENV)
-    assert set(node_bootstrap.HANDOFF) == set(BOOTSTRAP_ENV)
 
 
 def test_the_ray_shim_keeps_each_nodes_files_in_its_own_folder(tmp_path, monkeypatch):
     """A worker's `ray start` would use the head's temporary path; nodes sharing a host (the
     emulator) then race for the same socket names. The shim gives it the node's own."""
     node = launcher(tmp_path, monkeypatch)
-    node.prepare()
+    prepare(node.ctx, node.ports)
     fake_bin = tmp_path / "fake-bin"
     fake_bin.mkdir()
     (fake_bin / "ray").write_text('#!/bin/bash\necho "ray $*"\n')
     (fake_bin / "ray").chmod(0o755)
-    shim = node.node_dir / "bin" / "ray"
+    shim = node.ctx.mount(node.ctx.folder.bin) / "ray"
     env = {"PATH": f"{shim.parent}:{fake_bin}:/usr/bin:/bin", "RAY_TMPDIR": "/tmp/rcml-x"}
 
     def shim_says(*args: str) -> str:
@@ -130,8 +125,8 @@ def test_a_chosen_port_is_held_then_claimed_while_the_node_lives(tmp_path):
     it until its own ``ray start``, and claims it for as long as it lives, so the moment
     between releasing it and Ray binding it is no window for the second."""
     claims = tmp_path / "ports"
-    first = node_launcher.PortReservation(claims)
-    second = node_launcher.PortReservation(claims)
+    first = PortReservation(claims)
+    second = PortReservation(claims)
     port = first.take(0)
     assert second.take(port) != port
     with socket.socket() as ray, pytest.raises(OSError):
@@ -139,7 +134,7 @@ def test_a_chosen_port_is_held_then_claimed_while_the_node_lives(tmp_path):
     first.release()
     with socket.socket() as ray:
         ray.bind(("127.0.0.1", port))  # this node's Ray can bind it now ...
-    assert node_launcher.PortReservation(claims).take(port) != port  # ... and nobody else
+    assert PortReservation(claims).take(port) != port  # ... and nobody else
     second.release()
 
 
@@ -152,10 +147,10 @@ def test_a_claim_of_a_node_that_ended_is_taken_over(tmp_path):
     port = probe.getsockname()[1]
     probe.close()
     (claims / str(port)).mkdir(parents=True)
-    (claims / str(port) / "pid").write_text(str(ended.pid))
-    reservation = node_launcher.PortReservation(claims)
+    (claims / str(port) / "owner.json").write_text(f'{{"pid": {ended.pid}}}')
+    reservation = PortReservation(claims)
     assert reservation.take(port) == port
-    assert (claims / str(port) / "pid").read_text() == str(os.getpid())
+    assert f'"pid": {os.getpid()}' in (claims / str(port) / "owner.json").read_text()
     reservation.release()
 
 
@@ -168,24 +163,30 @@ def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_start
     folder in the environment."""
     recovering = {"RAY_CML_NODE_KIND": "head", "RAY_CML_HEAD_RECOVERY": "1"}
     first = launcher(tmp_path, monkeypatch, **recovering)
-    first.prepare()
+    assert previous_life(first.ctx) is None
+    prepare(first.ctx, first.ports)
     start = 'echo "$RAY_gcs_storage $RAY_gcs_storage_path $MARK" > started.txt # ray start --head'
-    first.remember_head_start({"cmd": "ray stop", "env": {}})  # not a start: not recorded
-    first.remember_head_start({"cmd": start, "env": {"MARK": "from ray up"}})
-    (first.inbox / "17-abc.json").write_text('{"cmd": "echo a job that was running"}')
+    first.recovery.remember(Request(cmd="ray stop"), 0)  # not a start: not recorded
+    first.recovery.remember(Request(cmd=start, env={"MARK": "from ray up"}), 1)  # failed
+    assert first.recovery.recorded_start() is None
+    first.recovery.remember(Request(cmd=start, env={"MARK": "from ray up"}), 0)
+    inbox = first.ctx.mount(first.ctx.folder.inbox)
+    (inbox / "17-abc.json").write_text('{"cmd": "echo a job that was running"}')
 
     second = launcher(tmp_path, monkeypatch, **recovering, CDSW_IP_ADDRESS="127.0.0.9")
-    assert second.previous_life()
-    record = second.recorded_head_start()
-    assert record == {"cmd": start, "env": {"MARK": "from ray up"}}
-    second.begin_new_life()
-    assert (second.outbox / "17-abc.rc").read_text() == "1"
-    assert "restarted" in (second.outbox / "17-abc.out").read_text()
-    assert "17-abc" in second.done  # never run again
-    second.prepare()
-    info = (tmp_path / node_info_path("c1", "0123abcd")).read_text()
-    assert '"ip": "127.0.0.9"' in info and '"life": 2' in info
-    assert second.restart_head_ray(record)
+    previous = previous_life(second.ctx)
+    assert previous is not None and previous.life == 1
+    record = second.recovery.recorded_start()
+    assert record == RecoveryRecord(start, {"MARK": "from ray up"})
+    second.recovery.begin_new_life(previous, second.mailbox)
+    folder = second.ctx.folder
+    assert (tmp_path / folder.exit_status("17-abc")).read_text() == "1"
+    assert "restarted" in (tmp_path / folder.output("17-abc")).read_text()
+    assert "17-abc" in second.mailbox.done  # never run again
+    prepare(second.ctx, second.ports)
+    info = NodeInfo.from_json((tmp_path / folder.info).read_bytes())
+    assert (info.ip, info.life) == ("127.0.0.9", 2)
+    assert second.recovery.restart_ray(record)
     gcs_dir = tmp_path / gcs_state_path("c1")  # where the provider deletes a new head's
     assert (tmp_path / "started.txt").read_text().split() == [
         "rocksdb",
@@ -198,16 +199,17 @@ def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_start
     # A recorded start that fails (Ray gives its raylet 30 s to register; a recovering GCS on
     # a busy machine can take longer) is tried again after Ray's processes are stopped.
     stops = []
-    monkeypatch.setattr(node_launcher, "stop_ray_of_this_node", lambda **kw: stops.append(kw))
-    flaky = {"cmd": "test -f tried || { touch tried; exit 1; }", "env": {}}
-    assert second.restart_head_ray(flaky) and len(stops) == 1
-    never = {"cmd": "exit 3", "env": {}}
-    assert not second.restart_head_ray(never) and len(stops) == 1 + 2
-    assert "exit status 3" in (second.node_dir / "failure.txt").read_text()
+    monkeypatch.setattr(recovery, "stop_ray_of_this_node", lambda **kw: stops.append(kw))
+    flaky = RecoveryRecord("test -f tried || { touch tried; exit 1; }")
+    assert second.recovery.restart_ray(flaky) and len(stops) == 1
+    assert not second.recovery.restart_ray(RecoveryRecord("exit 3")) and len(stops) == 1 + 2
+    assert "exit status 3" in (tmp_path / folder.failure).read_text()
 
-    # Without recovery, commands get no GCS state (and a restarted node removes itself).
-    plain = launcher(tmp_path, monkeypatch, RAY_CML_NODE_KIND="head")
-    assert "RAY_gcs_storage" not in plain.command_env()
+    # Without recovery, commands get no GCS state, and nothing is recorded.
+    plain = launcher(tmp_path, monkeypatch, RAY_CML_NODE_KIND="head", RAY_CML_NODE_ID="89abcdef")
+    assert "RAY_gcs_storage" not in plain.commands.env()
+    plain.recovery.remember(Request(cmd=start), 0)
+    assert plain.recovery.recorded_start() is None
 
 
 def test_ray_stop_ends_the_nodes_workers_in_their_own_groups_and_forgets_the_address(
@@ -227,7 +229,7 @@ def test_ray_stop_ends_the_nodes_workers_in_their_own_groups_and_forgets_the_add
     other = subprocess.Popen([*sleeper, f"{ray_tmp}-other/ray"], start_new_session=True)
     try:
         monkeypatch.setenv("RAY_CML_LAUNCHER_PGID", str(group.pid))
-        node_launcher.stop_ray_of_this_node(grace_s=5, ray_tmp_dir=str(ray_tmp))
+        processes.stop_ray_of_this_node(grace_s=5, ray_tmp_dir=str(ray_tmp))
         assert group.wait(5) is not None and worker.wait(5) is not None
         assert other.poll() is None  # another node's (a longer name sharing the prefix)
         assert not (ray_tmp / "ray" / "ray_current_cluster").exists()
@@ -235,3 +237,65 @@ def test_ray_stop_ends_the_nodes_workers_in_their_own_groups_and_forgets_the_add
         for process in (group, worker, other):
             process.kill()
             process.wait()
+
+
+class FakeGCS:
+    """A port that answers like a head's GCS (accepts connections) until closed."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_worker_follows_its_restarted_head_to_its_new_address(tmp_path, monkeypatch):
+    """Rejoin on its own (the end-to-end recovery test accepts a replaced worker too): a
+    worker whose head went away starts its Ray again against the address the restarted head
+    published, the same node with the same commands, and leaves once no head answers."""
+    from ray_cml_provider.node import worker as worker_module
+    from ray_cml_provider.node.worker import Worker
+
+    first, second = FakeGCS(), FakeGCS()
+    joined = tmp_path / "joined.txt"
+    node = launcher(
+        tmp_path,
+        monkeypatch,
+        RAY_CML_HEAD_RECOVERY="1",
+        RAY_CML_HEAD_NODE_ID="feedbeef",
+        RAY_HEAD_IP="127.0.0.1",
+        RAY_HEAD_GCS_PORT=str(first.port),
+        RAY_CML_HEAD_LOST_TIMEOUT_S="60",
+        RAY_CML_START_COMMANDS=json.dumps([f'echo "$RAY_HEAD_IP:$RAY_HEAD_GCS_PORT" >> {joined}']),
+    )
+    stops, left = [], []
+    monkeypatch.setattr(worker_module, "stop_ray_of_this_node", lambda **kw: stops.append(kw))
+    monkeypatch.setattr(worker_module, "HEAD_CHECK_S", 0.1)
+    monkeypatch.setattr(worker_module, "NEW_HEAD_CHECK_S", 0.1)
+    monkeypatch.setattr(node.ctx, "delete_own_application", lambda: left.append(True))
+    prepare(node.ctx, node.ports)
+    worker = Worker(node.ctx, node.commands, node.mailbox)
+    outcome: list[int] = []
+    running = threading.Thread(target=lambda: outcome.append(worker.run()), daemon=True)
+    running.start()
+    wait_until(lambda: joined.exists() and joined.read_text(), 30, "the worker's first start")
+    assert joined.read_text().split() == [f"127.0.0.1:{first.port}"]
+
+    first.close()  # the head's engine is gone; CML restarts it on a new address
+    wait_until(lambda: worker.head.lost_since is not None, 30, "the head noticed gone")
+    head_info = NodeFolder.of("c1", "feedbeef").info
+    (tmp_path / head_info).parent.mkdir(parents=True)
+    (tmp_path / head_info).write_bytes(
+        NodeInfo("feedbeef", "head", "127.0.0.1", second.port, life=2).to_json()
+    )
+    wait_until(lambda: len(joined.read_text().split()) == 2, 30, "the worker's rejoin")
+    assert joined.read_text().split()[1] == f"127.0.0.1:{second.port}"
+    assert len(stops) == 1 and node.ctx.state == "running Ray" and not left
+
+    node.ctx.spec.head_lost_timeout_s = 0.3
+    second.close()  # and now no head answers anywhere: the worker leaves
+    running.join(30)
+    assert outcome == [0] and left == [True]

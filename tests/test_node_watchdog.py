@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ray_cml_provider import node_watchdog
-from ray_cml_provider.node_watchdog import HEARTBEAT_FILE, AutoscalerWatchdog
+from ray_cml_provider.node import watchdog as node_watchdog
+from ray_cml_provider.node.watchdog import HEARTBEAT_FILE, AutoscalerWatchdog
 from tests.conftest import wait_until
 
 FAKE_MONITOR = """
 import sys, time
-from ray_cml_provider import node_watchdog
+from ray_cml_provider.node import watchdog as node_watchdog
 
 node_watchdog.install_stack_dump()
 

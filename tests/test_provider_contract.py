@@ -26,8 +26,8 @@ from ray.autoscaler.tags import (
 )
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient
+from ray_cml_provider.contract import NodeSpec
 from ray_cml_provider.provider.launches import REQUEST_TIMEOUT_ENV
-from ray_cml_provider.provider.naming import APPLICATION_ENV
 from ray_cml_provider.provider.node_provider import TEARDOWN_LOOK_AGAIN_S, CMLNodeProvider
 from tests.conftest import wait_until
 
@@ -159,8 +159,8 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
         app = client.get_application(provider.application(node_id).id)
         assert app.environment["RAY_CML_AUTH_TOKEN_FILE"] == ".ray-cml/c1/auth/token"
         assert token not in json.dumps(app.raw)
-        # Only variables the launcher knows (naming.APPLICATION_ENV is the list of them).
-        assert {k for k in app.environment if k.startswith("RAY_CML_")} <= set(APPLICATION_ENV)
+        # Only variables the launcher knows (contract.NodeSpec).
+        assert {k for k in app.environment if k.startswith("RAY_CML_")} <= set(NodeSpec.variables())
     info = json.loads(client.download_file(f".ray-cml/c1/nodes/{head}/node.json"))
     assert info["ray_auth"] == "token" and info["auth_token_path"] == str(token_file)
     # A new head of the same cluster (`ray up` after its head died) keeps the token.

@@ -1,4 +1,4 @@
-"""Is the cluster idle? What the head's autostop (``node_launcher``) asks every few seconds.
+"""Is the cluster idle? What the head's autostop (``node/autostop.py``) asks every few seconds.
 
 Run on the head as ``python -m ray_cml_provider.cluster.idleness --dashboard URL``; prints one
 JSON line ``{"idle": bool, "busy": [reasons]}``. A cluster is idle when nothing of a user's

@@ -22,20 +22,24 @@ from typing import Any
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
-from ray_cml_provider.provider.addresses import application_url, node_infos, reachable
-from ray_cml_provider.provider.cluster_files import read_file
-from ray_cml_provider.provider.naming import (
-    TAG_USER_NODE_TYPE,
-    application_prefix,
-    autoscaler_record_path,
+from ray_cml_provider.contract import (
+    AutoscalerRecord,
+    AutostopRecord,
+    CommandVar,
+    NodeFolder,
+    Request,
     autostop_record_path,
-    cluster_dir,
-    parse_application,
+    ledger_dir,
     parse_ledger_entry,
 )
-from ray_cml_provider.provider.ray_auth import DISABLED, TOKEN, read_token
+from ray_cml_provider.provider.addresses import application_url, node_infos, reachable
+from ray_cml_provider.provider.cluster_files import read_file
+from ray_cml_provider.provider.lookup import ClusterApplication, cluster_applications
+from ray_cml_provider.provider.mailbox import NodeMailbox
+from ray_cml_provider.provider.ray_auth import TOKEN, read_token
 
 RAY_VIEW_MODES = ("auto", "direct", "head", "none")
+THROUGH_HEAD_TIMEOUT_S = 120.0
 DEFAULT_JOIN_GRACE_S = 900.0  # a running application not in Ray yet is "joining" this long
 
 
@@ -59,20 +63,6 @@ class NodeStatus:
     application_id: str = ""
     stray: bool = False
     note: str = ""
-
-
-@dataclass(frozen=True)
-class OwnApplication:
-    """An application of this cluster, with what its name and tags say about the node."""
-
-    app: Application
-    node_id: str
-    kind: str  # head | worker
-    node_type: str
-
-    @property
-    def live(self) -> bool:
-        return self.app.status in ApplicationStatus.LIVE
 
 
 @dataclass
@@ -126,53 +116,43 @@ def collect_status(
     cluster = config["cluster_name"]
     now = time.time()
     report = ClusterStatus(cluster, client.settings.host, client.settings.project_id or "")
-    prefix = application_prefix(cluster)
-    apps = client.list_applications({"name": prefix})
-    ours: list[OwnApplication] = []
-    for app in apps:
-        if not app.name.startswith(prefix):
-            continue
-        parsed = parse_application(app.name, app.description)
-        if parsed is None:
-            report.nodes.append(_foreign_row(app, now))
-        elif parsed[0].cluster == cluster:
-            name, tags = parsed
-            ours.append(
-                OwnApplication(app, name.node_id, name.kind, tags.get(TAG_USER_NODE_TYPE, ""))
-            )
+    listing = cluster_applications(client, cluster)
+    report.nodes += [_foreign_row(app, now) for app in listing.unrecognised]
+    ours = listing.nodes
     if not ours:  # down: by `ray down`, or stopped by its head when idle (autostop)
         record = read_file(client, autostop_record_path(cluster))
         with contextlib.suppress(ValueError, TypeError):
-            report.autostopped = json.loads(record) if record else None
+            report.autostopped = asdict(AutostopRecord.from_json(record)) if record else None
     live_ids = [own.node_id for own in ours if own.live]
     infos = node_infos(client, cluster, live_ids)
 
     view = None
-    head = next((own for own in ours if own.kind == "head" and own.live), None)
+    head = listing.live_head
     if head and head.node_id in infos:
         info = infos[head.node_id]
-        report.gcs_address = f"{info['ip']}:{info['gcs_port']}"
-        if info.get("client_port"):
-            report.client_address = f"ray://{info['ip']}:{info['client_port']}"
-        report.ray_auth = info.get("ray_auth", DISABLED)
-        report.auth_token_path = info.get("auth_token_path", "")
+        report.gcs_address = f"{info.ip}:{info.gcs_port}"
+        if info.client_port:
+            report.client_address = f"ray://{info.ip}:{info.client_port}"
+        report.ray_auth = info.ray_auth
+        report.auth_token_path = info.auth_token_path
         report.dashboard_url = application_url(report.host, head.app)
-        report.endpoint_locked = bool(info.get("endpoint_locked"))
-        restarts = read_file(client, autoscaler_record_path(cluster, head.node_id))
+        report.endpoint_locked = info.endpoint_locked
+        folder = NodeFolder.of(cluster, head.node_id)
+        restarts = read_file(client, folder.autoscaler)
         with contextlib.suppress(ValueError, TypeError):
-            record = json.loads(restarts) if restarts else None
-            report.autoscaler_restarts = (
-                {k: v for k, v in record.items() if k != "stacks"} if record else None
-            )
-        if info.get("dashboard_port"):
-            report.dashboard_address = f"http://{info['ip']}:{info['dashboard_port']}"
-        if info.get("app_port"):
-            report.gateway_address = f"http://{info['ip']}:{info['app_port']}"
+            if restarts:
+                restarted = asdict(AutoscalerRecord.from_json(restarts))
+                restarted.pop("stacks")
+                report.autoscaler_restarts = restarted
+        if info.dashboard_port:
+            report.dashboard_address = f"http://{info.ip}:{info.dashboard_port}"
+        if info.app_port:
+            report.gateway_address = f"http://{info.ip}:{info.app_port}"
         view = _ray_view(config, client, head.node_id, report, ray_view)
 
     for own in ours:
         app = own.app
-        info = infos.get(own.node_id) or {}
+        info = infos.get(own.node_id)
         row = NodeStatus(
             node_id=own.node_id,
             node_type=own.node_type,
@@ -183,7 +163,7 @@ def collect_status(
             memory=app.memory,
             gpus=app.nvidia_gpu,
             age_s=seconds_since(app.created_at, now),
-            ip=info.get("ip", ""),
+            ip=info.ip if info else "",
             url=application_url(report.host, app) if own.live else "",
             application=app.name,
             application_id=app.id,
@@ -270,7 +250,7 @@ def _ray_view(
             report.ray_view_note = direct_error
             return None
     try:
-        view = _ray_view_through_head(config, head_id)
+        view = _ray_view_through_head(client, report.cluster, head_id)
     except Exception as exc:
         report.ray_view_note = "; ".join(
             filter(None, [direct_error, f"asking the head failed ({exc})"])
@@ -280,18 +260,15 @@ def _ray_view(
     return view
 
 
-def _ray_view_through_head(config: dict, head_id: str) -> dict:
-    """Run ``cluster.ray_view`` on the head through the mailbox (the way ``ray exec`` does)."""
-    from ray_cml_provider.provider.command_runner import CMLCommandRunner
-    from ray_cml_provider.provider.node_provider import CMLNodeProvider
-
-    provider = CMLNodeProvider(config["provider"], config["cluster_name"])
-    runner = CMLCommandRunner(provider, head_id)
-    output = runner.run(
-        '"${RAY_CML_PYTHON:-python}" -m ray_cml_provider.cluster.ray_view '
-        "$CDSW_IP_ADDRESS:$RAY_CML_GCS_PORT",
-        with_output=True,
+def _ray_view_through_head(client: CMLClient, cluster: str, head_id: str) -> dict:
+    """Run ``cluster.ray_view`` on the head through its mailbox (the way ``ray exec`` does)."""
+    mailbox = NodeMailbox(client, NodeFolder.of(cluster, head_id), progress=lambda _: None)
+    command = (
+        f'"${{{CommandVar.PYTHON}:-python}}" -m ray_cml_provider.cluster.ray_view '
+        f"$CDSW_IP_ADDRESS:${CommandVar.GCS_PORT}"
     )
+    result = mailbox.ask(Request(cmd=command), timeout_s=THROUGH_HEAD_TIMEOUT_S)
+    output = result.output.decode("utf-8", "replace")
     for line in reversed(output.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -299,14 +276,14 @@ def _ray_view_through_head(config: dict, head_id: str) -> dict:
 
 
 def _gpu_totals(
-    report: ClusterStatus, ours: list[OwnApplication], client: CMLClient, now: float
+    report: ClusterStatus, ours: list[ClusterApplication], client: CMLClient, now: float
 ) -> None:
     """GPUs held now, and GPU-hours since the cluster started: the ledger of deleted GPU
     nodes (written by the provider) plus the applications that exist now."""
     recorded: set[str] = set()
     hours = 0.0
     try:
-        entries = client.list_files(f"{cluster_dir(report.cluster)}/ledger")
+        entries = client.list_files(ledger_dir(report.cluster))
     except CMLError:
         entries = []
     for entry in entries:

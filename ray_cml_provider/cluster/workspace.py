@@ -7,12 +7,13 @@ from typing import Any
 
 from ray_cml_provider.cml import CMLClient, CMLConfigurationError, RetryPolicy
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
+from ray_cml_provider.errors import RayCMLError
 
 # An operator command answers in seconds or says why; the provider keeps its patient policy.
 INTERACTIVE_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=0.5, backoff_cap_s=2.0)
 
 
-class OperatorError(Exception):
+class OperatorError(RayCMLError):
     """A problem the command reports as one line (no traceback) and exits non-zero."""
 
 

@@ -20,13 +20,12 @@ import requests
 import yaml
 
 from ray_cml_provider.cml import Application, CMLClient
+from ray_cml_provider.contract import (
+    NodeName,
+)
 from ray_cml_provider.emulator.harness import RunningEmulator
 from ray_cml_provider.emulator.processes import signal_group
-from ray_cml_provider.provider.naming import (
-    NodeName,
-    application_prefix,
-    parse_application,
-)
+from ray_cml_provider.provider.lookup import cluster_applications
 from ray_cml_provider.provider.ray_auth import read_token
 
 # The cluster YAMLs the demos use ship in the package (cluster-configs/ links to them).
@@ -226,9 +225,8 @@ class LocalCluster:
         return [app for app, node in self._nodes() if node.kind == kind]
 
     def _nodes(self) -> list[tuple[Application, NodeName]]:
-        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
-        parsed = [(app, parse_application(app.name, app.description)) for app in apps]
-        return [(app, p[0]) for app, p in parsed if p and p[0].cluster == self.cluster_name]
+        listing = cluster_applications(self.client, self.cluster_name)
+        return [(own.app, own.node) for own in listing.nodes]
 
     def workers(self) -> list[Application]:
         return self.nodes("worker")

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_cml_provider.node.processes import live_processes
+
 # What an engine inherits from the emulator's own environment. Everything else, the
 # user's CML_API_KEY included, stays out: a CML engine starts from a clean environment.
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "SYSTEMROOT")
@@ -101,31 +103,8 @@ def signal_group(pgid: int, sig: int) -> None:
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids that are not zombies in process group ``pgid`` or in the session it leads
-    (every engine and every command the tools start leads its own session).
-
-    Reads /proc on Linux: ``killpg(pgid, 0)`` also succeeds for zombies that nobody reaps,
-    which would make a finished group look alive forever.
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Format: pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 4 and fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
-            members.append(int(entry.name))
-    return members
+    (every engine and every command the tools start leads its own session)."""
+    return [p.pid for p in live_processes() if pgid in (p.pgrp, p.session)]
 
 
 def start_engine(

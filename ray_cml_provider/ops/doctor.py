@@ -34,9 +34,10 @@ import requests
 
 from ray_cml_provider.cluster.workspace import OperatorError, client_for, key_env_of
 from ray_cml_provider.cml import ApplicationStatus, CMLClient, CMLError, CMLNotFoundError
-from ray_cml_provider.node_env import ENVS_DIR
+from ray_cml_provider.contract import CLUSTERS_DIR, HEAD, parse_application
+from ray_cml_provider.node.environment import ENVS_DIR
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
-from ray_cml_provider.provider.naming import CLUSTERS_DIR, application_prefix, parse_application
+from ray_cml_provider.provider.lookup import cluster_applications
 from ray_cml_provider.provider.packages import local_ray_version, node_type_packages
 from ray_cml_provider.provider.ray_auth import DISABLED_WARNING, TOKEN, configured_mode
 from ray_cml_provider.provider.workspace_check import explain
@@ -243,18 +244,12 @@ class Doctor:
     def existing_head(self) -> None:
         cluster = self.config["cluster_name"]
         try:
-            apps = self.client.list_applications({"name": application_prefix(cluster, "head")})
+            head = cluster_applications(self.client, cluster, HEAD).live_head
         except CMLError as exc:
             self.add("cluster", PROBLEM, explain(exc))
             return
-        heads = [
-            a
-            for a in apps
-            if (p := parse_application(a.name, a.description)) and p[0].cluster == cluster
-        ]
-        live = [a for a in heads if a.status in ApplicationStatus.LIVE]
-        if live:
-            self.add("cluster", OK, f"{live[0].name} already runs: `ray up` reuses it")
+        if head:
+            self.add("cluster", OK, f"{head.app.name} already runs: `ray up` reuses it")
         else:
             self.add("cluster", OK, f"no head of {cluster!r} runs yet")
 

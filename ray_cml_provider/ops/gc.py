@@ -19,14 +19,15 @@ from typing import Any
 
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
-from ray_cml_provider.ops import report_failure
-from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
-from ray_cml_provider.provider.naming import (
+from ray_cml_provider.contract import (
     CLUSTERS_DIR,
+    HEAD,
     application_prefix,
     cluster_dir,
-    parse_application,
 )
+from ray_cml_provider.ops import report_failure
+from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
+from ray_cml_provider.provider.lookup import cluster_applications
 
 
 @dataclass
@@ -43,16 +44,11 @@ class ClusterApps:
 def find_orphans(client: CMLClient, cluster: str | None = None) -> list[ClusterApps]:
     """Clusters (with all their applications) that have no STARTING or RUNNING head."""
     clusters: dict[str, ClusterApps] = {}
-    search = {"name": application_prefix(cluster or "")}
-    for app in client.list_applications(search):
-        parsed = parse_application(app.name, app.description)
-        if parsed is None or (cluster and parsed[0].cluster != cluster):
-            continue
-        node, _ = parsed
-        group = clusters.setdefault(node.cluster, ClusterApps(node.cluster))
-        group.applications.append(app)
-        if node.kind == "head":
-            group.heads.append(app)
+    for own in cluster_applications(client, cluster or "").nodes:
+        group = clusters.setdefault(own.cluster, ClusterApps(own.cluster))
+        group.applications.append(own.app)
+        if own.kind == HEAD:
+            group.heads.append(own.app)
     return [c for _, c in sorted(clusters.items()) if c.live_head is None]
 
 

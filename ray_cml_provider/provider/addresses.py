@@ -10,13 +10,12 @@ loopback or IP host) has no DNS for subdomains: it serves the URL at
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 from ray_cml_provider.cml import Application, CMLClient, CMLError
-from ray_cml_provider.provider.naming import node_info_path
+from ray_cml_provider.contract import NodeFolder, NodeInfo
 
 
 def is_local_host(host: str) -> bool:
@@ -31,13 +30,13 @@ def is_local_host(host: str) -> bool:
     return True
 
 
-def node_infos(client: CMLClient, cluster: str, node_ids: list[str]) -> dict[str, dict]:
+def node_infos(client: CMLClient, cluster: str, node_ids: list[str]) -> dict[str, NodeInfo]:
     """``node.json`` of each node that has published one (concurrently; missing -> absent)."""
 
-    def fetch(node_id: str) -> tuple[str, dict | None]:
+    def fetch(node_id: str) -> tuple[str, NodeInfo | None]:
         try:
-            data = client.download_file(node_info_path(cluster, node_id))
-            return node_id, json.loads(data)
+            data = client.download_file(NodeFolder.of(cluster, node_id).info)
+            return node_id, NodeInfo.from_json(data)
         except (CMLError, ValueError):
             return node_id, None
 

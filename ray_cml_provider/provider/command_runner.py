@@ -1,10 +1,8 @@
-"""Running commands on a CML application without SSH: a mailbox in the project filesystem.
+"""Running commands on a CML application without SSH: through the node's mailbox.
 
 ``ray up``, ``ray exec``, ``ray submit`` and ``ray down`` drive nodes through a command
-runner. CML engines have no SSH, but every engine of a project mounts the same filesystem,
-which the API can write and read from anywhere. So a command is a JSON file posted to
-``<cluster dir>/nodes/<node id>/inbox/``; the node's launcher runs it and writes
-``outbox/<name>.out`` and ``outbox/<name>.rc``, which this runner polls for and prints.
+runner. CML engines have no SSH, so every command is a ``Request`` posted to the node's
+mailbox in the project filesystem (``provider/mailbox.py``), and its ``Result`` printed.
 File mounts travel inside the request (``files``), and a file comes back as a command's
 output: nothing waits for NFS to show a staged copy on the other side.
 
@@ -18,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import shlex
 import sys
 import time
@@ -28,10 +25,17 @@ from typing import Any
 from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
-from ray_cml_provider.cml import TRANSIENT_ERRORS, CMLError, CMLNotFoundError
-from ray_cml_provider.node_launcher import HEAD_START
+from ray_cml_provider.cml import CMLError
+from ray_cml_provider.contract import CommandVar, NodeFolder, NodeSpec, Request
+from ray_cml_provider.errors import (
+    NodeGone,
+    NodeNotReady,
+    RayCMLError,
+    Unsupported,
+    ends_command,
+)
 from ray_cml_provider.provider.addresses import application_url
-from ray_cml_provider.provider.naming import node_dir, node_info_path
+from ray_cml_provider.provider.mailbox import NodeMailbox, note
 from ray_cml_provider.provider.packages import local_ray_version
 from ray_cml_provider.provider.ray_auth import (
     DISABLED,
@@ -46,10 +50,8 @@ ATTACH_HINT = (
     "'ray exec CONFIG \"COMMAND\"' for one command, 'ray submit CONFIG script.py' for a "
     "script, or open a terminal in a CML session of the same project."
 )
-MAX_COMMAND_WAIT_S = 3600.0
 # Node environments not worth a line on every `ray exec` (nothing was installed).
 TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
-ENV_FAILED = 86  # exit status of a command that could not run: the node has no environment
 # What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
 ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 
@@ -60,11 +62,15 @@ class CMLCommandRunner(CommandRunnerInterface):
         self.client = provider.client
         self.node_id = node_id
         self.log_prefix = log_prefix
-        self.node_dir = node_dir(provider.cluster_name, node_id)
-        self.node_info = node_info_path(provider.cluster_name, node_id)
+        self.mailbox = NodeMailbox(
+            provider.client,
+            NodeFolder.of(provider.cluster_name, node_id),
+            still_there=lambda: node_id in provider.non_terminated_nodes({}),
+        )
 
     # ------------------------------------------------------------------ commands
 
+    @ends_command
     def run(
         self,
         cmd: str | None = None,
@@ -78,22 +84,22 @@ class CMLCommandRunner(CommandRunnerInterface):
         shutdown_after_run: bool = False,
     ) -> str:
         if cmd is None or cmd.strip() in ATTACH_COMMANDS:
-            print(ATTACH_HINT, file=sys.stderr)
-            sys.exit(2)
+            raise Unsupported(ATTACH_HINT)
         if cmd.strip() != "ray stop":  # the node's shim stops Ray with no environment
             self._wait_for_launcher()
         env = {
             k: v if isinstance(v, str) else json.dumps(v)
             for k, v in (environment_variables or {}).items()
         }
-        code, output = self._request({"cmd": cmd, "env": env})
+        request = Request(cmd=cmd, env=env)
+        code, output = self._request(request)
         text = output.decode("utf-8", "replace")
         if not with_output and text:
             sys.stdout.write(text)
             sys.stdout.flush()
-        if code == 0 and HEAD_START.search(cmd):
+        if code == 0 and request.starts_head:
             self._check_head_loads_provider()
-            _note(self._how_to_connect())
+            note(self._how_to_connect())
         if code != 0:
             if exit_on_fail:
                 if with_output and text:
@@ -107,97 +113,48 @@ class CMLCommandRunner(CommandRunnerInterface):
             )
         return text if with_output else ""
 
-    def _request(self, request: dict[str, Any]) -> tuple[int, bytes]:
-        """Post one request to the node's inbox; wait for and return (exit status, output)."""
-        name = f"{time.time_ns()}-{secrets.token_hex(3)}"
-        request = {**request, "env": {**request.get("env", {}), **self._shipped_env()}}
-        self.client.upload_file(f"{self.node_dir}/inbox/{name}.json", json.dumps(request))
-        code = self._wait_for_exit_code(name)
+    def _request(self, request: Request) -> tuple[int, bytes]:
+        """Ask the node; (exit status, output). A node gone meanwhile is Ray's failure."""
+        request.env = {**request.env, **self._shipped_env()}
         try:
-            output = self.client.download_file(f"{self.node_dir}/outbox/{name}.out")
-        except CMLNotFoundError:
-            output = b""  # the command printed nothing
-        self.client.delete_file(f"{self.node_dir}/inbox/{name}.json", missing_ok=True)
-        for suffix in (".out", ".rc"):
-            self.client.delete_file(f"{self.node_dir}/outbox/{name}{suffix}", missing_ok=True)
-        return code, output
+            result = self.mailbox.ask(request)
+        except NodeGone as exc:
+            raise ProcessRunnerError(str(exc), "node_terminated", code=255) from None
+        except RayCMLError as exc:  # timed out
+            raise ProcessRunnerError(str(exc), "command_timeout", code=exc.exit_code) from None
+        return result.exit_status, result.output
 
     def _shipped_env(self) -> dict[str, str]:
         """Where this provider's own code lies in the project (``ray up`` shipped it)."""
-        return {"RAY_CML_PROVIDER_ZIP": self.provider.ship_code()}
+        return {NodeSpec.var("provider_zip"): self.provider.ship_code()}
 
     def _wait_for_launcher(self) -> None:
         """Like waiting for SSH: until the node's launcher has published itself and made its
         Python environment ready (once per node and process)."""
         if self.node_id in self.provider.ready_nodes:
             return
-        self._wait_for_node_json()
+        self.mailbox.wait_for_launcher(self.provider.launch_timeout_s)
         started = time.monotonic()
-        code, output = self._request({"report": "environment"})
+        code, output = self._request(Request(report=Request.ENVIRONMENT_REPORT))
         text = output.decode("utf-8", "replace").strip()
         if code != 0:
-            print(text, file=sys.stderr, flush=True)
-            sys.exit(ENV_FAILED)
+            raise NodeNotReady(text)
         summary, _, version = text.rpartition("RAY_VERSION=")
         local = local_ray_version()
         if version.strip() and local and version.strip() != local:
-            print(
-                f"ray-cml: node {self.node_id} runs Ray {version.strip()}, but this machine "
+            raise NodeNotReady(
+                f"node {self.node_id} runs Ray {version.strip()}, but this machine "
                 f"runs Ray {local}: use Ray {local} here, or let the cluster's pip_packages "
-                "pin it (leave ray's version out)",
-                file=sys.stderr,
-                flush=True,
+                "pin it (leave ray's version out)"
             )
-            sys.exit(ENV_FAILED)
         waited = time.monotonic() - started
         if waited >= 1 or not summary.startswith(TRIVIAL_ENVIRONMENTS):
-            _note(f"node {self.node_id}: {summary.strip()} ({waited:.0f} s)")
+            note(f"node {self.node_id}: {summary.strip()} ({waited:.0f} s)")
         self.provider.ready_nodes.add(self.node_id)
-
-    def _wait_for_node_json(self) -> None:
-        started = time.monotonic()
-        deadline = started + self.provider.launch_timeout_s
-        next_note = started + 5
-        while True:
-            try:
-                self.client.list_files(self.node_info)
-                return
-            except CMLError:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > next_note:
-                next_note = time.monotonic() + 15
-                _note(
-                    f"waiting for the node launcher of {self.node_id} to start "
-                    f"({time.monotonic() - started:.0f} s)"
-                )
-            time.sleep(1.0)
-
-    def _wait_for_exit_code(self, name: str) -> int:
-        """Poll the outbox (one list call per poll, backing off to 2 s) for ``name.rc``."""
-        delay, started = 0.2, time.monotonic()
-        next_liveness_check = started + 10
-        next_note = started + 15
-        outbox = f"{self.node_dir}/outbox"
-        while time.monotonic() - started < MAX_COMMAND_WAIT_S:
-            try:
-                if any(f.path.endswith(f"/{name}.rc") for f in self.client.list_files(outbox)):
-                    return int(self.client.download_file(f"{outbox}/{name}.rc").strip() or 1)
-            except TRANSIENT_ERRORS:
-                pass  # CML kept failing past the client's retries: this is a poll, poll again
-            if time.monotonic() > next_note:
-                next_note = time.monotonic() + 15
-                _note(f"still running on {self.node_id} ({time.monotonic() - started:.0f} s)")
-            if time.monotonic() > next_liveness_check:
-                next_liveness_check = time.monotonic() + 10
-                if self.node_id not in self.provider.non_terminated_nodes({}):
-                    raise ProcessRunnerError("the node went away", "node_terminated", code=255)
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
-        raise ProcessRunnerError("command timed out", "command_timeout", code=124)
 
     # ------------------------------------------------------------------ files
 
+    @ends_command
     def run_rsync_up(self, source: str, target: str, options: Any = None) -> None:
         """Copy ``source`` (a file or a folder) to ``target`` on the node, in the request."""
         source_path = Path(os.path.expanduser(source))
@@ -217,7 +174,7 @@ class CMLCommandRunner(CommandRunnerInterface):
             for path, remote in pairs
         ]
         self._wait_for_launcher()
-        code, output = self._request({"files": files})
+        code, output = self._request(Request(files=files))
         if code != 0:
             raise ProcessRunnerError(
                 output.decode("utf-8", "replace").strip() or "copying files failed",
@@ -226,10 +183,11 @@ class CMLCommandRunner(CommandRunnerInterface):
                 command=f"rsync {source} {target}",
             )
 
+    @ends_command
     def run_rsync_down(self, source: str, target: str, options: Any = None) -> None:
         """Fetch ``source`` from the node: it comes back as the output of ``cat``."""
         self._wait_for_launcher()
-        code, data = self._request({"cmd": f"cat {_remote(source)}"})
+        code, data = self._request(Request(cmd=f"cat {_remote(source)}"))
         if code != 0:
             raise ProcessRunnerError(
                 f"cannot read {source} on node {self.node_id}",
@@ -246,48 +204,45 @@ class CMLCommandRunner(CommandRunnerInterface):
         """The head's autoscaler imports this provider with the head's Python and paths; try
         the same import there, so a head that could never scale fails ``ray up`` now."""
         module = type(self.provider).__module__
-        code, output = self._request({"cmd": f'"$RAY_CML_PYTHON" -c "import {module}"'})
+        code, output = self._request(Request(cmd=f'"${CommandVar.PYTHON}" -c "import {module}"'))
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
-            print(
-                f"ray-cml: the head's autoscaler cannot load the provider ({module}): {lines[-1]}",
-                file=sys.stderr,
-                flush=True,
+            raise NodeNotReady(
+                f"the head's autoscaler cannot load the provider ({module}): {lines[-1]}"
             )
-            sys.exit(ENV_FAILED)
 
     def _how_to_connect(self) -> str:
         """After the head's ``ray start``: where the dashboard is and how to connect."""
         try:
-            info = json.loads(self.client.download_file(self.node_info))
+            info = self.mailbox.node_info()
             app = self.provider.application(self.node_id)
-        except (CMLError, KeyError, ValueError):
+        except (CMLError, KeyError):
             return "the head's Ray started; `ray-cml status CONFIG` shows the cluster"
         url = application_url(self.client.settings.host, app)
-        gcs = f"{info['ip']}:{info['gcs_port']}"
-        dashboard = f"http://{info['ip']}:{info.get('dashboard_port') or info['app_port']}"
+        gcs = f"{info.ip}:{info.gcs_port}"
+        dashboard = f"http://{info.ip}:{info.dashboard_port or info.app_port}"
         lines = [
-            f"the head's Ray started on {info['ip']}",
+            f"the head's Ray started on {info.ip}",
             f"  URL:         {url} (the dashboard, and Serve's OpenAI API on /v1)",
         ]
-        if info.get("ray_auth") == TOKEN:
+        if info.ray_auth == TOKEN:
             lines += [
                 "  Ray token:   every Ray port asks for it; in a CML session of this project run",
-                f"               {session_line(info['auth_token_path'])}",
+                f"               {session_line(info.auth_token_path)}",
                 "               (elsewhere, or in the dashboard: ray-cml token CONFIG prints it)",
             ]
         lines.append(f'  from a CML session of this project: ray.init(address="{gcs}")')
-        if info.get("client_port"):
-            lines.append(f'  Ray Client:  ray.init("ray://{info["ip"]}:{info["client_port"]}")')
+        if info.client_port:
+            lines.append(f'  Ray Client:  ray.init("ray://{info.ip}:{info.client_port}")')
         lines += [
             f"  Ray Jobs:    ray job submit --address {dashboard} -- python my_script.py",
             f"  Serve:       serve deploy my_app.yaml -a {dashboard}"
             " (http_options.host: 127.0.0.1: only the head's gateway reaches it)",
-            f"  OpenAI API:  {url}/v1 and, in the project, http://{info['ip']}:{info['app_port']}/v1,"
+            f"  OpenAI API:  {url}/v1 and, in the project, http://{info.ip}:{info.app_port}/v1,"
             " with the key `ray-cml endpoint-key CONFIG` prints",
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
         ]
-        running = info.get("ray_auth", DISABLED)
+        running = info.ray_auth
         configured = configured_mode(self.provider.provider_config)
         if running == DISABLED:
             lines.append(f"WARNING: {DISABLED_WARNING}")
@@ -304,12 +259,6 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def run_init(self, *, as_head: bool, file_mounts: dict[str, str], sync_run_yet: bool):
         return None
-
-
-def _note(message: str) -> None:
-    """Progress for the person running ``ray up``/``exec``: on stderr, never mixed into a
-    command's captured output."""
-    print(f"ray-cml: {message}", file=sys.stderr, flush=True)
 
 
 def _remote(path: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ray_cml_provider.errors import ConfigError
 from ray_cml_provider.provider.packages import PackagesError, validate_packages
 
 CLUSTER_NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -68,7 +69,7 @@ NODE_CONFIG_SCHEMA: dict[str, Any] = {
 }
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigError):
     """The cluster YAML cannot work; the message names the field."""
 
 

@@ -1,5 +1,5 @@
 """The cluster's endpoint: the head application's URL, where the OpenAI API and the dashboard
-are served (the head's gateway, ``node_gateway.py``, routes ``/v1`` to Ray Serve).
+are served (the head's gateway, ``node/gateway.py``, routes ``/v1`` to Ray Serve).
 
 By default CML's login guards that URL: only people who may see the project get in, by
 browser. Programs outside CML cannot log in, so ``bypass_authentication: true`` on the head's
@@ -22,23 +22,19 @@ from typing import Any
 
 from ray_cml_provider.cml import CMLClient
 from ray_cml_provider.cml.errors import CMLAPIError
+from ray_cml_provider.contract import endpoint_key_path
 from ray_cml_provider.provider.cluster_files import ensure_file, read_file
-from ray_cml_provider.provider.naming import endpoint_key_path
-
-ENDPOINT_KEY_FILE_ENV = "RAY_CML_ENDPOINT_KEY_FILE"
 
 
 def bypasses_login(head_node_config: dict[str, Any]) -> bool:
     return bool(head_node_config.get("bypass_authentication"))
 
 
-def application_env(cluster_name: str, locked: bool) -> dict[str, str]:
-    """What the head's application is told: the key's file (never the key), and whether its
-    URL is outside CML's login (then the dashboard's side asks for Ray's token too)."""
-    env = {ENDPOINT_KEY_FILE_ENV: endpoint_key_path(cluster_name)}
-    if locked:
-        env["RAY_CML_LOGIN_BYPASSED"] = "1"
-    return env
+def node_spec_fields(cluster_name: str, locked: bool) -> dict[str, Any]:
+    """What the head's application is told (``contract.NodeSpec``): the key's file (never the
+    key), and whether its URL is outside CML's login (then the dashboard's side asks for
+    Ray's token too)."""
+    return {"endpoint_key_file": endpoint_key_path(cluster_name), "login_bypassed": locked}
 
 
 def ensure_endpoint_key(client: CMLClient, cluster_name: str) -> bool:

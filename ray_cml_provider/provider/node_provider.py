@@ -35,7 +35,6 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from ray_cml_provider import node_watchdog
 from ray_cml_provider.cml import (
     TRANSIENT_ERRORS,
     Application,
@@ -45,7 +44,23 @@ from ray_cml_provider.cml import (
     CMLNotFoundError,
 )
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
-from ray_cml_provider.provider import endpoint
+from ray_cml_provider.contract import (
+    CommandVar,
+    NodeFolder,
+    NodeInfo,
+    NodeSpec,
+    application_name,
+    autostop_record_path,
+    cluster_dir,
+    decode_tags,
+    encode_tags,
+    gcs_state_path,
+    ledger_dir,
+    ledger_entry,
+)
+from ray_cml_provider.errors import HeadDidNotStart, ends_command
+from ray_cml_provider.node import watchdog as node_watchdog
+from ray_cml_provider.provider import endpoint, ray_auth
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -54,22 +69,9 @@ from ray_cml_provider.provider.config import (
     validate_provider_config,
 )
 from ray_cml_provider.provider.launches import Launch, LaunchTracker
-from ray_cml_provider.provider.naming import (
-    application_name,
-    application_prefix,
-    autostop_record_path,
-    cluster_dir,
-    decode_tags,
-    encode_tags,
-    gcs_state_path,
-    ledger_entry,
-    node_dir,
-    node_failure_path,
-    node_info_path,
-    parse_application,
-)
+from ray_cml_provider.provider.lookup import cluster_applications
 from ray_cml_provider.provider.packages import node_type_packages
-from ray_cml_provider.provider.ray_auth import TOKEN, application_env, cluster_mode, ensure_token
+from ray_cml_provider.provider.ray_auth import TOKEN, cluster_mode, ensure_token
 from ray_cml_provider.provider.shipping import BOOTSTRAP_SCRIPT, launcher_files, provider_zip
 from ray_cml_provider.provider.workspace_check import check_workspace
 
@@ -93,20 +95,22 @@ def _shorten_teardown_poll() -> None:
         commands.POLL_INTERVAL = TEARDOWN_LOOK_AGAIN_S
 
 
+def _here() -> NodeSpec:
+    """The node this provider runs on, if any: inside the head (the head's autoscaler), its
+    spec; elsewhere (a laptop, a session) an empty one."""
+    return NodeSpec.from_env(os.environ)
+
+
 def _is_own_head(node_id: str) -> bool:
     """True inside the head application of ``node_id`` (the head's autoscaler)."""
-    return (
-        os.environ.get("RAY_CML_NODE_KIND") == NODE_KIND_HEAD
-        and os.environ.get("RAY_CML_NODE_ID") == node_id
-    )
+    here = _here()
+    return here.is_head and here.node_id == node_id
 
 
 def _own_gcs_address() -> str | None:
     """The GCS of the head this provider runs in (the autoscaler's), else None (a laptop)."""
-    if os.environ.get("RAY_CML_NODE_KIND") != NODE_KIND_HEAD:
-        return None
-    ip, port = os.environ.get("CDSW_IP_ADDRESS"), os.environ.get("RAY_CML_GCS_PORT")
-    return f"{ip}:{port}" if ip and port else None
+    ip, port = os.environ.get("CDSW_IP_ADDRESS"), os.environ.get(CommandVar.GCS_PORT)
+    return f"{ip}:{port}" if _here().is_head and ip and port else None
 
 
 class _Progress:
@@ -175,14 +179,8 @@ class CMLNodeProvider(NodeProvider):
 
     def _refresh(self) -> dict[str, Node]:
         """One application list call: the cluster's applications, whatever their status."""
-        apps = self.client.list_applications({"name": application_prefix(self.cluster_name)})
-        nodes = {}
-        for app in apps:
-            parsed = parse_application(app.name, app.description)
-            if parsed is None or parsed[0].cluster != self.cluster_name:
-                continue
-            name, tags = parsed
-            nodes[name.node_id] = Node(name.node_id, app, tags)
+        listing = cluster_applications(self.client, self.cluster_name)
+        nodes = {own.node_id: Node(own.node_id, own.app, own.tags) for own in listing.nodes}
         with self._lock:
             self._nodes = nodes
         return nodes
@@ -293,18 +291,18 @@ class CMLNodeProvider(NodeProvider):
             if node_id in self._ips:
                 return self._ips[node_id]
         deadline = time.monotonic() + self.launch_timeout_s
-        path = node_info_path(self.cluster_name, node_id)
+        path = NodeFolder.of(self.cluster_name, node_id).info
         while True:
             try:
-                info = json.loads(self.client.download_file(path))
+                info = NodeInfo.from_json(self.client.download_file(path))
                 break
-            except CMLError:
+            except (CMLError, ValueError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(self.poll_interval_s)
         with self._lock:
-            self._ips[node_id] = info["ip"]
-        return info["ip"]
+            self._ips[node_id] = info.ip
+        return info.ip
 
     def external_ip(self, node_id: str) -> str:
         return self.internal_ip(node_id)
@@ -316,6 +314,7 @@ class CMLNodeProvider(NodeProvider):
     ) -> dict[str, Any]:
         return self.create_node_with_resources_and_labels(node_config, tags, count, {}, {})
 
+    @ends_command  # `ray up`'s head: HeadDidNotStart ends it in one sentence
     def create_node_with_resources_and_labels(
         self,
         node_config: dict[str, Any],
@@ -387,8 +386,8 @@ class CMLNodeProvider(NodeProvider):
                 for _, err in created:
                     refused = err and endpoint.refused_bypass(err, node_type)
                     if refused:
-                        raise SystemExit(f"ray-cml: {refused}")
-            raise SystemExit(f"ray-cml: the head did not start: {'; '.join(failures)}")
+                        raise HeadDidNotStart(refused)
+            raise HeadDidNotStart(f"the head did not start: {'; '.join(failures)}")
         if failures:
             raise NodeLaunchException(
                 "CMLLaunchFailed",
@@ -461,7 +460,7 @@ class CMLNodeProvider(NodeProvider):
     def _failure_of(self, node_id: str) -> str:
         """Why the node's launcher gave up, as it published it (pip's last lines...)."""
         try:
-            text = self.client.download_file(node_failure_path(self.cluster_name, node_id))
+            text = self.client.download_file(NodeFolder.of(self.cluster_name, node_id).failure)
         except CMLError:
             return ""
         return ": " + text.decode("utf-8", "replace").strip()
@@ -477,48 +476,39 @@ class CMLNodeProvider(NodeProvider):
     ) -> tuple[str, dict[str, Any]]:
         name = application_name(self.cluster_name, kind, node_id)
         internal = node_config.get("_ray_cml", {})
-        env = dict(node_config.get("environment", {}))
-        env.update(
-            {
-                "RAY_CML_CLUSTER": self.cluster_name,
-                "RAY_CML_NODE_ID": node_id,
-                "RAY_CML_NODE_KIND": kind,
-                "RAY_CML_APP_NAME": name,
-                "RAY_CML_DIR": self.dir,
-                "RAY_CML_HEAD_LOST_TIMEOUT_S": str(self.head_lost_timeout_s),
-                "RAY_CLOUD_INSTANCE_ID": node_id,
-                "RAY_NODE_TYPE_NAME": tags.get(TAG_RAY_USER_NODE_TYPE, ""),
-                # What the launcher installs (once per project) before Ray can start.
-                "RAY_CML_PIP_PACKAGES": json.dumps(internal.get("pip_packages", [])),
-                "RAY_CML_RUNTIME": node_config["runtime_identifier"],
-                **application_env(self.cluster_name, self.ray_auth_mode),
-                # The code the node's launcher runs (node_bootstrap execs it).
-                "RAY_CML_PROVIDER_ZIP": self.ship_code(),
-            }
+        spec = NodeSpec(
+            cluster=self.cluster_name,
+            node_id=node_id,
+            kind=kind,
+            app_name=name,
+            cluster_dir=self.dir,
+            head_lost_timeout_s=self.head_lost_timeout_s,
+            # What the bootstrap installs (once per project) before Ray can start.
+            pip_packages=internal.get("pip_packages", []),
+            runtime=node_config["runtime_identifier"],
+            # The code the node's launcher runs (the bootstrap execs it).
+            provider_zip=self.ship_code(),
+            head_recovery=bool(self.provider_config.get("head_recovery")),
+            # A worker's setup before Ray starts; what a restarted head runs again before
+            # the `ray start` it recorded.
+            setup_commands=internal.get("setup_commands", []),
+            **ray_auth.node_spec_fields(self.cluster_name, self.ray_auth_mode),
         )
-        if self.provider_config.get("head_recovery"):
-            env["RAY_CML_HEAD_RECOVERY"] = "1"
+        ray_env = {  # Ray's own variables
+            "RAY_CLOUD_INSTANCE_ID": node_id,
+            "RAY_NODE_TYPE_NAME": tags.get(TAG_RAY_USER_NODE_TYPE, ""),
+        }
         if kind == NODE_KIND_HEAD:
-            # What a restarted head runs again before the `ray start` it recorded.
-            env["RAY_CML_SETUP_COMMANDS"] = json.dumps(internal.get("setup_commands", []))
-            if self.provider_config.get("autostop_minutes"):
-                env["RAY_CML_AUTOSTOP_MINUTES"] = str(self.provider_config["autostop_minutes"])
-            env.update(
-                endpoint.application_env(self.cluster_name, endpoint.bypasses_login(node_config))
-            )
+            spec.autostop_minutes = float(self.provider_config.get("autostop_minutes") or 0)
+            bypass = endpoint.bypasses_login(node_config)
+            for key, value in endpoint.node_spec_fields(self.cluster_name, bypass).items():
+                setattr(spec, key, value)
         if kind == NODE_KIND_WORKER:
-            head_id, head_ip, gcs_port = self._head_address()
-            env.update(
-                {
-                    "RAY_CML_HEAD_NODE_ID": head_id,
-                    "RAY_HEAD_IP": head_ip,
-                    "RAY_HEAD_GCS_PORT": str(gcs_port),
-                    "RAY_OVERRIDE_RESOURCES": json.dumps(resources),
-                    "RAY_OVERRIDE_LABELS": json.dumps(labels),
-                    "RAY_CML_SETUP_COMMANDS": json.dumps(internal.get("setup_commands", [])),
-                    "RAY_CML_START_COMMANDS": json.dumps(internal.get("start_commands", [])),
-                }
-            )
+            spec.head_node_id, spec.head_ip, spec.head_gcs_port = self._head_address()
+            spec.start_commands = internal.get("start_commands", [])
+            ray_env["RAY_OVERRIDE_RESOURCES"] = json.dumps(resources)
+            ray_env["RAY_OVERRIDE_LABELS"] = json.dumps(labels)
+        env = {**node_config.get("environment", {}), **spec.to_env(), **ray_env}
         body: dict[str, Any] = {
             "name": name,
             "subdomain": name,
@@ -541,14 +531,10 @@ class CMLNodeProvider(NodeProvider):
     def _head_address(self) -> tuple[str, str, int]:
         """The head's node id and where workers find its GCS: known directly inside the head,
         else from its launcher."""
-        if os.environ.get("RAY_CML_NODE_KIND") == NODE_KIND_HEAD and os.environ.get(
-            "CDSW_IP_ADDRESS"
-        ):
-            return (
-                os.environ.get("RAY_CML_NODE_ID", ""),
-                os.environ["CDSW_IP_ADDRESS"],
-                int(os.environ.get("RAY_CML_GCS_PORT", 6379)),
-            )
+        here = _here()
+        if here.is_head and os.environ.get("CDSW_IP_ADDRESS"):
+            port = int(os.environ.get(CommandVar.GCS_PORT) or 6379)
+            return here.node_id, os.environ["CDSW_IP_ADDRESS"], port
         heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
         if not heads:
             raise NodeLaunchException("NoHead", "the cluster has no running head", None)
@@ -557,10 +543,10 @@ class CMLNodeProvider(NodeProvider):
         deadline = time.monotonic() + HEAD_ADDRESS_WAIT_S
         while True:
             try:
-                path = node_info_path(self.cluster_name, heads[0])
-                info = json.loads(self.client.download_file(path))
-                return heads[0], info["ip"], int(info["gcs_port"])
-            except CMLNotFoundError:
+                folder = NodeFolder.of(self.cluster_name, heads[0])
+                info = NodeInfo.from_json(self.client.download_file(folder.info))
+                return heads[0], info.ip, info.gcs_port
+            except (CMLNotFoundError, ValueError):
                 if time.monotonic() > deadline:
                     raise NodeLaunchException(
                         "NoHead",
@@ -647,7 +633,8 @@ class CMLNodeProvider(NodeProvider):
         logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
         if self.client.delete_application(node.app.id, missing_ok=True):
             self._record_gpu_time(node)  # once: a node deleted before has its entry
-        self.client.delete_file(node_dir(self.cluster_name, node.node_id), missing_ok=True)
+        folder = NodeFolder.of(self.cluster_name, node.node_id)
+        self.client.delete_file(folder.path, missing_ok=True)
         with self._lock:
             self._nodes.pop(node.node_id, None)
             self._ips.pop(node.node_id, None)
@@ -661,7 +648,7 @@ class CMLNodeProvider(NodeProvider):
             return
         entry = ledger_entry(node.node_id, node.app.nvidia_gpu, start, time.time())
         try:
-            self.client.upload_file(f"{self.dir}/ledger/{entry}", b"")
+            self.client.upload_file(f"{ledger_dir(self.cluster_name)}/{entry}", b"")
         except CMLError as exc:
             logger.warning("could not record GPU time of %s: %s", node.app.name, exc)
 
@@ -696,6 +683,7 @@ class CMLNodeProvider(NodeProvider):
         return CMLCommandRunner(self, node_id, log_prefix)
 
     @staticmethod
+    @ends_command
     def fillout_available_node_types_resources(cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Fill each type's Ray resources from its node_config (after validating it).
 
@@ -706,7 +694,7 @@ class CMLNodeProvider(NodeProvider):
         try:
             validate_cluster_config(cluster_config)
         except ClusterConfigError as exc:
-            raise SystemExit(f"ray-cml: invalid cluster config: {exc}") from None
+            raise ClusterConfigError(f"invalid cluster config: {exc}") from None
         config = copy.deepcopy(cluster_config)
         head = config.get("head_node_type")
         for name, node_type in (config.get("available_node_types") or {}).items():
@@ -715,6 +703,7 @@ class CMLNodeProvider(NodeProvider):
         return config
 
     @staticmethod
+    @ends_command
     def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
         """Validate, check the workspace, then wire workers to start Ray by themselves."""
         validate_cluster_config(cluster_config)

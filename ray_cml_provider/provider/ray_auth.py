@@ -27,13 +27,11 @@ import secrets
 from typing import Any
 
 from ray_cml_provider.cml import CMLClient
+from ray_cml_provider.contract import NodeSpec, auth_token_path
 from ray_cml_provider.provider.cluster_files import ensure_file, read_file
-from ray_cml_provider.provider.naming import auth_token_path
 
 TOKEN, DISABLED = "token", "disabled"
 MODES = (TOKEN, DISABLED)
-# In an application's environment: the token's file, relative to the project (never the token).
-TOKEN_FILE_ENV = "RAY_CML_AUTH_TOKEN_FILE"
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 DISABLED_WARNING = (
@@ -52,14 +50,15 @@ def cluster_mode(provider_config: dict[str, Any]) -> str:
     """The mode of the nodes a provider creates: inside the head, the head's own (a config
     changed under a running cluster must not start workers that cannot join); elsewhere,
     the config's."""
-    if os.environ.get("RAY_CML_NODE_KIND") == "head":
-        return TOKEN if os.environ.get(TOKEN_FILE_ENV) else DISABLED
+    here = NodeSpec.from_env(os.environ)
+    if here.is_head:
+        return TOKEN if here.auth_token_file else DISABLED
     return configured_mode(provider_config)
 
 
-def application_env(cluster_name: str, mode: str) -> dict[str, str]:
+def node_spec_fields(cluster_name: str, mode: str) -> dict[str, str]:
     """What a node's application is told: where the token is, when there is one."""
-    return {TOKEN_FILE_ENV: auth_token_path(cluster_name)} if mode == TOKEN else {}
+    return {"auth_token_file": auth_token_path(cluster_name)} if mode == TOKEN else {}
 
 
 def ensure_token(client: CMLClient, cluster_name: str) -> bool:

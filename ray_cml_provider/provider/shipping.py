@@ -56,11 +56,13 @@ def provider_zip() -> tuple[str, bytes]:
 
 
 BOOTSTRAP_SCRIPT = "bootstrap.py"
-LAUNCHER_FILES = {  # the standard-library stage; the launcher runs from the zip
-    BOOTSTRAP_SCRIPT: "node_bootstrap.py",
-    "node_api.py": "node_api.py",
-    "node_env.py": "node_env.py",
-    "node_processes.py": "node_processes.py",
+LAUNCHER_FILES = {  # the standard-library stage, flat; the launcher runs from the zip
+    BOOTSTRAP_SCRIPT: "node/bootstrap.py",
+    "node_api.py": "node/project_api.py",
+    "node_env.py": "node/environment.py",
+    "node_processes.py": "node/processes.py",
+    "node_dirlock.py": "node/dirlock.py",
+    "node_contract.py": "contract.py",
 }
 
 
@@ -68,4 +70,7 @@ def launcher_files() -> dict[str, bytes]:
     """What every application runs first, by its name in the cluster's folder: the bootstrap
     and the modules it imports (read from a folder or from a shipped zip)."""
     package = resources.files(PACKAGE)
-    return {name: package.joinpath(module).read_bytes() for name, module in LAUNCHER_FILES.items()}
+    return {
+        name: package.joinpath(*module.split("/")).read_bytes()
+        for name, module in LAUNCHER_FILES.items()
+    }

@@ -18,6 +18,7 @@ from ray_cml_provider.cml import (
     CMLPermissionError,
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
+from ray_cml_provider.errors import WorkspaceError
 
 
 def explain(exc: CMLError, key_env: str = DEFAULT_API_KEY_ENV) -> str:
@@ -47,8 +48,7 @@ def _is_project_path(path: str) -> bool:
 
 def check_workspace(cluster_config: dict[str, Any]) -> None:
     """The key works, the project exists, and every node type's runtime is one of the
-    workspace's. Each problem ends the command with one line (Ray would print a traceback
-    for an exception raised in its hooks)."""
+    workspace's. Raises ``WorkspaceError`` (one sentence) for each problem."""
     provider = cluster_config["provider"]
     key_env = provider.get("api_key_env", DEFAULT_API_KEY_ENV)
     try:
@@ -58,14 +58,14 @@ def check_workspace(cluster_config: dict[str, Any]) -> None:
             client.get_project()
             runtimes = {r.get("image_identifier") for r in client.list_runtimes()}
     except CMLConfigurationError as exc:
-        raise SystemExit(f"ray-cml: {exc}") from None
+        raise WorkspaceError(str(exc)) from None
     except CMLError as exc:
-        raise SystemExit(f"ray-cml: {explain(exc, key_env)}") from None
+        raise WorkspaceError(explain(exc, key_env)) from None
     for name, node_type in cluster_config["available_node_types"].items():
         runtime = node_type["node_config"]["runtime_identifier"]
         if runtime not in runtimes:
-            raise SystemExit(
-                f"ray-cml: available_node_types.{name}.node_config.runtime_identifier: "
+            raise WorkspaceError(
+                f"available_node_types.{name}.node_config.runtime_identifier: "
                 f"{runtime!r} is not a runtime of this workspace (list them with "
                 "GET /api/v2/runtimes)"
             )

@@ -211,26 +211,12 @@ class Refused(Exception):
         self.message = message
 
 
-class Gateway:
-    """Route and guard requests on the application's port; see the module's docstring."""
+class Rules:
+    """The door's decisions, no I/O: which route a request takes, whether its credential
+    admits it, and which of its headers Ray gets."""
 
-    def __init__(
-        self,
-        serve: Upstream,
-        dashboard: Upstream,
-        keys: Keys,
-        log: Callable[[str], None] = print,
-        limits: Limits | None = None,
-    ) -> None:
-        self.serve = serve
-        self.dashboard = dashboard
+    def __init__(self, keys: Keys) -> None:
         self.keys = keys
-        self.log = log
-        self.limits = limits or Limits()
-        self.refused = 0  # requests answered 401 (tests and the status page read it)
-        self._session: aiohttp.ClientSession | None = None
-
-    # ---------------------------------------------------------------- decisions
 
     @staticmethod
     def is_api(raw_target: str) -> bool:
@@ -291,20 +277,41 @@ class Gateway:
         headers["X-Forwarded-For"] = request.remote or ""
         return headers
 
+
+class Gateway:
+    """Route and guard requests on the application's port; see the module's docstring."""
+
+    def __init__(
+        self,
+        serve: Upstream,
+        dashboard: Upstream,
+        keys: Keys,
+        log: Callable[[str], None] = print,
+        limits: Limits | None = None,
+    ) -> None:
+        self.serve = serve
+        self.dashboard = dashboard
+        self.rules = Rules(keys)
+        self.log = log
+        self.limits = limits or Limits()
+        self.refused = 0  # requests answered 401 (tests and the status page read it)
+        self._session: aiohttp.ClientSession | None = None
+
     # ---------------------------------------------------------------- serving
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        api = self.is_api(request.raw_path)
+        rules = self.rules
+        api = rules.is_api(request.raw_path)
         try:
-            named = self.check_connection_header(request)
-            if not self.admit(request, api):
+            named = rules.check_connection_header(request)
+            if not rules.admit(request, api):
                 self.refused += 1
                 raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
             limit = self.limits.max_api_body_bytes if api else self.limits.max_dashboard_body_bytes
             if (request.content_length or 0) > limit:
                 raise Refused(413, f"the body is over {limit} bytes")
             upstream = self.serve if api else self.dashboard
-            headers = self.outgoing_headers(request, api, named)
+            headers = rules.outgoing_headers(request, api, named)
             if _asks_websocket(request):
                 return await self.relay_websocket(request, upstream, headers)
             if request.headers.get("Expect", "").lower() == "100-continue":

@@ -1,8 +1,8 @@
 """The first thing every CML application of a Ray cluster runs: a tiny standard-library stage.
 
-It is the application's ``script`` (``.ray-cml/<cluster>/bootstrap.py``, next to
-``node_env.py`` and ``node_api.py``), because it runs before anything is installed: a CML
-runtime has Python and pip, not Ray. It
+It is the application's ``script`` (``.ray-cml/<cluster>/bootstrap.py``, next to the other
+standard-library modules it imports: ``shipping.LAUNCHER_FILES``), because it runs before
+anything is installed: a CML runtime has Python and pip, not Ray. It
 
 1. answers CML's poll on the application's port (``CDSW_APP_PORT``) at once: ``GET /`` gets a
    one-line "starting" page, anything else a 503 with ``Retry-After``; it proxies nothing
@@ -12,7 +12,7 @@ runtime has Python and pip, not Ray. It
 3. finds the provider code ``ray up`` shipped (``RAY_CML_PROVIDER_ZIP``), fetching it through
    the files API while NFS does not show it here yet;
 4. replaces itself (``exec``, same process, same process group) with the node launcher,
-   ``python -m ray_cml_provider.node_launcher``, run with the shipped code and the
+   ``python -m ray_cml_provider.node.launcher``, run with the shipped code and the
    environment first on ``PYTHONPATH``: the launcher and the head's gateway then use real
    libraries (aiohttp, from ``ray[default]``).
 
@@ -26,7 +26,6 @@ to ``ray up`` for the head and in ``failure.txt`` for a worker; ``ray stop`` sti
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -34,20 +33,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-try:  # uploaded next to this file in the cluster's folder
+if __package__:  # imported from the package (the launcher, tests)
+    from ray_cml_provider.contract import Handoff, NodeSpec
+    from ray_cml_provider.node import environment as node_env
+    from ray_cml_provider.node import processes as node_processes
+    from ray_cml_provider.node import project_api as node_api
+else:  # uploaded next to this file in the cluster's folder (shipping.LAUNCHER_FILES)
     import node_api
     import node_env
     import node_processes
-except ImportError:  # imported from the package (the launcher, tests)
-    from ray_cml_provider import node_api, node_env, node_processes
+    from node_contract import Handoff, NodeSpec
 
-# What the bootstrap hands the launcher, beside the application's own environment.
-HANDOFF = (
-    "RAY_CML_NODE_SITE",  # the environment's folder, or empty (the runtime has it all)
-    "RAY_CML_ENVIRONMENT_SUMMARY",  # what `ray up` prints: built, reused, waited for
-    "RAY_CML_ENVIRONMENT_ERROR",  # why the environment could not be made (pip's last lines)
-    "RAY_CML_RUNTIME_PYTHONPATH",  # PYTHONPATH as the runtime had it, for the node's commands
-)
+LAUNCHER_MODULE = "ray_cml_provider.node.launcher"
 ERROR_MOST = 8000  # characters of an environment failure carried to the launcher
 
 
@@ -131,10 +128,11 @@ class StatusPage:
         self.server.server_close()
 
 
-def status_line(env: dict[str, str], state: str) -> str:
+def status_line(spec: NodeSpec, state: str) -> str:
     """What the status page says of a node (the bootstrap's, then the launcher's)."""
-    kind, node = env.get("RAY_CML_NODE_KIND", "worker"), env.get("RAY_CML_NODE_ID", "?")
-    return f"ray-cml {kind} node {node} of cluster {env.get('RAY_CML_CLUSTER', '?')}: {state}"
+    return (
+        f"ray-cml {spec.kind} node {spec.node_id or '?'} of cluster {spec.cluster or '?'}: {state}"
+    )
 
 
 def open_status_page(env: dict[str, str], describe) -> StatusPage | None:
@@ -149,14 +147,13 @@ def open_status_page(env: dict[str, str], describe) -> StatusPage | None:
         return None
 
 
-def prepare_environment(env: dict[str, str], project_dir: Path) -> tuple[object | None, str]:
+def prepare_environment(spec: NodeSpec, project_dir: Path) -> tuple[object | None, str]:
     """(the node's ``node_env.Environment``, "") or (None, why it could not be made)."""
-    packages = json.loads(env.get("RAY_CML_PIP_PACKAGES", "[]"))
     try:
-        if not packages:
+        if not spec.pip_packages:
             return node_env.Environment(None, "no packages asked for"), ""
         build = node_env.EnvironmentBuild(
-            project_dir, env.get("RAY_CML_RUNTIME", ""), packages, env["RAY_CML_NODE_ID"], log
+            project_dir, spec.runtime, spec.pip_packages, spec.node_id, log
         )
         return build.ensure(), ""
     except node_env.NodeEnvironmentError as exc:
@@ -198,16 +195,19 @@ def launcher_environment(
     env: dict[str, str], code: Path, environment, error: str
 ) -> dict[str, str]:
     """The launcher's process environment: the shipped code, then the node environment, first
-    on ``PYTHONPATH``, and what it needs to know of this stage (``HANDOFF``)."""
+    on ``PYTHONPATH``, and what it needs to know of this stage (``Handoff``)."""
     site = getattr(environment, "site", None) if environment is not None else None
     runtime_path = env.get("PYTHONPATH", "")
-    child = {k: v for k, v in env.items() if k not in HANDOFF}
+    child = {k: v for k, v in env.items() if k not in Handoff.variables()}
+    handoff = Handoff(
+        site=str(site or ""),
+        summary=getattr(environment, "summary", "") or "",
+        error=error[-ERROR_MOST:],
+        runtime_pythonpath=runtime_path,
+    )
     child.update(
         {
-            "RAY_CML_NODE_SITE": str(site or ""),
-            "RAY_CML_ENVIRONMENT_SUMMARY": getattr(environment, "summary", "") or "",
-            "RAY_CML_ENVIRONMENT_ERROR": error[-ERROR_MOST:],
-            "RAY_CML_RUNTIME_PYTHONPATH": runtime_path,
+            **handoff.to_env(),
             "PYTHONPATH": os.pathsep.join(
                 [
                     str(code),
@@ -225,25 +225,24 @@ def main() -> int:
         node_processes.stop_ray_of_this_node()
         return 0
     env = dict(os.environ)
+    spec = NodeSpec.from_env(env)
     project_dir = Path.cwd()
     state = {"now": "preparing its Python environment"}
-    page = open_status_page(env, lambda: status_line(env, state["now"]))
+    page = open_status_page(env, lambda: status_line(spec, state["now"]))
     api = node_api.ProjectAPI(env, log)
-    environment, error = prepare_environment(env, project_dir)
+    environment, error = prepare_environment(spec, project_dir)
     log(error or environment.summary)
     state["now"] = "starting its launcher"
     try:
-        relative = env.get("RAY_CML_PROVIDER_ZIP", "")
-        if not relative:
+        if not spec.provider_zip:
             raise RuntimeError("the application names no provider code: `ray up` again")
-        tmp_dir = Path(f"/tmp/rcml-{env.get('RAY_CML_NODE_ID', 'node')}")
-        code = shipped_code(relative, project_dir, tmp_dir, api, wait_s=120)
+        tmp_dir = Path(f"/tmp/rcml-{spec.node_id or 'node'}")
+        code = shipped_code(spec.provider_zip, project_dir, tmp_dir, api, wait_s=120)
     except RuntimeError as exc:
         log(str(exc))
-        relative = f"{env.get('RAY_CML_DIR', '')}/nodes/{env.get('RAY_CML_NODE_ID', '')}"
         if api.available:
             try:
-                api.upload(f"{relative}/failure.txt", f"ray-cml: {exc}".encode())
+                api.upload(spec.folder.failure, f"ray-cml: {exc}".encode())
             except OSError as upload_error:
                 log(f"could not publish the failure: {upload_error}")
         return 1
@@ -251,7 +250,7 @@ def main() -> int:
         page.close()
     child = launcher_environment(env, code, environment, error)
     python = sys.executable
-    os.execve(python, [python, "-m", "ray_cml_provider.node_launcher"], child)
+    os.execve(python, [python, "-m", LAUNCHER_MODULE], child)
     return 1  # not reached
 
 

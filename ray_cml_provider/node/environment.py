@@ -31,13 +31,11 @@ no environment at all.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -47,6 +45,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+if __package__:  # imported from the package (the bootstrap's tests, the launcher)
+    from ray_cml_provider.node.dirlock import DirLock, read_json_object
+else:  # uploaded next to bootstrap.py in the cluster's folder
+    from node_dirlock import DirLock, read_json_object
 
 ENVS_DIR = ".ray-cml/_envs"
 HEARTBEAT_S = 10.0
@@ -122,7 +125,7 @@ class EnvironmentBuild:
         self.key = environment_key(runtime, packages)
         self.envs = project_dir / ENVS_DIR
         self.final = self.envs / self.key
-        self.lock = self.envs / f"{self.key}.lock"
+        self.lock = DirLock(self.envs / f"{self.key}.lock", self._holder_gone)
         self.failed = self.envs / f"{self.key}.failed.json"
         self.relative = f"{ENVS_DIR}/{self.key}"
 
@@ -139,15 +142,15 @@ class EnvironmentBuild:
                 waited = time.time() - started
                 how = f"after waiting {waited:.0f} s for its build" if waited >= 1 else "reused"
                 return Environment(self.final / "site", f"environment {self.relative} {how}")
-            failure = self._read_json(self.failed)
+            failure = read_json_object(self.failed)
             if failure and failure.get("at", 0) >= started - FAILED_BUILD_HOLD_S:
                 raise NodeEnvironmentError(self._failure_message(failure))
-            if self._take_lock():
+            if self.lock.take(self._owner()):
+                if self.lock.took_over_from is not None:
+                    who = self.lock.took_over_from.get("node", "a node")
+                    self.log(f"{who} stopped building {self.relative} (no heartbeat): taking over")
                 return self._build_holding_lock()
-            owner = self._read_json(self.lock / "owner.json")
-            if self._stale(owner):
-                self._break_lock(owner)
-                continue
+            owner = self.lock.owner()
             if time.monotonic() >= next_note:
                 next_note = time.monotonic() + 15
                 who = (owner or {}).get("node", "another node")
@@ -160,50 +163,17 @@ class EnvironmentBuild:
     # -------------------------------------------------------------- state on the filesystem
 
     def _ready(self) -> bool:
-        return self._read_json(self.final / "env.json") is not None
+        return read_json_object(self.final / "env.json") is not None
+
+    def _owner(self) -> dict:
+        return {"node": self.node_id, "pid": os.getpid(), "at": time.time()}
 
     @staticmethod
-    def _read_json(path: Path) -> dict | None:
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
-
-    def _take_lock(self) -> bool:
-        try:
-            self.lock.mkdir()
-        except FileExistsError:
-            return False
-        self._write_owner()
-        return True
-
-    def _write_owner(self) -> None:
-        owner = {"node": self.node_id, "pid": os.getpid(), "at": time.time()}
-        tmp = self.lock / f"owner.json.{self.node_id}.tmp"
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(owner))
-            tmp.replace(self.lock / "owner.json")
-
-    def _stale(self, owner: dict | None) -> bool:
-        """True when the lock's holder has not shown life for ``STALE_LOCK_S``."""
-        if owner is not None:
-            return time.time() - float(owner.get("at", 0)) > STALE_LOCK_S
-        try:  # taken a moment ago, owner.json not written yet; or a holder that died then
-            return time.time() - self.lock.stat().st_mtime > STALE_LOCK_S
-        except OSError:
-            return False  # no lock any more: the next round takes it
-
-    def _break_lock(self, owner: dict | None) -> None:
-        """Move the dead holder's lock aside (one rename: one node wins) and remove it."""
-        aside = self.envs / f"{self.key}.lock.stale-{self.node_id}-{secrets.token_hex(3)}"
-        try:
-            self.lock.rename(aside)
-        except OSError:
-            return  # another waiter broke it first
-        who = (owner or {}).get("node", "a node")
-        self.log(f"{who} stopped building {self.relative} (no heartbeat): taking over")
-        shutil.rmtree(aside, ignore_errors=True)
+    def _holder_gone(owner: dict | None, age_s: float) -> bool:
+        """A builder is gone when its heartbeat is older than ``STALE_LOCK_S`` (its pid
+        means nothing here: it may run on another engine)."""
+        since = time.time() - float(owner.get("at", 0)) if owner else age_s
+        return since > STALE_LOCK_S
 
     # -------------------------------------------------------------- building
 
@@ -212,7 +182,7 @@ class EnvironmentBuild:
 
         def heartbeat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                self._write_owner()
+                self.lock.write_owner(self._owner())
 
         threading.Thread(target=heartbeat, name="env-heartbeat", daemon=True).start()
         try:
@@ -221,7 +191,7 @@ class EnvironmentBuild:
             return self._build()
         finally:
             stop.set()
-            shutil.rmtree(self.lock, ignore_errors=True)
+            self.lock.release()
 
     def _build(self) -> Environment:
         for leftover in self.envs.glob(f"{self.key}.build-*"):

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_cml_provider.contract import NodeSpec
+from ray_cml_provider.node.processes import Proc
+
 HEARTBEAT_FILE = "autoscaler.heartbeat"
 STACKS_FILE = "autoscaler-stacks.txt"
 DEFAULT_STUCK_S = 60.0
@@ -40,7 +43,7 @@ _dump_target = None  # the open stacks file: it must outlive the registration
 def _inside_the_heads_autoscaler() -> Path | None:
     """The node's Ray folder when this process is the head's autoscaler, else None."""
     tmp = os.environ.get("RAY_TMPDIR", "")
-    if os.environ.get("RAY_CML_NODE_KIND") != "head" or not tmp:
+    if not NodeSpec.from_env(os.environ).is_head or not tmp:
         return None
     if Path(sys.argv[0] if sys.argv else "").name != "monitor.py":
         return None
@@ -101,12 +104,9 @@ class AutoscalerWatchdog:
     def monitor_pid(self) -> int | None:
         """The autoscaler of this node (Ray's ``monitor.py`` naming this node's Ray folder)."""
         for pid in self.find_processes(self.pgid, str(self.folder)):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"/monitor.py") for a in argv) and any(
-                a.startswith(b"--logs-dir") for a in argv
+            argv = Proc(pid, 0, 0, 0).argv()
+            if any(a.endswith("/monitor.py") for a in argv) and any(
+                a.startswith("--logs-dir") for a in argv
             ):
                 return pid
         return None
@@ -131,18 +131,17 @@ class AutoscalerWatchdog:
     def restart(self, pid: int, stalled_s: float) -> Restart:
         stacks = self.dump_stacks(pid)
         try:
-            argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            argv = Proc(pid, 0, 0, 0).argv()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError as exc:
             self.log(f"watchdog: cannot read the stuck autoscaler {pid}: {exc}")
             return Restart(pid, stalled_s, stacks)
         env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
-        argv = [a for a in argv if a]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # reaped, too
             time.sleep(0.1)
         self.restarts += 1
         note = (

@@ -4,6 +4,10 @@ It lives in the bootstrap stage (uploaded next to ``bootstrap.py``), because ``r
 work on a node whose environment, or whose shipped code, is not there: ``ray down`` stops a
 head whose environment failed, without waiting for one. The node's ``ray`` shim runs
 ``bootstrap.py stop-ray``; the launcher calls ``stop_ray_of_this_node`` itself.
+
+``node_processes`` is the project's one walker of ``/proc``: the head's autoscaler watchdog
+and the emulator (which ends an application's whole session) use it too. It is not psutil
+because ``ray stop`` must run before any package is installed.
 """
 
 from __future__ import annotations
@@ -12,18 +16,67 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+if __package__:  # imported from the package (the launcher, the emulator, tests)
+    from ray_cml_provider.contract import CommandVar
+else:  # uploaded next to bootstrap.py in the cluster's folder
+    from node_contract import CommandVar
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A live process of this machine, as ``/proc/<pid>/stat`` shows it."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    session: int
+
+    def cmdline(self) -> str:
+        """The command line, arguments separated by NUL ('' once the process is gone)."""
+        try:
+            return Path(f"/proc/{self.pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def argv(self) -> list[str]:
+        return [a for a in self.cmdline().split("\0") if a]
+
+
+def read_proc(pid: int) -> Proc | None:
+    """The process ``pid``; None when it is gone or a zombie nobody reaped (``kill(pid, 0)``
+    succeeds for those, which would make a finished process look alive forever)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Format: pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if len(fields) < 4 or fields[0] == "Z":
+        return None
+    return Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]))
+
+
+def live_processes() -> Iterator[Proc]:
+    """Every live process of this machine (Linux)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            proc = read_proc(int(entry.name))
+            if proc is not None:
+                yield proc
 
 
 def _ancestors(pid: int) -> set[int]:
-    chain = set()
+    chain: set[int] = set()
     while pid > 1 and pid not in chain:
         chain.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        proc = read_proc(pid)
+        if proc is None:
             break
-        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        pid = proc.ppid
     return chain
 
 
@@ -32,22 +85,11 @@ def node_processes(pgid: int, ray_tmp_dir: str) -> list[int]:
     command line names the node's own Ray folder (Ray's workers, the Serve controller and
     replicas among them, each run in a process group of their own)."""
     marker = ray_tmp_dir.rstrip("/") + "/" if ray_tmp_dir else ""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] == "Z":
-                continue
-            if int(fields[2]) == pgid or (
-                marker and marker in (entry / "cmdline").read_bytes().decode(errors="replace")
-            ):
-                members.append(int(entry.name))
-        except OSError:
-            continue
-    return members
+    return [
+        proc.pid
+        for proc in live_processes()
+        if proc.pgrp == pgid or (marker and marker in proc.cmdline())
+    ]
 
 
 def _stop_order(pid: int) -> int:
@@ -72,9 +114,9 @@ def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None)
     a Ray worker left behind would make the next ``ray start`` here refuse to run ("Ray is
     already running") and could keep a GPU's memory.
     """
-    pgid = int(os.environ.get("RAY_CML_LAUNCHER_PGID", os.getpgrp()))
+    pgid = int(os.environ.get(CommandVar.LAUNCHER_PGID, os.getpgrp()))
     tmp_dir = ray_tmp_dir if ray_tmp_dir is not None else os.environ.get("RAY_TMPDIR", "")
-    keep = _ancestors(os.getpid()) | {int(os.environ.get("RAY_CML_LAUNCHER_PID", "0"))}
+    keep = _ancestors(os.getpid()) | {int(os.environ.get(CommandVar.LAUNCHER_PID, "0"))}
     left: list[int] = []
     for step in (0, 1, 2):
         targets = [

@@ -1,0 +1,98 @@
+"""What runs inside every CML application of a Ray cluster once the bootstrap made the node's
+environment ready: the node launcher (``python -m ray_cml_provider.node.launcher``).
+
+The bootstrap (``bootstrap.py``, standard library) answered CML's poll and prepared the
+environment, then ``exec``-ed this module with the shipped provider code and that
+environment first on ``PYTHONPATH``. This module and the parts it builds import only the
+standard library at the top, so a node whose environment could not be made still starts,
+reports why (to ``ray up`` for the head, in ``failure.txt`` for a worker), answers ``ray
+stop``, and tries again when ``ray up`` asks; only the head's gateway imports aiohttp.
+
+A node's life, as a short state machine (``run``):
+
+1. **previous life?** CML restarted the FAILED application. A worker, or a head without
+   recovery, removes itself (a node's identity is single-use: Ray and the provider already
+   wrote it off). A head with recovery begins a new life (``recovery.py``).
+2. **prepare**: the cluster's secrets owner-only, the ``ray`` shim, ``node.json`` published
+   (``preparation.py``); the application's port answers (``door.py``).
+3. **run as its kind**: a ``Worker`` starts its own Ray and watches its head (``worker.py``);
+   a ``Head`` runs its helpers and waits for ``ray up``'s commands (``head.py``). Both serve
+   the mailbox (``mailbox.py``) through which ``ray up``/``exec``/``submit``/``down`` reach
+   them, and every command runs the same way (``commands.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+
+from ray_cml_provider.node.commands import Commands
+from ray_cml_provider.node.context import NodeContext, log
+from ray_cml_provider.node.door import Door
+from ray_cml_provider.node.head import Head
+from ray_cml_provider.node.mailbox import Mailbox
+from ray_cml_provider.node.ports import PortReservation
+from ray_cml_provider.node.preparation import NodeEnvironment, NoToken, prepare, previous_life
+from ray_cml_provider.node.processes import stop_ray_of_this_node
+from ray_cml_provider.node.recovery import HeadRecovery
+from ray_cml_provider.node.worker import Worker
+
+
+class NodeLauncher:
+    """Builds the node's parts and runs its life."""
+
+    def __init__(self, env: dict[str, str]):
+        self.ctx = ctx = NodeContext(env)
+        self.reservation = PortReservation()
+        self.ports = self.reservation.choose(ctx.spec.gcs_port_preferred, ctx.spec.is_head)
+        self.environment = NodeEnvironment(ctx, on_ready=lambda: self.door.open())
+        self.door = Door(ctx, self.ports, lambda: self.environment.error)
+        self.commands = Commands(ctx, self.environment, self.ports, self.reservation)
+        self.recovery = HeadRecovery(ctx, self.commands)
+        self.mailbox = Mailbox(ctx, self.commands.answer, answered=self.recovery.remember)
+
+    def run(self) -> int:
+        ctx = self.ctx
+        recovering = None
+        previous = previous_life(ctx)
+        if previous is not None:
+            recovering = self.recovery.recorded_start()
+            if recovering is None:
+                log(f"node {ctx.spec.node_id} was restarted by CML after a failure: removing it")
+                ctx.delete_own_application()
+                return 0
+            self.recovery.begin_new_life(previous, self.mailbox)
+        try:
+            prepare(ctx, self.ports)
+        except NoToken as exc:
+            log(str(exc))
+            ctx.publish(ctx.folder.failure, str(exc).encode(), overwrite=True)
+            return 1
+        self.door.open()
+        if ctx.spec.is_head:
+            head = Head(ctx, self.commands, self.mailbox, self.door, self.recovery)
+            return head.run(recovering)
+        return Worker(ctx, self.commands, self.mailbox).run()
+
+
+def main() -> int:
+    launcher = NodeLauncher(dict(os.environ))
+    tmp_dir = launcher.ctx.tmp_dir
+
+    def leave(signum: int, _frame: object) -> None:
+        # The temporary folder first: CML (or the emulator) may SIGKILL us any moment now.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        stop_ray_of_this_node(grace_s=1, ray_tmp_dir=tmp_dir)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    code = launcher.run()
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

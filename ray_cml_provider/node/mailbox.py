@@ -1,0 +1,110 @@
+"""The node's side of the mailbox: CML has no SSH, so the project's files are the channel.
+
+The laptop's ``ray up``/``exec``/``submit``/``down`` post a ``Request`` into the node's
+``inbox/``; the node runs each once, in a thread of its own (a ``ray submit`` waiting for a
+GPU must not hold up a ``ray exec 'ray status'``), and publishes its output and then its
+exit status in ``outbox/`` (``contract.Result``). The inbox is read on the mount every round
+and, since NFS may show a new request late, through the API now and then: every half second
+while commands come, more slowly when idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ray_cml_provider.contract import NodeFolder, Request, Result
+from ray_cml_provider.node.context import NodeContext, log
+from ray_cml_provider.node.project_api import ProjectAPIError
+
+API_POLL_BUSY_S = 0.5
+API_POLL_IDLE_S = {"head": 5.0, "worker": 15.0}
+BUSY_FOR_S = 60.0
+
+
+class Mailbox:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        answer: Callable[[Request, Path], int],
+        answered: Callable[[Request, int], None] = lambda request, code: None,
+    ):
+        self.ctx = ctx
+        self.answer = answer  # the request's exit status; its output written to the path
+        self.answered = answered  # told of each request once it ran (head recovery)
+        self.inbox = ctx.mount(ctx.folder.inbox)
+        self.running = Path(ctx.tmp_dir) / "commands"  # output while a request runs
+        self.done: set[str] = set()  # requests already run (each runs once)
+        self._next_api_poll = 0.0
+        self._busy_until = time.monotonic() + BUSY_FOR_S  # `ray up` talks to a new node now
+
+    def serve_once(self) -> None:
+        """Start each new request in its own thread."""
+        names = NodeFolder.request_names(p.name for p in self.inbox.glob("*"))
+        now = time.monotonic()
+        if self.ctx.api.available and now >= self._next_api_poll:
+            idle_s = API_POLL_IDLE_S.get(self.ctx.spec.kind, 15.0)
+            self._next_api_poll = now + (API_POLL_BUSY_S if now < self._busy_until else idle_s)
+            try:
+                names |= self.names_through_api()
+            except ProjectAPIError as exc:
+                log(f"could not list the inbox through the API: {exc}")
+        for name in sorted(names - self.done):
+            request = self.read(name)
+            if request is None:
+                continue  # still being written
+            self.done.add(name)
+            self._busy_until = time.monotonic() + BUSY_FOR_S
+            threading.Thread(target=self.run, args=(name, request), daemon=True).start()
+
+    def names_through_api(self) -> set[str]:
+        return NodeFolder.request_names(self.ctx.api.list_names(self.ctx.folder.inbox))
+
+    def read(self, name: str) -> Request | None:
+        """The request, from the mount or the API; None while it is not whole."""
+        relative = self.ctx.folder.request(name)
+        for read in (self.ctx.mount(relative).read_bytes, lambda: self.ctx.api.download(relative)):
+            try:
+                return Request.from_json(read())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def run(self, name: str, request: Request) -> None:
+        """Run one request and publish its output, then its exit status (the runner polls
+        for the status, so the output is there when it looks)."""
+        log(f"running command {name}")
+        self.running.mkdir(parents=True, exist_ok=True)
+        output = self.running / f"{name}.out"
+        output.write_bytes(b"")
+        code = 1
+        try:
+            code = self.answer(request, output)
+        except Exception as exc:  # the runner waits for an exit status: it must always get one
+            with open(output, "a") as out:
+                out.write(f"ray-cml launcher: the request failed: {exc!r}\n")
+        finally:
+            self.answered(request, code)
+            self.publish(name, Result(code, output.read_bytes()))
+            output.unlink(missing_ok=True)
+            log(f"command {name} exited with {code}")
+
+    def publish(self, name: str, result: Result) -> None:
+        folder = self.ctx.folder
+        self.ctx.publish(folder.output(name), result.output)
+        self.ctx.publish(folder.exit_status(name), Result.exit_status_bytes(result.exit_status))
+
+    def answer_unanswered(self, message: str) -> None:
+        """A restarted head: answer what the old life was running when it died (its caller
+        waits for an answer; running it again could repeat a job), and never run it."""
+        pending = NodeFolder.request_names(p.name for p in self.inbox.glob("*"))
+        with contextlib.suppress(ProjectAPIError):
+            pending |= self.names_through_api()
+        outbox = self.ctx.mount(self.ctx.folder.outbox)
+        answered = {p.stem for p in outbox.glob("*.rc")}
+        for name in sorted(pending - answered):
+            self.publish(name, Result(1, f"ray-cml: {message}\n".encode()))
+        self.done |= pending
