@@ -12,11 +12,15 @@ BIN := $(VENV)/bin
 # Real vLLM on the CPU lives in its own environment (~3.5 GB): see requirements-vllm.txt.
 VLLM_VENV ?= .venv-vllm
 MODEL_DIR ?= $(HOME)/.cache/ray-cml/smollm2-135m-instruct
+# A real Prometheus for the metrics test: Debian's package, unpacked here (no service, no
+# root install). A CML runtime does not have it; the head's /metrics needs none.
+TOOLS ?= .tools
+PROMETHEUS := $(TOOLS)/prometheus/usr/bin/prometheus
 
 # Test workers side by side (pytest-xdist): the end-to-end tests mostly wait on starts.
 TEST_WORKERS ?= 3
 
-.PHONY: install demo demo-llm test test-fast lint clean vllm-env model
+.PHONY: install demo demo-llm test test-fast lint clean vllm-env model prometheus
 
 install: $(VENV)/.installed
 
@@ -51,14 +55,23 @@ vllm-env: $(VLLM_VENV)/.installed
 model: vllm-env
 	$(VLLM_VENV)/bin/ray-cml prepare-model --out $(MODEL_DIR)
 
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	mkdir -p $(TOOLS)/debs
+	cd $(TOOLS)/debs && (apt-get download prometheus || (apt-get update -qq && apt-get download prometheus))
+	dpkg-deb -x $(TOOLS)/debs/prometheus_*.deb $(TOOLS)/prometheus
+	$(PROMETHEUS) --version > /dev/null
+
 # Every tier: fast, engines, e2e (real Ray), llm (real vLLM), soak; longest first, on
 # parallel workers.
-test: lint model
+test: lint model prometheus
 	RAY_CML_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RAY_CML_MODEL_DIR=$(MODEL_DIR) \
+		RAY_CML_PROMETHEUS=$(abspath $(PROMETHEUS)) \
 		$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
 	$(BIN)/pytest -m "not (engines or e2e or llm or soak)"
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TOOLS) build *.egg-info .pytest_cache .ruff_cache

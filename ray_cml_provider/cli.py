@@ -27,9 +27,17 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.status",
         "the cluster's nodes as CML and Ray see them (--json for scripts)",
     ),
+    "top": (
+        "ray_cml_provider.ops.top",
+        "what the cluster and its models do now: requests, latency, tokens, nodes (--json)",
+    ),
     "endpoint-key": (
         "ray_cml_provider.ops.endpoint_key",
         "print the key callers of the head's URL send when it bypasses CML's login",
+    ),
+    "metrics-key": (
+        "ray_cml_provider.ops.metrics_key",
+        "print the key a scraper of the head's /metrics sends (figures only)",
     ),
     "model": (
         "ray_cml_provider.ops.model",

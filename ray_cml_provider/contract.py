@@ -117,6 +117,12 @@ def endpoint_key_path(cluster_name: str) -> str:
     return f"{cluster_dir(cluster_name)}/auth/endpoint_key"
 
 
+def metrics_key_path(cluster_name: str) -> str:
+    """The key a scraper of the head's ``/metrics`` sends (``provider/metrics_key.py``): it
+    reads figures only, never runs code or calls a model."""
+    return f"{cluster_dir(cluster_name)}/auth/metrics_key"
+
+
 def gcs_state_path(cluster_name: str) -> str:
     """Where a head with ``provider.head_recovery`` keeps its GCS state (RocksDB), so that
     a restarted head starts Ray again from it (``node/recovery.py``)."""
@@ -298,6 +304,7 @@ class NodeSpec(_Variables):
     cluster: str = _var("RAY_CML_CLUSTER")
     node_id: str = _var("RAY_CML_NODE_ID")  # also RAY_CLOUD_INSTANCE_ID
     kind: str = _var("RAY_CML_NODE_KIND", WORKER)
+    node_type: str = _var("RAY_NODE_TYPE_NAME")  # Ray's own variable: the node's type
     app_name: str = _var("RAY_CML_APP_NAME")  # a node deletes its own application by it
     cluster_dir: str = _var("RAY_CML_DIR")  # relative to the project
     head_lost_timeout_s: float = _var("RAY_CML_HEAD_LOST_TIMEOUT_S", 60.0, _FLOAT)
@@ -311,6 +318,7 @@ class NodeSpec(_Variables):
     # head only
     gcs_port_preferred: int = _var("RAY_CML_GCS_PORT_PREFERRED", 6379, _INT)
     endpoint_key_file: str = _var("RAY_CML_ENDPOINT_KEY_FILE")  # provider/endpoint.py
+    metrics_key_file: str = _var("RAY_CML_METRICS_KEY_FILE")  # provider/metrics_key.py
     login_bypassed: bool = _var("RAY_CML_LOGIN_BYPASSED", False, _FLAG)
     gateway_idle_s: float = _var("RAY_CML_GATEWAY_IDLE_S", 60.0, _FLOAT)
     autoscaler_stuck_s: float = _var("RAY_CML_AUTOSCALER_STUCK_S", 60.0, _FLOAT)
@@ -392,6 +400,7 @@ class NodeInfo(_Record):
     kind: str
     ip: str
     gcs_port: int
+    node_type: str = ""  # the cluster YAML's name of its type
     client_port: int = 0
     # The one port CML's proxy exposes (the application's URL): on the head, the gateway to
     # the dashboard and the OpenAI API (/v1) of Serve on serve_port.

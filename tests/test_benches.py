@@ -62,3 +62,9 @@ def test_the_scale_bench_times_a_gpu_join_with_ray():
     assert ran.returncode == 0, ran.stderr[-3000:]
     for figure in ("ray up wall time:", "created->joined", "steady state", "ray down wall time:"):
         assert figure in ran.stdout, ran.stdout
+
+
+def test_the_metrics_bench_prints_the_heads_share_of_a_core():
+    ran = run_bench("metrics_bench.py", "--workers", "1", "--scrapes", "2", timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "per scrape:" in ran.stdout and "% of one core" in ran.stdout, ran.stdout

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -21,10 +27,12 @@ from ray_cml_provider.llm.openai_calls import stream_chat
 from ray_cml_provider.llm.preflight import replica_bundles
 from ray_cml_provider.llm.serve_configs import in_project, load
 from ray_cml_provider.provider.node_provider import decode_tags
+from tests.conftest import wait_until
 
 CONFIGS = Path(__file__).resolve().parent.parent / "cluster-configs"
 VLLM_PYTHON = os.environ.get("RAY_CML_VLLM_PYTHON")
 MODEL_DIR = os.environ.get("RAY_CML_MODEL_DIR")
+PROMETHEUS = os.environ.get("RAY_CML_PROMETHEUS")
 
 PLACEMENT_PROBE = """
 import ray
@@ -118,6 +126,7 @@ def test_real_vllm_answers_outside_callers_at_the_heads_url_from_the_projects_mo
     )
     assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] > 0
     assert not marker.exists()
+    what_the_model_does(cluster, url, key)
 
     cluster.wait_for(lambda: not cluster.workers(), 300, "the idle vLLM worker to be deleted")
     assert cluster.down().returncode == 0
@@ -146,6 +155,129 @@ def test_real_vllm_answers_outside_callers_at_the_heads_url_from_the_projects_mo
     assert sorted(p.relative_to(cache.parent) for p in cache.parent.rglob("*")) == cached_files
     assert second.down().returncode == 0
     assert second.applications() == []
+
+
+LONG_PROMPT = "Summarise this in one line: " + "the cluster grows GPU workers for its model. " * 30
+
+
+def what_the_model_does(cluster: LocalCluster, url: str, key: str) -> None:
+    """Under a steady load, ``ray-cml top --json`` reports what the client measures (within
+    20%: requests per second, time to first token, generated tokens per second), and the
+    head's ``/metrics`` holds Serve's and vLLM's series, for the metrics key only."""
+    answers: list = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            answers.append(stream_chat(f"{url}/v1", MODEL, LONG_PROMPT, key=key, max_tokens=32))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(answers) >= 3, 120, "the steady load")
+        steady_from = len(answers)
+        top = cluster.ray_cml("top", "--json", str(cluster.config_path), timeout_s=240)
+        steady = answers[steady_from:]
+    finally:
+        stop.set()
+        thread.join(120)
+    assert top.returncode == 0, top.stderr[-3000:]
+    report = json.loads(top.stdout)
+    assert all(a.status == 200 for a in steady) and len(steady) >= 5, len(steady)
+    elapsed = steady[-1].done_at - steady[0].sent_at
+    client = {
+        "requests_per_s": len(steady) / elapsed,
+        "ttft_s": sum(a.first_token_s for a in steady) / len(steady),
+        "generated_tokens_per_s": sum(a.completion_tokens for a in steady) / elapsed,
+    }
+    [model] = [m for m in report["models"] if m["model"] == MODEL]
+    # Every request passes Serve LLM's ingress once (then its model's server).
+    [ingress] = [d for d in report["deployments"] if d["deployment"] == "OpenAiIngress"]
+    servers = [d for d in report["deployments"] if d["deployment"].startswith("LLMServer")]
+    shown = {
+        "requests_per_s": ingress["requests_per_s"],
+        "ttft_s": report["door"]["first_token_mean_s"],
+        "generated_tokens_per_s": model["generated_tokens_per_s"],
+    }
+    print(f"client {client}\ntop    {shown}, the engine's own: {model['ttft_mean_s']:.3f} s")
+    assert 0 < model["ttft_mean_s"] <= shown["ttft_s"]  # the engine's part of it
+    for figure, measured in client.items():
+        assert shown[figure] == pytest.approx(measured, rel=0.2), (figure, shown, client)
+    assert servers and sum(d["replicas_healthy"] for d in servers) >= 1, report["deployments"]
+    assert any(n["node_type"] == "llm_cpu_worker" for n in report["nodes"])
+    assert any("Adding" in d for d in report["decisions"]), report["decisions"]
+
+    metrics_key = cluster.ray_cml("metrics-key", str(cluster.config_path)).stdout.strip()
+    scrape = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {metrics_key}"})
+    assert scrape.status_code == 200
+    assert "ray_serve_deployment_request_counter_total{" in scrape.text
+    assert "ray_vllm_generation_tokens_total{" in scrape.text
+    assert 'ray_cml_node_type="llm_cpu_worker"' in scrape.text
+    for refused in ({}, {"Authorization": f"Bearer {key}"}):  # the endpoint key reads no figures
+        assert requests.get(f"{url}/metrics", headers=refused, timeout=30).status_code == 401
+    a_prometheus_scrapes(
+        f"{url}/metrics",
+        metrics_key,
+        ["ray_serve_deployment_request_counter_total", "ray_vllm_generation_tokens_total"],
+    )
+
+
+def a_prometheus_scrapes(metrics_url: str, metrics_key: str, series: list[str]) -> None:
+    """A real Prometheus (make test unpacks Debian's) scrapes the head's URL through the
+    emulator's play of CML's proxy with the metrics key, as docs/observability.md says, and
+    holds the series."""
+    if not PROMETHEUS:
+        print("no Prometheus here (RAY_CML_PROMETHEUS): `make test` provides one")
+        return
+    target = urlparse(metrics_url)
+    with tempfile.TemporaryDirectory(prefix="prom-") as work:
+        key_file = Path(work) / "metrics_key"
+        key_file.write_text(metrics_key)
+        config = {
+            "global": {"scrape_interval": "2s", "scrape_timeout": "2s"},
+            "scrape_configs": [
+                {
+                    "job_name": "ray-cml",
+                    "scheme": target.scheme,
+                    "metrics_path": target.path,
+                    "authorization": {"credentials_file": str(key_file)},
+                    "static_configs": [{"targets": [target.netloc]}],
+                }
+            ],
+        }
+        (Path(work) / "prometheus.yml").write_text(json.dumps(config))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        prometheus = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={work}/prometheus.yml",
+                f"--storage.tsdb.path={work}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+
+            def holds(name: str) -> bool:
+                try:
+                    answer = requests.get(
+                        f"http://127.0.0.1:{port}/api/v1/query",
+                        params={"query": f"count({name})"},
+                        timeout=5,
+                    ).json()
+                except (requests.RequestException, ValueError):
+                    return False
+                return bool(answer.get("data", {}).get("result"))
+
+            for name in series:
+                wait_until(lambda name=name: holds(name), 90, f"Prometheus holding {name}")
+        finally:
+            os.killpg(prometheus.pid, signal.SIGTERM)
+            prometheus.wait(30)
 
 
 def deployed(cluster: LocalCluster, serve_config: dict) -> None:

@@ -19,6 +19,7 @@ from ray_cml_provider.node.gateway import Gateway, Keys, Limits, RunningGateway,
 
 ENDPOINT_KEY = "endpoint-key-0123456789"
 RAY_TOKEN = "ray-token-abcdef"
+METRICS_KEY = "metrics-key-987654"
 
 
 class Recorder(ThreadingHTTPServer):
@@ -105,7 +106,13 @@ class Logged(list):
 
 @contextlib.contextmanager
 def gateway_on(
-    serve: Recorder, dashboard: Recorder, keys: Keys, limits: Limits | None = None, log=None
+    serve: Recorder,
+    dashboard: Recorder,
+    keys: Keys,
+    limits: Limits | None = None,
+    log=None,
+    metrics=None,
+    figures=None,
 ):
     """A gateway in front of the two recorders, closed after the ``with``."""
     gateway = Gateway(
@@ -114,6 +121,8 @@ def gateway_on(
         keys,
         log=log if log is not None else (lambda _: None),
         limits=limits,
+        metrics=metrics,
+        figures=figures,
     )
     running = RunningGateway(gateway, "127.0.0.1", 0)
     try:
@@ -125,7 +134,13 @@ def gateway_on(
 def key_files(tmp_path, locked: bool) -> Keys:
     (tmp_path / "endpoint_key").write_text(ENDPOINT_KEY + "\n")
     (tmp_path / "token").write_text(RAY_TOKEN)
-    return Keys(tmp_path / "endpoint_key", tmp_path / "token", locked=locked)
+    (tmp_path / "metrics_key").write_text(METRICS_KEY)
+    return Keys(
+        tmp_path / "endpoint_key",
+        tmp_path / "token",
+        locked=locked,
+        metrics_key_file=tmp_path / "metrics_key",
+    )
 
 
 @pytest.fixture
@@ -571,3 +586,132 @@ def test_the_gateway_bench_runs_and_prints_its_figures():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "hop (p50 difference):" in run.stdout and "events/s" in run.stdout
+
+
+class Exporter(ThreadingHTTPServer):
+    """A node's metrics export (Prometheus' text format), as Ray's agent serves it."""
+
+    daemon_threads = True
+
+    def __init__(self, ip: str, text: str) -> None:
+        outer = self
+        self.text = text
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = outer.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__((ip, 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"{self.server_address[0]}:{self.server_address[1]}"
+
+
+def export(node: str, requests: float) -> str:
+    return (
+        "# HELP ray_serve_num_http_requests_total The number of HTTP requests processed.\n"
+        "# TYPE ray_serve_num_http_requests_total counter\n"
+        f'ray_serve_num_http_requests_total{{route="/v1",SessionName="s"}} {requests}\n'
+        "# HELP ray_node_cpu_utilization Total CPU usage.\n"
+        "# TYPE ray_node_cpu_utilization gauge\n"
+        f'ray_node_cpu_utilization{{ip="{node}"}} 12.5\n'
+    )
+
+
+def test_metrics_gathers_every_nodes_export_with_its_labels_for_the_metrics_key(
+    upstreams, locked_keys, tmp_path
+):
+    """/metrics: every export the head's Ray lists, in one exposition, each sample labelled
+    with its node; the metrics key (either spelling) or Ray's token opens it, the endpoint
+    key does not; an export that does not answer is ray_cml_scrape_up 0."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ray_cml_provider.contract import NodeFolder, NodeInfo
+    from ray_cml_provider.node.cluster_metrics import ClusterMetrics, NodeMap
+    from ray_cml_provider.node.door_figures import DoorFigures
+
+    head, worker = Exporter("127.0.0.1", export("head", 3)), Exporter("127.0.0.2", export("w", 5))
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    discovery = tmp_path / "discovery.json"
+    targets = [head.target, worker.target, f"127.0.0.1:{gone.getsockname()[1]}"]
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
+    for node_id, kind, node_type, ip in (
+        ("aaaa0001", "head", "head", "127.0.0.1"),
+        ("bbbb0002", "worker", "gpu_worker", "127.0.0.2"),
+    ):
+        path = tmp_path / NodeFolder.of("c", node_id).info
+        path.parent.mkdir(parents=True)
+        path.write_bytes(NodeInfo(node_id, kind, ip, 6379, node_type=node_type).to_json())
+    nodes = NodeMap(tmp_path / ".ray-cml" / "c" / "nodes")
+    serve, dashboard = upstreams
+    figures = DoorFigures()
+    metrics = ClusterMetrics(discovery, nodes, timeout_s=2, own=("127.0.0.1", figures.exposition))
+    try:
+        with gateway_on(serve, dashboard, locked_keys, metrics=metrics, figures=figures) as running:
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+            serve.release_stream.set()
+            conn.request("GET", "/v1/stream", headers=bearer(ENDPOINT_KEY))  # a streamed answer
+            assert conn.getresponse().read().count(b"data: ") == 2
+            for refused in ({}, bearer(ENDPOINT_KEY), bearer("guess")):
+                conn.request("GET", "/metrics", headers=refused)
+                answer = conn.getresponse()
+                assert answer.status == 401 and b"metrics key" in answer.read()
+            for opens in (bearer(METRICS_KEY), {"X-Metrics-Key": METRICS_KEY}, bearer(RAY_TOKEN)):
+                conn.request("GET", "/metrics", headers=opens)
+                answer = conn.getresponse()
+                body = answer.read().decode()
+                assert answer.status == 200, body
+                assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            conn.request("GET", "/metrics?family=ray_node_cpu", headers=bearer(METRICS_KEY))
+            only = conn.getresponse().read().decode()
+            conn.request("POST", "/metrics", body=b"x", headers=bearer(METRICS_KEY))
+            answer = conn.getresponse()
+            assert answer.status == 405
+            answer.read()
+            assert dashboard.seen == []  # /metrics is served by the gateway itself
+    finally:
+        for server in (head, worker):
+            server.shutdown()
+            server.server_close()
+        gone.close()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    requests = {
+        s.labels["ray_cml_node"]: (s.labels, s.value)
+        for s in families["ray_serve_num_http_requests"].samples
+    }
+    assert requests["aaaa0001"][1] == 3 and requests["bbbb0002"][1] == 5
+    labels = requests["bbbb0002"][0]
+    assert labels["ray_cml_node_type"] == "gpu_worker" and labels["ray_cml_node_kind"] == "worker"
+    assert labels["route"] == "/v1" and labels["instance"] == worker.target
+    assert len(families["ray_node_cpu_utilization"].samples) == 2
+    up = {s.labels["instance"]: s.value for s in families["ray_cml_scrape_up"].samples}
+    assert up == {head.target: 1.0, worker.target: 1.0, targets[2]: 0.0, "127.0.0.1:gateway": 1.0}
+    # Asked for one family (ray-cml top asks for the few it shows): that one, picked before
+    # parsing, and whether each export answered.
+    picked = {f.name for f in text_string_to_metric_families(only)}
+    assert picked == {"ray_node_cpu_utilization", "ray_cml_scrape_up"}, only
+    assert only.count("ray_cml_scrape_up{") == 4 and " 0.0" in only
+    # The gateway's own figures, as the head's: the streamed answer, the refusals.
+    answered = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["ray_cml_gateway_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert answered[("v1", "200")] == 1 and answered[("metrics", "401")] == 3
+    streamed = [
+        s
+        for s in families["ray_cml_gateway_first_byte_seconds"].samples
+        if s.name.endswith("_count") and s.labels["streamed"] == "true"
+    ]
+    assert [s.value for s in streamed] == [1.0] and streamed[0].labels["ray_cml_node"] == "aaaa0001"

@@ -167,7 +167,11 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     provider.terminate_nodes([head, worker])
     launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     assert token_file.read_text() == token
-    assert sorted(p.name for p in token_file.parent.iterdir()) == ["endpoint_key", "token"]
+    assert sorted(p.name for p in token_file.parent.iterdir()) == [
+        "endpoint_key",
+        "metrics_key",
+        "token",
+    ]
 
     # Turned off: no token, and the node is told nothing.
     [off] = launch(
@@ -176,7 +180,7 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     off_app = client.list_applications({"name": f"ray-c2-head-{off}"})[0]
     assert "RAY_CML_AUTH_TOKEN_FILE" not in off_app.environment
     off_secrets = emulator.project_dir / ".ray-cml" / "c2" / "auth"
-    assert [p.name for p in off_secrets.iterdir()] == ["endpoint_key"]  # /v1 still asks
+    assert sorted(p.name for p in off_secrets.iterdir()) == ["endpoint_key", "metrics_key"]
     # The head's own autoscaler creates workers in its head's mode, whatever the config says.
     monkeypatch.setenv("RAY_CML_NODE_KIND", "head")
     assert make_provider("c2").ray_auth_mode == "disabled"

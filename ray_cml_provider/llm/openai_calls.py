@@ -21,6 +21,8 @@ class StreamedAnswer:
     done_at: float = 0.0
     pieces: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    prompt_tokens: int = 0  # from the stream's usage event
+    completion_tokens: int = 0
 
     @property
     def first_token_s(self) -> float | None:
@@ -50,6 +52,7 @@ def stream_chat(
             "max_tokens": max_tokens,
             "temperature": 0,
             "messages": [{"role": "user", "content": prompt}],
+            "stream_options": {"include_usage": True},
         },
         headers=headers,
         stream=True,
@@ -65,6 +68,9 @@ def stream_chat(
                 continue
             event = json.loads(line[6:])
             answer.fingerprint = event.get("system_fingerprint") or answer.fingerprint
+            usage = event.get("usage") or {}
+            answer.prompt_tokens = usage.get("prompt_tokens") or answer.prompt_tokens
+            answer.completion_tokens = usage.get("completion_tokens") or answer.completion_tokens
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") or ""
                 if piece:

@@ -45,6 +45,8 @@ class NodeContext:
         )
         key_file = self.spec.endpoint_key_file
         self.endpoint_key_path = self.mount(key_file) if key_file else None
+        metrics_file = self.spec.metrics_key_file
+        self.metrics_key_path = self.mount(metrics_file) if metrics_file else None
         self.api = ProjectAPI(env, log)
         self.state = "starting"
         self.life = 1  # which start of this node's application (a restart: 2, ...)

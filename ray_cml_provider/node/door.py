@@ -7,6 +7,7 @@ up."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from ray_cml_provider.node import bootstrap
 from ray_cml_provider.node.context import NodeContext, log
@@ -44,6 +45,34 @@ class Door:
         state = "its Python environment failed" if failed else self.ctx.state
         return bootstrap.status_line(self.ctx.spec, state)
 
+    @staticmethod
+    def door_figures():
+        """What callers see at the gateway (prometheus_client); None without it."""
+        try:
+            from ray_cml_provider.node.door_figures import DoorFigures
+        except ImportError as exc:
+            log(f"no gateway figures: {exc}")
+            return None
+        return DoorFigures()
+
+    def cluster_metrics(self, figures):
+        """Every live node's export, and the gateway's figures, at ``/metrics``
+        (prometheus_client, from the environment); None, with one line in the log, without
+        it."""
+        try:
+            from ray_cml_provider.node import cluster_metrics
+        except ImportError as exc:
+            log(f"no /metrics: {exc}")
+            return None
+
+        ctx = self.ctx
+        session_dir = Path(ctx.tmp_dir) / "ray" / "session_latest"
+        nodes = cluster_metrics.NodeMap(ctx.mount(f"{ctx.spec.cluster_dir}/nodes"))
+        own = (ctx.ip, figures.exposition) if figures is not None else None
+        return cluster_metrics.ClusterMetrics(
+            session_dir / cluster_metrics.DISCOVERY_FILE, nodes, own=own
+        )
+
     def open_gateway(self):
         """The gateway (aiohttp, from the node's environment); None, with one line in the log,
         when it cannot start."""
@@ -58,11 +87,20 @@ class Door:
             "serve": gateway.Upstream("127.0.0.1", spec.serve_port, "Ray Serve's HTTP proxy"),
             "dashboard": gateway.Upstream(ctx.ip, self.ports.dashboard, "the Ray dashboard"),
         }
+        keys = gateway.Keys(
+            endpoint_key_file=ctx.endpoint_key_path,
+            ray_token_file=ctx.token_path,
+            locked=spec.login_bypassed,
+            metrics_key_file=ctx.metrics_key_path,
+        )
+        figures = self.door_figures()
         running_gateway = gateway.Gateway(
             **upstreams,
-            keys=gateway.Keys(ctx.endpoint_key_path, ctx.token_path, spec.login_bypassed),
+            keys=keys,
             log=log,
             limits=gateway.Limits(idle_s=spec.gateway_idle_s),
+            metrics=self.cluster_metrics(figures),
+            figures=figures,
         )
         try:
             running = gateway.RunningGateway(running_gateway, ctx.ip, port)

@@ -51,9 +51,11 @@ import hmac
 import logging
 import resource
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -61,6 +63,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 ENDPOINT_KEY_HEADER = "X-Endpoint-Key"
+METRICS_KEY_HEADER = "X-Metrics-Key"
+METRICS_PATH = "/metrics"
 RAY_TOKEN_HEADER = "X-Ray-Authorization"
 RAY_TOKEN_COOKIE = "ray-authentication-token"
 # Headers that belong to one hop (RFC 9110 7.6.1), and the framing that aiohttp sets anew on
@@ -88,6 +92,7 @@ PROTECTED = {
     "authorization",
     RAY_TOKEN_HEADER.lower(),
     ENDPOINT_KEY_HEADER.lower(),
+    METRICS_KEY_HEADER.lower(),
     "cookie",
 }
 # The websocket handshake's own headers: aiohttp makes them again for the upstream.
@@ -135,6 +140,7 @@ class Keys:
     endpoint_key_file: Path | None = None
     ray_token_file: Path | None = None
     locked: bool = False
+    metrics_key_file: Path | None = None
     _cache: dict[Path, bytes] = field(default_factory=dict)
 
     def _read(self, path: Path | None) -> bytes | None:
@@ -154,6 +160,9 @@ class Keys:
 
     def ray_token(self) -> bytes | None:
         return self._read(self.ray_token_file)
+
+    def metrics_key(self) -> bytes | None:
+        return self._read(self.metrics_key_file)
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,28 @@ API_KEY_NEEDED = (
     f"or '{ENDPOINT_KEY_HEADER}: <key>'"
 )
 TOKEN_NEEDED = "this URL needs Ray's token: send 'Authorization: Bearer <token>'"
+METRICS_KEY_NEEDED = (
+    "/metrics needs the metrics key (`ray-cml metrics-key`): send 'Authorization: Bearer "
+    f"<key>' or '{METRICS_KEY_HEADER}: <key>'"
+)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+MAX_FAMILIES = 64  # ?family=... filters one /metrics answer takes
+
+
+class ClusterMetricsLike(Protocol):
+    """What serves ``/metrics`` (``cluster_metrics.ClusterMetrics``)."""
+
+    async def render(
+        self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()
+    ) -> bytes: ...
+
+
+class DoorFiguresLike(Protocol):
+    """What counts the callers (``door_figures.DoorFigures``)."""
+
+    def answered(self, route: str, status: int) -> None: ...
+
+    def first_byte_after(self, route: str, streamed: bool, seconds: float) -> None: ...
 
 
 class Refused(Exception):
@@ -222,6 +253,22 @@ class Rules:
     def is_api(raw_target: str) -> bool:
         path = raw_target.split("?", 1)[0]
         return path == "/v1" or path.startswith("/v1/")
+
+    @staticmethod
+    def is_metrics(raw_target: str) -> bool:
+        return raw_target.split("?", 1)[0] == METRICS_PATH
+
+    def admit_scraper(self, request: web.BaseRequest) -> bool:
+        """``/metrics``: the metrics key (figures only), or Ray's token."""
+        headers = request.headers
+        authorization = _bearer(headers.get("Authorization", ""))
+        key, token = self.keys.metrics_key(), self.keys.ray_token()
+        return (
+            _same(authorization, key)
+            or _same(_plain(headers.get(METRICS_KEY_HEADER, "")), key)
+            or _same(authorization, token)
+            or _same(_bearer(headers.get(RAY_TOKEN_HEADER, "")), token)
+        )
 
     def admit(self, request: web.BaseRequest, api: bool) -> bool:
         headers = request.headers
@@ -288,9 +335,13 @@ class Gateway:
         keys: Keys,
         log: Callable[[str], None] = print,
         limits: Limits | None = None,
+        metrics: ClusterMetricsLike | None = None,
+        figures: DoorFiguresLike | None = None,
     ) -> None:
         self.serve = serve
         self.dashboard = dashboard
+        self.metrics = metrics  # the cluster's exports at /metrics (cluster_metrics.py)
+        self.figures = figures  # what callers see at this door (door_figures.py)
         self.rules = Rules(keys)
         self.log = log
         self.limits = limits or Limits()
@@ -300,10 +351,24 @@ class Gateway:
     # ---------------------------------------------------------------- serving
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        arrived = time.monotonic()
+        response = await self.answer(request, arrived)
+        if self.figures is not None:
+            self.figures.answered(self.route_of(request), response.status)
+        return response
+
+    def route_of(self, request: web.BaseRequest) -> str:
+        if self.rules.is_api(request.raw_path):
+            return "v1"
+        return "metrics" if self.rules.is_metrics(request.raw_path) else "dashboard"
+
+    async def answer(self, request: web.BaseRequest, arrived: float) -> web.StreamResponse:
         rules = self.rules
         api = rules.is_api(request.raw_path)
         try:
             named = rules.check_connection_header(request)
+            if self.metrics is not None and rules.is_metrics(request.raw_path):
+                return await self.serve_metrics(request)
             if not rules.admit(request, api):
                 self.refused += 1
                 raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
@@ -316,9 +381,20 @@ class Gateway:
                 return await self.relay_websocket(request, upstream, headers)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return await self.forward(request, upstream, headers, limit)
+            route = "v1" if api else "dashboard"
+            return await self.forward(request, upstream, headers, limit, (route, arrived))
         except Refused as refusal:
             return self.refusal(refusal)
+
+    async def serve_metrics(self, request: web.BaseRequest) -> web.Response:
+        if not self.rules.admit_scraper(request):
+            self.refused += 1
+            raise Refused(401, METRICS_KEY_NEEDED)
+        if request.method not in ("GET", "HEAD") or request.body_exists:
+            raise Refused(405, "/metrics answers GET only")
+        families = tuple(f for f in request.query.getall("family", []) if f)[:MAX_FAMILIES]
+        body = await self.metrics.render(self.session(), families)
+        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_TEXT})
 
     def refusal(self, refusal: Refused) -> web.Response:
         extra = {"WWW-Authenticate": 'Bearer realm="ray-cml"'} if refusal.status == 401 else {}
@@ -329,7 +405,12 @@ class Gateway:
         return response
 
     async def forward(
-        self, request: web.BaseRequest, upstream: Upstream, headers: CIMultiDict, limit: int
+        self,
+        request: web.BaseRequest,
+        upstream: Upstream,
+        headers: CIMultiDict,
+        limit: int,
+        timing: tuple[str, float],
     ) -> web.StreamResponse:
         body: bytes | AsyncIterator[bytes] | None = None
         replayable = not request.body_exists
@@ -383,9 +464,15 @@ class Gateway:
             if answer.content_length is not None and "Content-Encoding" not in answer.headers:
                 response.content_length = answer.content_length
             await response.prepare(request)
+            streamed = answer.headers.get("Content-Type", "").startswith("text/event-stream")
+            first = True
             try:
                 async for piece in answer.content.iter_any():
                     await response.write(piece)
+                    if first and self.figures is not None:
+                        first = False
+                        route, arrived = timing
+                        self.figures.first_byte_after(route, streamed, time.monotonic() - arrived)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # The answer is cut: end the caller's connection so it cannot look whole.
                 self.log(f"gateway: {upstream.name} broke off an answer: {printable(exc)}")

@@ -94,7 +94,7 @@ def secure_secrets(ctx: NodeContext) -> None:
     """Wait for the cluster's token (and, on a head, its endpoint key) to show on the mount
     (``ray up`` wrote them through the API before creating the node), then make them
     owner-only. Raises ``NoToken``."""
-    files = [path for path in (ctx.token_path, ctx.endpoint_key_path) if path]
+    files = [path for path in (ctx.token_path, ctx.endpoint_key_path, ctx.metrics_key_path) if path]
     if not files:
         return
     started = time.monotonic()
@@ -103,7 +103,9 @@ def secure_secrets(ctx: NodeContext) -> None:
         missing = next(path for path in files if not path.is_file())
         waited = time.monotonic() - started
         if waited > TOKEN_WAIT_S:
-            what = "Ray token" if missing == ctx.token_path else "endpoint key"
+            what = {ctx.token_path: "Ray token", ctx.endpoint_key_path: "endpoint key"}.get(
+                missing, "metrics key"
+            )
             raise NoToken(
                 f"ray-cml: the cluster's {what} ({missing}) is not in the project after "
                 f"{waited:.0f} s; `ray down` and `ray up` make a new one"
@@ -165,6 +167,7 @@ def prepare(ctx: NodeContext, ports: NodePorts) -> None:
     info = NodeInfo(
         node_id=spec.node_id,
         kind=spec.kind,
+        node_type=spec.node_type,
         ip=ctx.ip,
         gcs_port=ports.gcs,
         client_port=ports.client,

@@ -60,7 +60,7 @@ from ray_cml_provider.contract import (
 )
 from ray_cml_provider.errors import HeadDidNotStart, ends_command
 from ray_cml_provider.node import watchdog as node_watchdog
-from ray_cml_provider.provider import endpoint, ray_auth
+from ray_cml_provider.provider import endpoint, metrics_key, ray_auth
 from ray_cml_provider.provider.config import (
     ClusterConfigError,
     node_type_resources,
@@ -348,6 +348,10 @@ class CMLNodeProvider(NodeProvider):
             self.client.delete_file(gcs_state_path(self.cluster_name), missing_ok=True)
         if kind == NODE_KIND_HEAD and endpoint.ensure_endpoint_key(self.client, self.cluster_name):
             logger.info("created the endpoint key of cluster %s", self.cluster_name)
+        if kind == NODE_KIND_HEAD and metrics_key.ensure_metrics_key(
+            self.client, self.cluster_name
+        ):
+            logger.info("created the metrics key of cluster %s", self.cluster_name)
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
         request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
         in_flight = self._launches.in_flight(request_id, node_type)
@@ -494,14 +498,16 @@ class CMLNodeProvider(NodeProvider):
             setup_commands=internal.get("setup_commands", []),
             **ray_auth.node_spec_fields(self.cluster_name, self.ray_auth_mode),
         )
-        ray_env = {  # Ray's own variables
-            "RAY_CLOUD_INSTANCE_ID": node_id,
-            "RAY_NODE_TYPE_NAME": tags.get(TAG_RAY_USER_NODE_TYPE, ""),
-        }
+        spec.node_type = tags.get(TAG_RAY_USER_NODE_TYPE, "")  # RAY_NODE_TYPE_NAME, Ray's too
+        ray_env = {"RAY_CLOUD_INSTANCE_ID": node_id}  # Ray's own variables
         if kind == NODE_KIND_HEAD:
             spec.autostop_minutes = float(self.provider_config.get("autostop_minutes") or 0)
             bypass = endpoint.bypasses_login(node_config)
-            for key, value in endpoint.node_spec_fields(self.cluster_name, bypass).items():
+            head_fields = {
+                **endpoint.node_spec_fields(self.cluster_name, bypass),
+                **metrics_key.node_spec_fields(self.cluster_name),
+            }
+            for key, value in head_fields.items():
                 setattr(spec, key, value)
         if kind == NODE_KIND_WORKER:
             spec.head_node_id, spec.head_ip, spec.head_gcs_port = self._head_address()
