@@ -46,9 +46,13 @@ def assert_secrets_nowhere(
     cluster: LocalCluster, outputs: list[str], token: str, nodes_alive: bool = True
 ) -> None:
     """The user's API key is in no application, project file, engine log, Ray log of a live
-    node, or CLI output; nor is the cluster's Ray token, outside its own file."""
+    node, or CLI output; nor are the cluster's Ray token and its metrics key, outside their
+    own files."""
+    auth = cluster.emulator.project_dir / ".ray-cml" / cluster.cluster_name / "auth"
     secrets = {"key": cluster.emulator.api_key, "Ray token": token}
-    token_file = cluster.emulator.project_dir / ".ray-cml" / cluster.cluster_name / "auth" / "token"
+    if (auth / "metrics_key").exists():
+        secrets["metrics key"] = (auth / "metrics_key").read_text().strip()
+    own_files = {auth / "token", auth / "metrics_key"}
     for app in cluster.applications():
         for what, secret in secrets.items():
             assert secret not in json.dumps(app.raw), f"{what} in application {app.name}"
@@ -60,7 +64,7 @@ def assert_secrets_nowhere(
             checked += 1
             data = path.read_bytes()
             for what, secret in secrets.items():
-                if path != token_file:
+                if path not in own_files:
                     assert secret.encode() not in data, f"{what} in {path}"
     if nodes_alive:
         assert checked > 10, f"the sweep should have read the nodes' logs: {places}"
