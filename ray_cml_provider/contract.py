@@ -328,6 +328,9 @@ class NodeSpec(_Variables):
     head_node_id: str = _var("RAY_CML_HEAD_NODE_ID")
     head_ip: str = _var("RAY_HEAD_IP")
     head_gcs_port: int = _var("RAY_HEAD_GCS_PORT", 0, _INT)
+    # The head's application port: bound to the head's own address only (Ray's GCS listens
+    # on every address), so it tells this head from another on the same machine.
+    head_app_port: int = _var("RAY_CML_HEAD_APP_PORT", 0, _INT)
 
     @property
     def is_head(self) -> bool:

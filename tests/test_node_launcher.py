@@ -299,3 +299,23 @@ def test_a_worker_follows_its_restarted_head_to_its_new_address(tmp_path, monkey
     second.close()  # and now no head answers anywhere: the worker leaves
     running.join(30)
     assert outcome == [0] and left == [True]
+
+
+def test_a_head_is_its_own_application_port_too():
+    """Ray's GCS listens on every address: on one machine another cluster's new head may
+    take a dead head's GCS port. The head's application port is bound to its own address:
+    when it does not answer, the head is gone, whoever answers on the GCS port."""
+    from ray_cml_provider.node.worker import HeadAddress
+
+    gcs, app = FakeGCS(), FakeGCS()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    try:
+        assert HeadAddress("127.0.0.1", gcs.port, app.port).answers()
+        assert HeadAddress("127.0.0.1", gcs.port).answers()  # not told the port: GCS only
+        assert not HeadAddress("127.0.0.1", gcs.port, closed.getsockname()[1]).answers()
+        assert not HeadAddress("127.0.0.1", closed.getsockname()[1], app.port).answers()
+    finally:
+        for sock in (gcs, app):
+            sock.close()
+        closed.close()

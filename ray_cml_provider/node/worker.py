@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass
 
 from ray_cml_provider.contract import NodeFolder, NodeInfo, NodeSpec
 from ray_cml_provider.node.commands import Abandoned, Commands, command_failure
@@ -37,12 +38,36 @@ def reachable(ip: str, port: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class HeadAddress:
+    ip: str
+    gcs_port: int
+    app_port: int = 0  # 0: not known (a head from before workers were told it)
+
+    def answers(self) -> bool:
+        """The head's GCS answers, and (when known) its application port. Ray's GCS listens
+        on every address of its machine, so on one machine (the emulator) another cluster's
+        new head can take a dead head's GCS port; the application port is bound to the
+        head's own address only, so it answers for this head alone."""
+        if not reachable(self.ip, self.gcs_port):
+            return False
+        return not self.app_port or reachable(self.ip, self.app_port)
+
+    @property
+    def ray_env(self) -> dict[str, str]:
+        return {
+            NodeSpec.var("head_ip"): self.ip,
+            NodeSpec.var("head_gcs_port"): str(self.gcs_port),
+        }
+
+
 class HeadWatch:
     """Where the worker's head is, and since when it has been unreachable."""
 
     def __init__(self, ctx: NodeContext):
         self.ctx = ctx
-        self.address = (ctx.spec.head_ip, ctx.spec.head_gcs_port or 6379)
+        spec = ctx.spec
+        self.address = HeadAddress(spec.head_ip, spec.head_gcs_port or 6379, spec.head_app_port)
         self.lost_since: float | None = None
         self._next_check = 0.0
         self._next_new_address_check = 0.0
@@ -54,7 +79,7 @@ class HeadWatch:
         if now < self._next_check:
             return False
         self._next_check = now + HEAD_CHECK_S
-        if reachable(*self.address):
+        if self.address.answers():
             self.lost_since = None
             return False
         if self.lost_since is None:
@@ -62,7 +87,7 @@ class HeadWatch:
             log("the head is unreachable")
         return now - self.lost_since > self.ctx.spec.head_lost_timeout_s
 
-    def new_address(self) -> tuple[str, int] | None:
+    def new_address(self) -> HeadAddress | None:
         """With head recovery, while the head is unreachable: the address its restarted
         application published, once its GCS answers there (every few seconds, one API
         call, or the mount without one); None while there is none."""
@@ -78,12 +103,12 @@ class HeadWatch:
             info = NodeInfo.from_json(data or b"")
         except ValueError:
             return None
-        address = (info.ip, info.gcs_port)
-        if address == self.address or not reachable(*address):
+        address = HeadAddress(info.ip, info.gcs_port, info.app_port)
+        if address == self.address or not address.answers():
             return None
         return address
 
-    def moved_to(self, address: tuple[str, int]) -> None:
+    def moved_to(self, address: HeadAddress) -> None:
         self.address = address
         self.lost_since = None
 
@@ -125,10 +150,8 @@ class Worker:
             self.ctx.publish(self.ctx.folder.failure, self.commands.environment.error.encode())
             return False
         self.ctx.state = "starting Ray"
-        ip, port = self.head.address
         ray_env = {
-            NodeSpec.var("head_ip"): ip,
-            NodeSpec.var("head_gcs_port"): str(port),
+            **self.head.address.ray_env,
             "RAY_CLOUD_INSTANCE_ID": self.ctx.spec.node_id,  # Ray's: the node's cloud id
         }
         log_path = self.ctx.mount(self.ctx.folder.setup_log)
@@ -147,10 +170,10 @@ class Worker:
                 return False
         return True
 
-    def rejoin(self, address: tuple[str, int]) -> None:
+    def rejoin(self, address: HeadAddress) -> None:
         """Start this worker's Ray again against the restarted head: the same node (cloud
         instance id) with the same resources. Raises ``HeadGone`` when that fails."""
-        log(f"the head is back at {address[0]}:{address[1]}: starting Ray again against it")
+        log(f"the head is back at {address.ip}:{address.gcs_port}: starting Ray again against it")
         self.ctx.state = "rejoining the restarted head"
         stop_ray_of_this_node(grace_s=5, ray_tmp_dir=self.ctx.tmp_dir)
         self.head.moved_to(address)

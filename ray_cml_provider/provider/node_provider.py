@@ -510,7 +510,8 @@ class CMLNodeProvider(NodeProvider):
             for key, value in head_fields.items():
                 setattr(spec, key, value)
         if kind == NODE_KIND_WORKER:
-            spec.head_node_id, spec.head_ip, spec.head_gcs_port = self._head_address()
+            head = self._head_address()
+            spec.head_node_id, spec.head_ip, spec.head_gcs_port, spec.head_app_port = head
             spec.start_commands = internal.get("start_commands", [])
             ray_env["RAY_OVERRIDE_RESOURCES"] = json.dumps(resources)
             ray_env["RAY_OVERRIDE_LABELS"] = json.dumps(labels)
@@ -534,13 +535,14 @@ class CMLNodeProvider(NodeProvider):
                 body[key] = node_config[key]
         return node_id, body
 
-    def _head_address(self) -> tuple[str, str, int]:
-        """The head's node id and where workers find its GCS: known directly inside the head,
-        else from its launcher."""
+    def _head_address(self) -> tuple[str, str, int, int]:
+        """The head's node id, and where workers find its GCS and its application port: known
+        directly inside the head, else from its launcher."""
         here = _here()
         if here.is_head and os.environ.get("CDSW_IP_ADDRESS"):
             port = int(os.environ.get(CommandVar.GCS_PORT) or 6379)
-            return here.node_id, os.environ["CDSW_IP_ADDRESS"], port
+            app_port = int(os.environ.get("CDSW_APP_PORT") or 0)
+            return here.node_id, os.environ["CDSW_IP_ADDRESS"], port, app_port
         heads = self.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
         if not heads:
             raise NodeLaunchException("NoHead", "the cluster has no running head", None)
@@ -551,7 +553,7 @@ class CMLNodeProvider(NodeProvider):
             try:
                 folder = NodeFolder.of(self.cluster_name, heads[0])
                 info = NodeInfo.from_json(self.client.download_file(folder.info))
-                return heads[0], info.ip, info.gcs_port
+                return heads[0], info.ip, info.gcs_port, info.app_port
             except (CMLNotFoundError, ValueError):
                 if time.monotonic() > deadline:
                     raise NodeLaunchException(
