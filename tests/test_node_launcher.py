@@ -319,3 +319,33 @@ def test_a_head_is_its_own_application_port_too():
         for sock in (gcs, app):
             sock.close()
         closed.close()
+
+
+def test_a_worker_whose_head_goes_away_while_its_ray_starts_leaves(tmp_path, monkeypatch):
+    """The head deleted while the worker's `ray start` waits on it: the start is ended and
+    the worker deletes its application (it must not fail and stay, billing)."""
+    from ray_cml_provider.node import worker as worker_module
+    from ray_cml_provider.node.worker import Worker
+
+    head = FakeGCS()
+    node = launcher(
+        tmp_path,
+        monkeypatch,
+        RAY_HEAD_IP="127.0.0.1",
+        RAY_HEAD_GCS_PORT=str(head.port),
+        RAY_CML_HEAD_LOST_TIMEOUT_S="0.3",
+        RAY_CML_START_COMMANDS=json.dumps(["sleep 60  # a ray start waiting on its head"]),
+    )
+    left = []
+    monkeypatch.setattr(worker_module, "stop_ray_of_this_node", lambda **kw: None)
+    monkeypatch.setattr(worker_module, "HEAD_CHECK_S", 0.1)
+    monkeypatch.setattr(node.ctx, "delete_own_application", lambda: left.append(True))
+    prepare(node.ctx, node.ports)
+    worker = Worker(node.ctx, node.commands, node.mailbox)
+    outcome: list[int] = []
+    running = threading.Thread(target=lambda: outcome.append(worker.run()), daemon=True)
+    running.start()
+    wait_until(lambda: node.ctx.state == "starting Ray", 30, "the worker's ray start")
+    head.close()
+    running.join(30)
+    assert outcome == [0] and left == [True]

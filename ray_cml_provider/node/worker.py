@@ -121,13 +121,14 @@ class Worker:
         self.head = HeadWatch(ctx)
 
     def run(self) -> int:
-        """Start Ray; then serve the mailbox and watch the head until it is gone."""
-        if not self.start_ray(self.ctx.spec.setup_commands + self.ctx.spec.start_commands):
-            stop_ray_of_this_node(ray_tmp_dir=self.ctx.tmp_dir)
-            return 1
-        self.ctx.state = "running Ray"
-        log("Ray started; watching the head")
+        """Start Ray; then serve the mailbox and watch the head until it is gone (also while
+        Ray starts: a head that goes away then is left just the same)."""
         try:
+            if not self.start_ray(self.ctx.spec.setup_commands + self.ctx.spec.start_commands):
+                stop_ray_of_this_node(ray_tmp_dir=self.ctx.tmp_dir)
+                return 1
+            self.ctx.state = "running Ray"
+            log("Ray started; watching the head")
             while True:
                 self.mailbox.serve_once()
                 if self.head.gone_too_long():
