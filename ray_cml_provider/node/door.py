@@ -7,6 +7,7 @@ up."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_cml_provider.node import bootstrap
@@ -15,7 +16,7 @@ from ray_cml_provider.node.ports import NodePorts
 
 
 class Door:
-    def __init__(self, ctx: NodeContext, ports: NodePorts, environment_error: callable):
+    def __init__(self, ctx: NodeContext, ports: NodePorts, environment_error: Callable[[], str]):
         self.ctx = ctx
         self.ports = ports
         self.environment_error = environment_error  # () -> str, '' when the environment is ready
