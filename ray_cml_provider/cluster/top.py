@@ -464,6 +464,8 @@ def collect_top(
         top.deployments = serve_figures(timeline)
         top.models = model_figures(timeline)
     use = node_use(timeline.last) if timeline is not None else {}
+    if timeline is not None:  # the nodes as they are at the window's end, not its start
+        status = collect_status(config, client, ray_view="auto")
     for row in status.nodes:
         if row.node_id == "-":
             top.pending_nodes.append(row.node_type)
