@@ -442,7 +442,8 @@ def collect_top(
     """Scrapes over ``interval_s`` (``watch``), the cluster's status, the autoscaler's
     decisions."""
     cluster = config["cluster_name"]
-    status = collect_status(config, client, ray_view="auto")
+    # Where the head is (CML's side only: Ray's view is read once, after the window).
+    status = collect_status(config, client, ray_view="none")
     top = TopReport(cluster, interval_s)
     key = read_metrics_key(client, cluster)
     timeline = None
@@ -464,8 +465,7 @@ def collect_top(
         top.deployments = serve_figures(timeline)
         top.models = model_figures(timeline)
     use = node_use(timeline.last) if timeline is not None else {}
-    if timeline is not None:  # the nodes as they are at the window's end, not its start
-        status = collect_status(config, client, ray_view="auto")
+    status = collect_status(config, client, ray_view="auto")  # the nodes at the window's end
     for row in status.nodes:
         if row.node_id == "-":
             top.pending_nodes.append(row.node_type)

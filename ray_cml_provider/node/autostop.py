@@ -88,10 +88,12 @@ class Autostop:
         except ProjectAPIError as exc:
             log(f"autostop: could not list the cluster's applications: {exc}")
             others = []
-        for name, _node in sorted(others, key=lambda n: n[1].kind == HEAD):  # workers first
+        # Workers first, by the ids just listed (no second lookup per name).
+        for app_id, name, _node in sorted(others, key=lambda app: app[2].kind == HEAD):
             if name != ctx.spec.app_name:
                 try:
-                    ctx.api.delete_application_named(name)
+                    log(f"autostop: deleting application {name} ({app_id})")
+                    ctx.api.delete_application(app_id)
                 except ProjectAPIError as exc:
                     log(f"autostop: could not delete {name}: {exc}")
         ctx.delete_own_application()

@@ -100,14 +100,14 @@ class NodeContext:
     def delete_own_application(self) -> None:
         self.delete_application(self.spec.app_name)
 
-    def cluster_applications(self) -> list[tuple[str, NodeName]]:
-        """(name, node) of every application of this cluster, read as the provider reads
-        them (``parse_application``: cluster ``c`` is not cluster ``c-2``)."""
+    def cluster_applications(self) -> list[tuple[str, str, NodeName]]:
+        """(id, name, node) of every application of this cluster, read as the provider
+        reads them (``parse_application``: cluster ``c`` is not cluster ``c-2``)."""
         found = []
-        for _, name, description in self.api.applications_named(
+        for app_id, name, description in self.api.applications_named(
             application_prefix(self.spec.cluster)
         ):
             parsed = parse_application(name, description)
             if parsed and parsed[0].cluster == self.spec.cluster:
-                found.append((name, parsed[0]))
+                found.append((app_id, name, parsed[0]))
         return found

@@ -43,7 +43,7 @@ class Mailbox:
 
     def serve_once(self) -> None:
         """Start each new request in its own thread."""
-        names = NodeFolder.request_names(p.name for p in self.inbox.glob("*"))
+        names = self.names_on_mount()
         now = time.monotonic()
         if self.ctx.api.available and now >= self._next_api_poll:
             idle_s = API_POLL_IDLE_S.get(self.ctx.spec.kind, 15.0)
@@ -59,6 +59,9 @@ class Mailbox:
             self.done.add(name)
             self._busy_until = time.monotonic() + BUSY_FOR_S
             threading.Thread(target=self.run, args=(name, request), daemon=True).start()
+
+    def names_on_mount(self) -> set[str]:
+        return NodeFolder.request_names(p.name for p in self.inbox.glob("*"))
 
     def names_through_api(self) -> set[str]:
         return NodeFolder.request_names(self.ctx.api.list_names(self.ctx.folder.inbox))
@@ -100,7 +103,7 @@ class Mailbox:
     def answer_unanswered(self, message: str) -> None:
         """A restarted head: answer what the old life was running when it died (its caller
         waits for an answer; running it again could repeat a job), and never run it."""
-        pending = NodeFolder.request_names(p.name for p in self.inbox.glob("*"))
+        pending = self.names_on_mount()
         with contextlib.suppress(ProjectAPIError):
             pending |= self.names_through_api()
         outbox = self.ctx.mount(self.ctx.folder.outbox)

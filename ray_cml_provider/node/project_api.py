@@ -155,11 +155,6 @@ class ProjectAPI:
         with contextlib.suppress(NotFound):
             self._call("DELETE", "/files/" + urllib.parse.quote(path))
 
-    def replace(self, path: str, data: bytes) -> None:
-        """Write ``path`` whether or not it exists (CML never overwrites on upload)."""
-        self.delete(path)
-        self.upload(path, data)
-
     # -------------------------------------------------------------- applications
 
     def applications_named(self, prefix: str) -> list[tuple[str, str, str]]:
