@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_cml_provider.cluster.top import FAMILIES, SCRAPE_EVERY_S
+from ray_cml_provider.figures import FAMILIES, SCRAPE_EVERY_S
 
 EXPORTER = r"""
 import sys

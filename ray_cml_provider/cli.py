@@ -31,6 +31,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.top",
         "what the cluster and its models do now: requests, latency, tokens, nodes (--json)",
     ),
+    "history": (
+        "ray_cml_provider.ops.history",
+        "what past runs of a cluster did, after they are gone: jobs, logs, nodes, autoscaler",
+    ),
     "endpoint-key": (
         "ray_cml_provider.ops.endpoint_key",
         "print the key callers of the head's URL send when it bypasses CML's login",

@@ -12,12 +12,15 @@ the project. This module is everything they must agree on, and nothing else spel
   the autostop record, and each node's folder (``NodeFolder``): the address its launcher
   publishes (``node.json``), why it gave up (``failure.txt``), its mailbox (``inbox/``,
   ``outbox/``), its recovery record and its autoscaler watchdog's record;
+- **the clusters' history**, ``.ray-cml/_history/<cluster>/<run>.json``: outside the
+  cluster's folder, so it outlives ``ray down`` (``HistoryRecord``);
 - **variables**: what the provider sets on a node's application (``NodeSpec``), what the
   bootstrap hands the launcher (``Handoff``), what every command of a node sees
   (``CommandVar``);
 - **records**, each a dataclass with one JSON round-trip (``to_json``/``from_json``, the
   latter raising ``ValueError`` for anything else): ``NodeInfo``, ``Request`` and ``Result``
-  (the mailbox), ``RecoveryRecord``, ``AutostopRecord``, ``AutoscalerRecord``;
+  (the mailbox), ``RecoveryRecord``, ``AutostopRecord``, ``AutoscalerRecord``,
+  ``HistoryRecord``;
 - the ``ray start --head`` pattern a head's recovery and ``ray up``'s runner both look for.
 
 Standard library only: the node's bootstrap imports it before anything is installed (it is
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -99,7 +103,10 @@ def parse_application(name: str, description: str) -> tuple[NodeName, dict[str, 
 # ---------------------------------------------------------------------- the cluster's folder
 
 CLUSTERS_DIR = ".ray-cml"
-LEDGER_ENTRY = re.compile(r"(?P<id>[0-9a-f]+)_(?P<gpus>\d+)_(?P<start>\d+)_(?P<end>\d+)")
+SAFE_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+LEDGER_ENTRY = re.compile(
+    r"(?P<id>[0-9a-f]+)_(?P<gpus>\d+)_(?P<start>\d+)_(?P<end>\d+)(?:_(?P<type>.+))?"
+)
 
 
 def cluster_dir(cluster_name: str) -> str:
@@ -134,21 +141,53 @@ def autostop_record_path(cluster_name: str) -> str:
     return f"{cluster_dir(cluster_name)}/autostopped.json"
 
 
+HISTORY_DIR = f"{CLUSTERS_DIR}/_history"  # "_" cannot begin a cluster's name
+HISTORY_RUN = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+
+
+def history_dir(cluster_name: str = "") -> str:
+    """Where the head keeps its cluster's runs (``node/history.py``); ``ray down`` and
+    ``ray-cml gc`` delete the cluster's folder but not this one."""
+    return f"{HISTORY_DIR}/{cluster_name}" if cluster_name else HISTORY_DIR
+
+
+def history_run_name(started_at: float, head_id: str) -> str:
+    """A run's name: when its head's Ray started (UTC), then the head; sorts by time."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started_at)) + f"-{head_id}"
+
+
 def ledger_dir(cluster_name: str) -> str:
-    """The GPU ledger: one empty file per deleted GPU node, ``<id>_<gpus>_<start>_<end>``,
-    so GPU-hours since the cluster started survive scale-down with one list call."""
+    """The GPU ledger: one empty file per deleted GPU node, ``<id>_<gpus>_<start>_<end>``
+    and ``_<node type>`` when the type's name is safe in a file name, so GPU-hours since
+    the cluster started survive scale-down with one list call."""
     return f"{cluster_dir(cluster_name)}/ledger"
 
 
-def ledger_entry(node_id: str, gpus: int, start_s: float, end_s: float) -> str:
-    return f"{node_id}_{gpus}_{int(start_s)}_{int(end_s)}"
+@dataclass(frozen=True)
+class LedgerEntry:
+    node_id: str
+    gpus: int
+    start_s: float
+    end_s: float
+    node_type: str = ""
 
+    @property
+    def file_name(self) -> str:
+        name = f"{self.node_id}_{self.gpus}_{int(self.start_s)}_{int(self.end_s)}"
+        return name + (f"_{self.node_type}" if SAFE_TYPE.fullmatch(self.node_type) else "")
 
-def parse_ledger_entry(file_name: str) -> tuple[str, int, float, float] | None:
-    match = LEDGER_ENTRY.fullmatch(file_name)
-    if not match:
-        return None
-    return match["id"], int(match["gpus"]), float(match["start"]), float(match["end"])
+    @classmethod
+    def parse(cls, file_name: str) -> LedgerEntry | None:
+        match = LEDGER_ENTRY.fullmatch(file_name)
+        if not match:
+            return None
+        return cls(
+            match["id"],
+            int(match["gpus"]),
+            float(match["start"]),
+            float(match["end"]),
+            match["type"] or "",
+        )
 
 
 @dataclass(frozen=True)
@@ -324,6 +363,8 @@ class NodeSpec(_Variables):
     autoscaler_stuck_s: float = _var("RAY_CML_AUTOSCALER_STUCK_S", 60.0, _FLOAT)
     serve_port: int = _var("RAY_CML_SERVE_PORT", 8000, _INT)
     autostop_minutes: float = _var("RAY_CML_AUTOSTOP_MINUTES", 0.0, _FLOAT)
+    prometheus: str = _var("RAY_CML_HEAD_PROMETHEUS", "auto")  # node/prometheus.py
+    history_every_s: float = _var("RAY_CML_HISTORY_EVERY_S", 60.0, _FLOAT)  # node/history.py
     # worker only: where its head is (the cluster YAML's start commands use the last two)
     head_node_id: str = _var("RAY_CML_HEAD_NODE_ID")
     head_ip: str = _var("RAY_HEAD_IP")
@@ -416,6 +457,7 @@ class NodeInfo(_Record):
     pid: int = 0
     started_at: float = 0.0
     life: int = 1  # which start of the node's application (CML restarts a failed one)
+    prometheus_port: int = 0  # the head's Prometheus for the dashboard, on its loopback
 
 
 @dataclass
@@ -428,6 +470,7 @@ class Request(_Record):
     env: dict[str, str] = field(default_factory=dict)
     files: list = field(default_factory=list)  # {"path", "data" (base64), "mode"?}
     report: str = ""
+    history: bool = True  # False: ray-cml's own question (status, top), not the user's work
 
     ENVIRONMENT_REPORT: ClassVar[str] = "environment"
 
@@ -488,3 +531,33 @@ class AutoscalerRecord(_Record):
     last_restart_at: float
     stalled_s: float
     stacks: str = ""
+
+
+@dataclass
+class HistoryRecord(_Record):
+    """One run of a cluster (a life of its head's Ray), kept after the cluster is gone:
+    written by the head every ``NodeSpec.history_every_s`` and when its Ray stops
+    (``node/history.py``), read by ``ray-cml history``. Bounded in size; no secret in it."""
+
+    cluster: str
+    run: str  # history_run_name
+    head: str  # the head's node id
+    started_at: float
+    updated_at: float = 0.0
+    ended_at: float = 0.0  # 0 while the run goes on (or its head was lost unseen)
+    ended_by: str = ""  # "ray stop" | "autostop" | "head lost" | ...
+    # {id, type, entrypoint, status, message, start_time, end_time, log_tail}
+    jobs: list = field(default_factory=list)
+    # {cmd, started_at, ended_at, exit_status, output_tail}: ray up/exec/submit's commands
+    commands: list = field(default_factory=list)
+    serve: dict = field(default_factory=dict)  # application -> {status, message, deployments}
+    autoscaler: list = field(default_factory=list)  # monitor.log's decisions, with times
+    # {node_id, kind, node_type, gpus, started_at, ended_at, gpu_hours}
+    nodes: list = field(default_factory=list)
+    gpu_hours: float = 0.0
+    top: dict = field(default_factory=dict)  # the last figures (cluster/top.py's TopReport)
+    notes: list = field(default_factory=list)  # what could not be read, and why
+
+    @property
+    def is_open(self) -> bool:
+        return not self.ended_at

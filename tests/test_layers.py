@@ -1,7 +1,8 @@
 """The package's floors: each module imports only from its own floor or below, and no two
 modules import each other, directly or round about (imports inside functions count).
 
-    0  version, errors, the contract between provider and node (contract), the node side
+    0  version, errors, the contract between provider and node (contract), the figures'
+       arithmetic (figures), the node side
        (node: the standard-library bootstrap stage, then the launcher's parts in the node's
        environment), the CML client (cml), the emulator, llm's constants and Serve config
        helpers
@@ -28,6 +29,7 @@ FLOORS = [  # (module prefix, floor): the longest matching prefix wins
     ("ray_cml_provider.version", 0),
     ("ray_cml_provider.errors", 0),
     ("ray_cml_provider.contract", 0),
+    ("ray_cml_provider.figures", 0),
     ("ray_cml_provider.node", 0),
     ("ray_cml_provider.cml", 0),
     ("ray_cml_provider.emulator", 0),

@@ -136,7 +136,14 @@ def test_real_vllm_answers_outside_callers_at_the_heads_url_from_the_projects_mo
     record = (cache / MARKER).stat().st_mtime_ns
     cached_files = sorted(p.relative_to(cache.parent) for p in cache.parent.rglob("*"))
     assert fill(emulator.project_dir, MODEL_DIR, log=print) == (cache, False)
-    second = LocalCluster(emulator, tmp_path / "two", cluster_name="llm2")
+
+    def with_the_heads_prometheus(config: dict) -> None:
+        if PROMETHEUS:  # as a runtime that has one, or a binary in the project, would
+            config["provider"]["prometheus"] = PROMETHEUS
+
+    second = LocalCluster(
+        emulator, tmp_path / "two", cluster_name="llm2", config_overrides=with_the_heads_prometheus
+    )
     deployed(second, serve_config)
     url = status_json(second)["dashboard_url"]
     assert stream_chat(f"{url}/v1", MODEL, "Hi", timeout_s=60).status == 401  # CML's login
@@ -151,6 +158,7 @@ def test_real_vllm_answers_outside_callers_at_the_heads_url_from_the_projects_mo
         headers={**login, "X-Endpoint-Key": second_key},
     )
     assert answer.status == 200 and answer.text.strip(), answer.error
+    the_heads_prometheus_serves_the_dashboard(second)
     assert (cache / MARKER).stat().st_mtime_ns == record
     assert sorted(p.relative_to(cache.parent) for p in cache.parent.rglob("*")) == cached_files
     assert second.down().returncode == 0
@@ -222,6 +230,36 @@ def what_the_model_does(cluster: LocalCluster, url: str, key: str) -> None:
     )
 
 
+def prometheus_holds(prometheus: str, name: str) -> bool:
+    """Whether the Prometheus at ``prometheus`` has samples of ``name``."""
+    try:
+        answer = requests.get(
+            f"{prometheus}/api/v1/query", params={"query": f"count({name})"}, timeout=5
+        ).json()
+    except (requests.RequestException, ValueError):
+        return False
+    return bool(answer.get("data", {}).get("result"))
+
+
+def the_heads_prometheus_serves_the_dashboard(cluster: LocalCluster) -> None:
+    """``provider.prometheus``: the head runs it on Ray's discovery of every node's export;
+    Ray's dashboard finds it, and it holds Serve's and vLLM's series."""
+    if not PROMETHEUS:
+        print("no Prometheus here (RAY_CML_PROMETHEUS): `make test` provides one")
+        return
+    report = status_json(cluster)
+    health = requests.get(
+        f"{report['dashboard_address']}/api/prometheus_health",
+        headers=cluster.auth_headers(),
+        timeout=30,
+    )
+    assert health.status_code == 200 and "prometheus running" in health.text, health.text
+    host = cluster.exec("echo $RAY_PROMETHEUS_HOST").stdout.strip().splitlines()[-1]
+    assert host.startswith("http://127.0.0.1:"), host  # the head's loopback only
+    for name in ("ray_serve_deployment_request_counter_total", "ray_vllm_generation_tokens_total"):
+        wait_until(lambda name=name: prometheus_holds(host, name), 90, f"the head's {name}")
+
+
 def a_prometheus_scrapes(metrics_url: str, metrics_key: str, series: list[str]) -> None:
     """A real Prometheus (make test unpacks Debian's) scrapes the head's URL through the
     emulator's play of CML's proxy with the metrics key, as docs/observability.md says, and
@@ -261,20 +299,12 @@ def a_prometheus_scrapes(metrics_url: str, metrics_key: str, series: list[str]) 
             start_new_session=True,
         )
         try:
-
-            def holds(name: str) -> bool:
-                try:
-                    answer = requests.get(
-                        f"http://127.0.0.1:{port}/api/v1/query",
-                        params={"query": f"count({name})"},
-                        timeout=5,
-                    ).json()
-                except (requests.RequestException, ValueError):
-                    return False
-                return bool(answer.get("data", {}).get("result"))
-
             for name in series:
-                wait_until(lambda name=name: holds(name), 90, f"Prometheus holding {name}")
+                wait_until(
+                    lambda name=name: prometheus_holds(f"http://127.0.0.1:{port}", name),
+                    90,
+                    f"Prometheus holding {name}",
+                )
         finally:
             os.killpg(prometheus.pid, signal.SIGTERM)
             prometheus.wait(30)

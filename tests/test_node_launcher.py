@@ -349,3 +349,54 @@ def test_a_worker_whose_head_goes_away_while_its_ray_starts_leaves(tmp_path, mon
     head.close()
     running.join(30)
     assert outcome == [0] and left == [True]
+
+
+def test_a_head_runs_the_prometheus_it_is_given_on_rays_config_on_its_loopback(
+    tmp_path, monkeypatch
+):
+    fake = tmp_path / "bin" / "prometheus"  # records how it was started
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/prometheus.args\nsleep 30\n')
+    fake.chmod(0o755)
+    head = {"RAY_CML_NODE_KIND": "head", "RAY_CML_NODE_ID": "0123abce"}
+    off = launcher(tmp_path, monkeypatch, **head, RAY_CML_HEAD_PROMETHEUS="off")
+    assert off.prometheus is None and off.ports.prometheus == 0
+    assert "RAY_PROMETHEUS_HOST" not in off.commands.env()
+    off.reservation.release()
+    # auto: the prometheus on the runtime's PATH (here: the fake's folder).
+    node = launcher(tmp_path, monkeypatch, **head, PATH=f"{fake.parent}:/usr/bin")
+    try:
+        assert node.prometheus is not None and node.prometheus.binary == str(fake)
+        port = node.ports.prometheus
+        assert port and node.commands.env()["RAY_PROMETHEUS_HOST"] == f"http://127.0.0.1:{port}"
+        config = tmp_path / "rcml" / "ray/session_latest/metrics/prometheus/prometheus.yml"
+        config.parent.mkdir(parents=True)
+        config.write_text("scrape_configs: []\n")
+        node.ctx.tmp_dir = str(tmp_path / "rcml")
+        node.prometheus.start()
+        args = wait_until(
+            lambda: (
+                (tmp_path / "prometheus.args").exists()
+                and (tmp_path / "prometheus.args").read_text()
+            ),
+            10,
+            "the head's Prometheus to start",
+        )
+        assert f"--config.file={config}" in args
+        assert f"--web.listen-address=127.0.0.1:{port}" in args
+        assert "--storage.tsdb.retention.size=256MB" in args
+    finally:
+        node.reservation.release()
+        if node.prometheus and node.prometheus.process:
+            node.prometheus.process.kill()
+            node.prometheus.process.wait()
+    # A node_config that names its own Prometheus keeps it.
+    own = launcher(
+        tmp_path,
+        monkeypatch,
+        **head,
+        PATH=f"{fake.parent}:/usr/bin",
+        RAY_PROMETHEUS_HOST="http://prometheus.example:9090",
+    )
+    own.reservation.release()
+    assert own.commands.env()["RAY_PROMETHEUS_HOST"] == "http://prometheus.example:9090"

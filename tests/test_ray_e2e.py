@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from ray_cml_provider.cml import ApplicationStatus
+from ray_cml_provider.contract import CommandVar
 from ray_cml_provider.demo.local_cluster import LocalCluster
 from ray_cml_provider.demo.ray_demo import GPU_TASK
 from ray_cml_provider.emulator.processes import live_group_members
@@ -79,6 +82,19 @@ def status_json(cluster: LocalCluster, *options: str) -> dict:
     return json.loads(result.stdout[result.stdout.index("{") :])
 
 
+def submit_job(cluster: LocalCluster, python_code: str) -> subprocess.CompletedProcess:
+    """``ray job submit -- python -c CODE`` on the head, waiting for its end; tried again
+    while Ray's job server has no agent yet ("No available agent to submit job")."""
+    address = f'"http://$CDSW_IP_ADDRESS:${CommandVar.DASHBOARD_PORT}"'
+    command = f"ray job submit --address {address} -- python -c {shlex.quote(python_code)}"
+
+    def submitted() -> subprocess.CompletedProcess | None:
+        result = cluster.exec(command)
+        return None if "No available agent to submit job" in result.stdout else result
+
+    return wait_until(submitted, 120, "Ray's job server to have an agent")
+
+
 def assert_nothing_left(cluster: LocalCluster, pgids: set[int]) -> None:
     assert cluster.applications() == []
     cluster.wait_for(lambda: cluster.emulator.processes() == [], 30, "engines to end")
@@ -97,6 +113,7 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
         # The autoscaler is frozen below: the head's watchdog restarts it after 10 s.
         head = config["available_node_types"]["head"]["node_config"]
         head.setdefault("environment", {})["RAY_CML_AUTOSCALER_STUCK_S"] = "10"
+        head["environment"]["RAY_CML_HISTORY_EVERY_S"] = "10"  # the history's snapshots
 
     cluster = LocalCluster(
         emulator, tmp_path / "work", cluster_name="e2e", config_overrides=idle_for_a_minute
@@ -192,11 +209,39 @@ def test_up_gpu_task_scales_a_worker_up_and_to_zero_then_down(start_emulator, tm
 
     assert_secrets_nowhere(cluster, outputs, token)  # after scale-down
 
+    # A Ray job that prints a marker and, by mistake, the cluster's token.
+    token_file = emulator.project_dir / ".ray-cml" / "e2e" / "auth" / "token"
+    job = submit_job(cluster, f"print('history-marker'); print(open('{token_file}').read())")
+    assert job.returncode == 0, job.stdout[-2000:]
+
     down = cluster.down()
     assert down.returncode == 0, down.stdout[-3000:]
     assert_nothing_left(cluster, pgids)
     assert not (emulator.project_dir / ".ray-cml" / "e2e").exists()
-    assert_secrets_nowhere(cluster, [down.stdout], token, nodes_alive=False)
+
+    # The run's history stays: the job and its log (the token redacted), the GPU task's
+    # output, the autoscaler's scale-up and scale-down, the worker's GPU-hours.
+    shown = cluster.ray_cml("history", "--json", "--run", "latest", str(cluster.config_path))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["ended_by"] == "ray stop" and record["head"] == head_id
+    [job_row] = [j for j in record["jobs"] if j["type"] == "SUBMISSION"]
+    assert job_row["status"] == "SUCCEEDED" and "history-marker" in job_row["log_tail"]
+    assert "[redacted]" in job_row["log_tail"]
+    assert any("GPU task ran on" in c["output_tail"] for c in record["commands"])
+    events = "\n".join(record["autoscaler"])
+    assert "Adding 1 node(s) of type gpu_worker" in events, events
+    assert "Removing 1 nodes of type gpu_worker (idle)" in events, events
+    nodes = {n["node_id"]: n for n in record["nodes"]}
+    assert nodes[worker_id]["node_type"] == "gpu_worker" and nodes[worker_id]["gpus"] == 1
+    assert nodes[worker_id]["ended_at"] > nodes[worker_id]["started_at"] > 0
+    assert record["gpu_hours"] == pytest.approx(after["gpu_hours"], rel=0.2)
+    listed = cluster.ray_cml("history", str(cluster.config_path))
+    assert listed.returncode == 0 and record["run"] in listed.stdout, listed.stdout
+    table = cluster.ray_cml("history", "--run", "latest", str(cluster.config_path))
+    assert "history-marker" in table.stdout and "Removing 1 nodes" in table.stdout
+    history_outputs = [shown.stdout, listed.stdout, table.stdout]
+    assert_secrets_nowhere(cluster, [down.stdout, *history_outputs], token, nodes_alive=False)
 
 
 @pytest.mark.timeout(600)

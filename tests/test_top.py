@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from ray_cml_provider.cluster.top import (
+from ray_cml_provider.figures import (
     Scrape,
     Timeline,
     TopReport,
@@ -133,7 +133,7 @@ ray_cml_gateway_first_byte_seconds_count{{route="v1",streamed="true"}} {ok}
 
 
 def test_what_callers_see_at_the_heads_door():
-    from ray_cml_provider.cluster.top import door_figures
+    from ray_cml_provider.figures import door_figures
 
     first = Scrape.parse(GATEWAY.format(ok=0, refused=0, fast=0, seconds=0), at=0.0)
     second = Scrape.parse(GATEWAY.format(ok=20, refused=5, fast=20, seconds=1.2), at=10.0)

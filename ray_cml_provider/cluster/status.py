@@ -26,11 +26,11 @@ from ray_cml_provider.contract import (
     AutoscalerRecord,
     AutostopRecord,
     CommandVar,
+    LedgerEntry,
     NodeFolder,
     Request,
     autostop_record_path,
     ledger_dir,
-    parse_ledger_entry,
 )
 from ray_cml_provider.provider.addresses import application_url, node_infos, reachable
 from ray_cml_provider.provider.cluster_files import read_file
@@ -267,7 +267,7 @@ def _ray_view_through_head(client: CMLClient, cluster: str, head_id: str) -> dic
         f'"${{{CommandVar.PYTHON}:-python}}" -m ray_cml_provider.cluster.ray_view '
         f"$CDSW_IP_ADDRESS:${CommandVar.GCS_PORT}"
     )
-    result = mailbox.ask(Request(cmd=command), timeout_s=THROUGH_HEAD_TIMEOUT_S)
+    result = mailbox.ask(Request(cmd=command, history=False), timeout_s=THROUGH_HEAD_TIMEOUT_S)
     output = result.output.decode("utf-8", "replace")
     for line in reversed(output.splitlines()):
         if line.startswith("{"):
@@ -287,11 +287,10 @@ def _gpu_totals(
     except CMLError:
         entries = []
     for entry in entries:
-        parsed = parse_ledger_entry(entry.path.rsplit("/", 1)[-1])
+        parsed = LedgerEntry.parse(entry.path.rsplit("/", 1)[-1])
         if parsed:
-            node_id, gpus, start, end = parsed
-            recorded.add(node_id)
-            hours += gpus * max(0.0, end - start) / 3600
+            recorded.add(parsed.node_id)
+            hours += parsed.gpus * max(0.0, parsed.end_s - parsed.start_s) / 3600
     for own in ours:
         app, node_id = own.app, own.node_id
         if app.status == ApplicationStatus.RUNNING:

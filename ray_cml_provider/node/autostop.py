@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from ray_cml_provider.contract import HEAD, AutostopRecord, autostop_record_path
 from ray_cml_provider.node.commands import Commands
@@ -20,8 +21,15 @@ PROBE_TIMEOUT_S = 60
 
 
 class Autostop:
-    def __init__(self, ctx: NodeContext, commands: Commands, dashboard_url: str):
+    def __init__(
+        self,
+        ctx: NodeContext,
+        commands: Commands,
+        dashboard_url: str,
+        before_stop: Callable[[str], None] = lambda why: None,
+    ):
         self.ctx = ctx
+        self.before_stop = before_stop  # the history's last snapshot, while Ray still runs
         self.commands = commands
         self.dashboard_url = dashboard_url
         self.after_s = ctx.spec.autostop_minutes * 60
@@ -81,6 +89,10 @@ class Autostop:
             ctx.api.upload(autostop_record_path(ctx.spec.cluster), record.to_json())
         except ProjectAPIError as exc:
             log(f"autostop: could not leave the record: {exc}")
+        try:
+            self.before_stop("autostop")
+        except Exception as exc:  # never in the way of stopping an idle cluster
+            log(f"autostop: the history's last snapshot failed: {exc!r}")
         # Ray first: its autoscaler would replace the workers deleted below.
         stop_ray_of_this_node(grace_s=5, ray_tmp_dir=ctx.tmp_dir)
         try:

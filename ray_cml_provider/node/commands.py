@@ -38,11 +38,14 @@ class Commands:
         environment: NodeEnvironment,
         ports: NodePorts,
         reservation: PortReservation,
+        ray_env: dict[str, str] | None = None,
     ):
         self.ctx = ctx
         self.environment = environment
         self.ports = ports
         self.reservation = reservation
+        # Variables for Ray that a node_config's own may override (the head's Prometheus).
+        self.ray_env = ray_env or {}
 
     # -------------------------------------------------------------- running
 
@@ -117,7 +120,7 @@ class Commands:
         """A command's variables: the launcher's, the node's ports and folders, the shipped
         code and the node environment on ``PYTHONPATH``, Ray's authentication last."""
         ctx, extra = self.ctx, extra or {}
-        env = dict(ctx.env)
+        env = {**self.ray_env, **ctx.env}
         site = self.environment.site
         # The provider code `ray up` shipped (the request's: a newer `ray up` ships newer
         # code), then the node environment, then what was there.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from ray_cml_provider.contract import AutoscalerRecord, RecoveryRecord
 from ray_cml_provider.node import watchdog
@@ -14,6 +15,7 @@ from ray_cml_provider.node.autostop import Autostop
 from ray_cml_provider.node.commands import Commands
 from ray_cml_provider.node.context import NodeContext, log
 from ray_cml_provider.node.door import Door
+from ray_cml_provider.node.history import Historian
 from ray_cml_provider.node.mailbox import Mailbox
 from ray_cml_provider.node.processes import node_processes, stop_ray_of_this_node
 from ray_cml_provider.node.recovery import HeadRecovery
@@ -29,23 +31,32 @@ class Head:
         mailbox: Mailbox,
         door: Door,
         recovery: HeadRecovery,
+        historian: Historian,
+        ray_started: Callable[[], None],
     ):
         self.ctx = ctx
         self.commands = commands
         self.mailbox = mailbox
         self.door = door
         self.recovery = recovery
+        self.historian = historian
+        self.ray_started = ray_started  # the history's new run, the head's Prometheus
 
     def run(self, recovering: RecoveryRecord | None) -> int:
         """Start the head's helpers, start Ray again when recovering, then serve the
-        mailbox until the application is deleted (``ray down``)."""
+        mailbox until the application is deleted (``ray down``). The history of each run of
+        its Ray is kept by ``history.Historian``."""
         self.start_thread(self.watch_the_autoscaler, "autoscaler-watchdog")
+        self.start_thread(self.historian.watch, "history")
         if self.ctx.spec.autostop_minutes:
             dashboard = f"http://{self.ctx.ip}:{self.commands.ports.dashboard}"
-            self.start_thread(Autostop(self.ctx, self.commands, dashboard).watch, "autostop")
-        if recovering is not None and not self.recovery.restart_ray(recovering):
-            stop_ray_of_this_node(ray_tmp_dir=self.ctx.tmp_dir)
-            return 1  # FAILED: CML restarts it again, or `ray down` removes it
+            autostop = Autostop(self.ctx, self.commands, dashboard, self.historian.end)
+            self.start_thread(autostop.watch, "autostop")
+        if recovering is not None:
+            if not self.recovery.restart_ray(recovering):
+                stop_ray_of_this_node(ray_tmp_dir=self.ctx.tmp_dir)
+                return 1  # FAILED: CML restarts it again, or `ray down` removes it
+            self.ray_started()
         self.ctx.state = "running Ray"
         while True:
             self.mailbox.serve_once()

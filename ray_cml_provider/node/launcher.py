@@ -27,11 +27,16 @@ import os
 import shutil
 import signal
 import sys
+import threading
+from pathlib import Path
 
+from ray_cml_provider.contract import Request, Result
+from ray_cml_provider.node import prometheus
 from ray_cml_provider.node.commands import Commands
 from ray_cml_provider.node.context import NodeContext, log
 from ray_cml_provider.node.door import Door
 from ray_cml_provider.node.head import Head
+from ray_cml_provider.node.history import Historian
 from ray_cml_provider.node.mailbox import Mailbox
 from ray_cml_provider.node.ports import PortReservation
 from ray_cml_provider.node.preparation import NodeEnvironment, NoToken, prepare, previous_life
@@ -46,12 +51,56 @@ class NodeLauncher:
     def __init__(self, env: dict[str, str]):
         self.ctx = ctx = NodeContext(env)
         self.reservation = PortReservation()
-        self.ports = self.reservation.choose(ctx.spec.gcs_port_preferred, ctx.spec.is_head)
+        binary = prometheus.find_binary(ctx, self.search_path()) if ctx.spec.is_head else None
+        self.ports = self.reservation.choose(
+            ctx.spec.gcs_port_preferred, ctx.spec.is_head, prometheus=binary is not None
+        )
+        self.prometheus = (
+            prometheus.HeadPrometheus(ctx, binary, self.ports.prometheus) if binary else None
+        )
         self.environment = NodeEnvironment(ctx, on_ready=lambda: self.door.open())
         self.door = Door(ctx, self.ports, lambda: self.environment.error)
-        self.commands = Commands(ctx, self.environment, self.ports, self.reservation)
+        self.commands = Commands(
+            ctx,
+            self.environment,
+            self.ports,
+            self.reservation,
+            ray_env=self.prometheus.ray_env() if self.prometheus else None,
+        )
         self.recovery = HeadRecovery(ctx, self.commands)
-        self.mailbox = Mailbox(ctx, self.commands.answer, answered=self.recovery.remember)
+        self.historian = Historian(ctx, self.ports.dashboard) if ctx.spec.is_head else None
+        self.mailbox = Mailbox(ctx, self.answer, answered=self.answered)
+
+    def answer(self, request: Request, output: Path) -> int:
+        """A mailbox request: on the head, ``ray stop`` ends the history's run first (the
+        jobs and figures are read while Ray still runs)."""
+        if self.historian is not None and request.is_ray_stop:
+            try:
+                self.historian.end("ray stop")
+            except Exception as exc:  # never in the way of `ray stop`
+                log(f"history: could not end the run: {exc!r}")
+        return self.commands.answer(request, output)
+
+    def answered(self, request: Request, result: Result, started_at: float) -> None:
+        self.recovery.remember(request, result.exit_status)
+        if self.historian is not None:
+            self.historian.remember(request, result.exit_status, result.output, started_at)
+        if result.exit_status == 0 and request.starts_head:
+            self.head_ray_started()
+
+    def head_ray_started(self) -> None:
+        """The head's Ray runs (``ray up``'s start, or a recovering head's): its history
+        begins a run, and its Prometheus starts (in a thread: it waits for Ray's config)."""
+        if self.historian is not None:
+            self.historian.begin()
+        if self.prometheus is not None:
+            threading.Thread(target=self.prometheus.start, daemon=True).start()
+
+    def search_path(self) -> str:
+        """Where the head looks for a ``prometheus``: the project's ``~/.local/bin``, then
+        the runtime's ``PATH``."""
+        local = self.ctx.project_dir / ".local" / "bin"
+        return os.pathsep.join([str(local), self.ctx.env.get("PATH", "")])
 
     def run(self) -> int:
         ctx = self.ctx
@@ -72,7 +121,9 @@ class NodeLauncher:
             return 1
         self.door.open()
         if ctx.spec.is_head:
-            head = Head(ctx, self.commands, self.mailbox, self.door, self.recovery)
+            assert self.historian is not None
+            parts = (self.commands, self.mailbox, self.door, self.recovery, self.historian)
+            head = Head(ctx, *parts, ray_started=self.head_ray_started)
             return head.run(recovering)
         return Worker(ctx, self.commands, self.mailbox).run()
 

@@ -30,11 +30,13 @@ class Mailbox:
         self,
         ctx: NodeContext,
         answer: Callable[[Request, Path], int],
-        answered: Callable[[Request, int], None] = lambda request, code: None,
+        answered: Callable[[Request, Result, float], None] = lambda request, result, at: None,
     ):
         self.ctx = ctx
         self.answer = answer  # the request's exit status; its output written to the path
-        self.answered = answered  # told of each request once it ran (head recovery)
+        # Told of each request once it ran, with its result and start time (the head's
+        # recovery and history).
+        self.answered = answered
         self.inbox = ctx.mount(ctx.folder.inbox)
         self.running = Path(ctx.tmp_dir) / "commands"  # output while a request runs
         self.done: set[str] = set()  # requests already run (each runs once)
@@ -83,15 +85,19 @@ class Mailbox:
         self.running.mkdir(parents=True, exist_ok=True)
         output = self.running / f"{name}.out"
         output.write_bytes(b"")
-        code = 1
+        code, started_at = 1, time.time()
         try:
             code = self.answer(request, output)
         except Exception as exc:  # the runner waits for an exit status: it must always get one
             with open(output, "a") as out:
                 out.write(f"ray-cml launcher: the request failed: {exc!r}\n")
         finally:
-            self.answered(request, code)
-            self.publish(name, Result(code, output.read_bytes()))
+            result = Result(code, output.read_bytes())
+            try:
+                self.answered(request, result, started_at)
+            except Exception as exc:  # the caller still gets its answer
+                log(f"after command {name}: {exc!r}")
+            self.publish(name, result)
             output.unlink(missing_ok=True)
             log(f"command {name} exited with {code}")
 

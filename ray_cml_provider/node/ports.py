@@ -32,6 +32,7 @@ class NodePorts:
     client: int
     agent: int
     dashboard: int  # the head's dashboard, behind the gateway; 0 on a worker
+    prometheus: int = 0  # the head's Prometheus, when it runs one (node/prometheus.py)
 
 
 class PortReservation:
@@ -39,12 +40,13 @@ class PortReservation:
         self._held: list[socket.socket] = []
         self.claims_dir = claims_dir
 
-    def choose(self, gcs_preferred: int, head: bool) -> NodePorts:
+    def choose(self, gcs_preferred: int, head: bool, prometheus: bool = False) -> NodePorts:
         return NodePorts(
             gcs=self.take(gcs_preferred),
             client=self.take(10001),
             agent=self.take(52365),
             dashboard=self.take(8265) if head else 0,
+            prometheus=self.take(9090) if head and prometheus else 0,
         )
 
     def take(self, preferred: int) -> int:

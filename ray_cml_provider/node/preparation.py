@@ -180,6 +180,7 @@ def prepare(ctx: NodeContext, ports: NodePorts) -> None:
         pid=os.getpid(),
         started_at=time.time(),
         life=ctx.life,
+        prometheus_port=ports.prometheus,
     )
     ctx.publish(ctx.folder.info, info.to_json(), overwrite=ctx.life > 1)
     log(f"{spec.kind} node {spec.node_id} of cluster {spec.cluster} on {ctx.ip}")

@@ -157,9 +157,9 @@ class ProjectAPI:
 
     # -------------------------------------------------------------- applications
 
-    def applications_named(self, prefix: str) -> list[tuple[str, str, str]]:
-        """(id, name, description) of the project's applications whose name starts with
-        ``prefix`` (every page; CML's name filter matches substrings: checked here)."""
+    def applications(self, prefix: str) -> list[dict]:
+        """The project's applications whose name starts with ``prefix``, as CML gives them
+        (every page; CML's name filter matches substrings: checked here)."""
         found, token = [], ""
         while True:
             query = urllib.parse.urlencode(
@@ -172,7 +172,7 @@ class ProjectAPI:
             data = self._json("GET", f"/applications?{query}")
             for app in data.get("applications") or []:
                 if str(app.get("name", "")).startswith(prefix) and app.get("id"):
-                    found.append((str(app["id"]), app["name"], str(app.get("description", ""))))
+                    found.append(app)
             token = data.get("next_page_token") or ""
             if not token:
                 return found
@@ -183,10 +183,10 @@ class ProjectAPI:
             self._call("DELETE", f"/applications/{urllib.parse.quote(app_id)}")
 
     def delete_application_named(self, name: str) -> None:
-        for app_id, found, _ in self.applications_named(name):
-            if found == name:
-                self.log(f"deleting application {found} ({app_id})")
-                self.delete_application(app_id)
+        for app in self.applications(name):
+            if app["name"] == name:
+                self.log(f"deleting application {name} ({app['id']})")
+                self.delete_application(str(app["id"]))
 
 
 def _message(exc: urllib.error.HTTPError) -> str:

@@ -6,7 +6,8 @@ UI, a worker that was SIGKILLed before it could clean up. It scans every applica
 the project, keeps the ones this project created (the name *and* the node tags must match,
 so nobody else's application is touched), groups them by cluster, and reports each cluster
 whose head application is neither STARTING nor RUNNING. Nothing is deleted without
-``--yes``; then the applications go, and the cluster's folder in the project with them.
+``--yes``; then the applications go, and the cluster's folder in the project with them;
+its history stays (``ray-cml history``), its open run marked as ended by a lost head.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_cml_provider.cluster.history import close_open_runs
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient, CMLError
 from ray_cml_provider.contract import (
@@ -66,6 +68,8 @@ def delete_orphans(client: CMLClient, orphans: list[ClusterApps]) -> list[str]:
                 client.delete_file(cluster_dir(group.cluster), missing_ok=True)
             except CMLError as exc:
                 problems.append(f"{CLUSTERS_DIR}/{group.cluster}: {exc}")
+        # Its history stays; a run its lost head left open is marked as ended there.
+        close_open_runs(client, group.cluster, "head lost (collected by ray-cml gc)")
     return problems
 
 

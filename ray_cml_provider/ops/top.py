@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from ray_cml_provider.cluster.status import format_duration
-from ray_cml_provider.cluster.top import MIN_WINDOW_S, TopReport, collect_top
+from ray_cml_provider.cluster.top import collect_top
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
+from ray_cml_provider.figures import MIN_WINDOW_S, TopReport
 from ray_cml_provider.ops import report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
 
@@ -40,6 +41,35 @@ def render(top: TopReport) -> str:
     lines = [f"cluster {top.cluster}: rates over the last {top.window_s:.0f} s"]
     if top.metrics_note:
         lines.append(f"metrics: unavailable ({top.metrics_note})")
+    lines += render_figures(top)
+    lines += ["", "NODES"]
+    lines += table(
+        ("NODE", "TYPE", "CML", "RAY", "CPU", "GPU", "GPUS", "AGE", "GPU-HOURS"),
+        [
+            (
+                n.node_id,
+                n.node_type or "-",
+                n.cml_status or "-",
+                n.ray_state,
+                _num(n.cpu_use_percent, "{:.0f}%"),
+                _num(n.gpu_use_percent, "{:.0f}%"),
+                str(n.gpus),
+                format_duration(n.age_s),
+                f"{n.gpu_hours:.2f}",
+            )
+            for n in top.nodes
+        ],
+    )
+    if top.pending_nodes:
+        lines.append(f"pending: {', '.join(top.pending_nodes)}")
+    if top.decisions:
+        lines += ["", "AUTOSCALER (last decisions)", *(f"  {d}" for d in top.decisions)]
+    return "\n".join(lines)
+
+
+def render_figures(top: TopReport) -> list[str]:
+    """The callers', Serve's and the models' tables (also a past run's, in its history)."""
+    lines: list[str] = []
     door = top.door
     if door is not None:
         lines += ["", "CALLERS AT THE HEAD'S /v1"]
@@ -100,29 +130,7 @@ def render(top: TopReport) -> str:
                 for m in top.models
             ],
         )
-    lines += ["", "NODES"]
-    lines += table(
-        ("NODE", "TYPE", "CML", "RAY", "CPU", "GPU", "GPUS", "AGE", "GPU-HOURS"),
-        [
-            (
-                n.node_id,
-                n.node_type or "-",
-                n.cml_status or "-",
-                n.ray_state,
-                _num(n.cpu_use_percent, "{:.0f}%"),
-                _num(n.gpu_use_percent, "{:.0f}%"),
-                str(n.gpus),
-                format_duration(n.age_s),
-                f"{n.gpu_hours:.2f}",
-            )
-            for n in top.nodes
-        ],
-    )
-    if top.pending_nodes:
-        lines.append(f"pending: {', '.join(top.pending_nodes)}")
-    if top.decisions:
-        lines += ["", "AUTOSCALER (last decisions)", *(f"  {d}" for d in top.decisions)]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ class CMLCommandRunner(CommandRunnerInterface):
     def run_rsync_down(self, source: str, target: str, options: Any = None) -> None:
         """Fetch ``source`` from the node: it comes back as the output of ``cat``."""
         self._wait_for_launcher()
-        code, data = self._request(Request(cmd=f"cat {_remote(source)}"))
+        code, data = self._request(Request(cmd=f"cat {_remote(source)}", history=False))
         if code != 0:
             raise ProcessRunnerError(
                 f"cannot read {source} on node {self.node_id}",
@@ -204,7 +204,8 @@ class CMLCommandRunner(CommandRunnerInterface):
         """The head's autoscaler imports this provider with the head's Python and paths; try
         the same import there, so a head that could never scale fails ``ray up`` now."""
         module = type(self.provider).__module__
-        code, output = self._request(Request(cmd=f'"${CommandVar.PYTHON}" -c "import {module}"'))
+        check = f'"${CommandVar.PYTHON}" -c "import {module}"'
+        code, output = self._request(Request(cmd=check, history=False))
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
             raise NodeNotReady(
@@ -241,6 +242,13 @@ class CMLCommandRunner(CommandRunnerInterface):
             f"  OpenAI API:  {url}/v1 and, in the project, http://{info.ip}:{info.app_port}/v1,"
             " with the key `ray-cml endpoint-key CONFIG` prints",
             "  the cluster: ray-cml status CONFIG (nodes as CML and Ray see them)",
+            "  metrics:     ray-cml top CONFIG (live); ray-cml history CONFIG (after)",
+            "               "
+            + (
+                "a Prometheus on the head keeps every node's metrics for Ray's dashboard"
+                if info.prometheus_port
+                else "no Prometheus on the head for Ray's dashboard (provider.prometheus names one)"
+            ),
         ]
         running = info.ray_auth
         configured = configured_mode(self.provider.provider_config)

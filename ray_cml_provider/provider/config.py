@@ -38,6 +38,8 @@ PROVIDER_SCHEMA: dict[str, Any] = {
         "ray_auth_mode": {"enum": ["token", "disabled"]},
         "autostop_minutes": {"type": "number", "exclusiveMinimum": 0},
         "head_recovery": {"type": "boolean"},
+        # The Prometheus binary the head runs for Ray's dashboard: a path, auto, or off.
+        "prometheus": {"type": "string", "minLength": 1},
         # Keys Ray itself reads from the provider section.
         "use_internal_ips": {"type": "boolean"},
         "disable_node_updaters": {"type": "boolean"},

@@ -46,6 +46,7 @@ from ray_cml_provider.cml import (
 from ray_cml_provider.cml.models import parse_timestamp, seconds_since
 from ray_cml_provider.contract import (
     CommandVar,
+    LedgerEntry,
     NodeFolder,
     NodeInfo,
     NodeSpec,
@@ -56,7 +57,6 @@ from ray_cml_provider.contract import (
     encode_tags,
     gcs_state_path,
     ledger_dir,
-    ledger_entry,
 )
 from ray_cml_provider.errors import HeadDidNotStart, ends_command
 from ray_cml_provider.node import watchdog as node_watchdog
@@ -502,6 +502,7 @@ class CMLNodeProvider(NodeProvider):
         ray_env = {"RAY_CLOUD_INSTANCE_ID": node_id}  # Ray's own variables
         if kind == NODE_KIND_HEAD:
             spec.autostop_minutes = float(self.provider_config.get("autostop_minutes") or 0)
+            spec.prometheus = str(self.provider_config.get("prometheus") or "auto")
             bypass = endpoint.bypasses_login(node_config)
             head_fields = {
                 **endpoint.node_spec_fields(self.cluster_name, bypass),
@@ -654,9 +655,10 @@ class CMLNodeProvider(NodeProvider):
         start = parse_timestamp(node.app.running_at) or parse_timestamp(node.app.created_at)
         if not node.app.nvidia_gpu or start is None:
             return
-        entry = ledger_entry(node.node_id, node.app.nvidia_gpu, start, time.time())
+        node_type = node.tags.get(TAG_RAY_USER_NODE_TYPE, "")
+        entry = LedgerEntry(node.node_id, node.app.nvidia_gpu, start, time.time(), node_type)
         try:
-            self.client.upload_file(f"{ledger_dir(self.cluster_name)}/{entry}", b"")
+            self.client.upload_file(f"{ledger_dir(self.cluster_name)}/{entry.file_name}", b"")
         except CMLError as exc:
             logger.warning("could not record GPU time of %s: %s", node.app.name, exc)
 

@@ -1,0 +1,476 @@
+"""The head keeps its cluster's history in the project, so it outlives the cluster.
+
+A *run* is one life of the head's Ray: it begins when ``ray up``'s ``ray start --head``
+worked (or a restarted head started Ray again) and ends when ``ray stop`` reaches the head
+(what ``ray down`` sends first, and ``ray up`` before it starts Ray again), or when autostop
+stops the cluster. Its record (``contract.HistoryRecord``) is written to
+``.ray-cml/_history/<cluster>/<run>.json``, outside the cluster's folder that ``ray down``
+deletes, every ``history_every_s`` (60 s) and once more at the end, so a head lost without
+warning still leaves its last minute. What a record holds, and where it comes from:
+
+- **jobs**: Ray's Jobs API on the head's dashboard (entrypoint, status, times; the tail of a
+  job's logs once it ended, and of every job at the end of the run);
+- **commands**: what ``ray up``/``exec``/``submit`` ran on the head and the tail of its
+  output (a ``ray submit`` driver's output lives only there);
+- **serve**: each Serve application's and deployment's last status;
+- **autoscaler**: its decisions, read from ``monitor.log`` as it grows (adding and removing
+  nodes, with Ray's reason);
+- **nodes**: every application of the run, its type, GPUs, lifetime and GPU-hours (CML's
+  listing, and the GPU ledger for the nodes deleted since);
+- **top**: ``ray-cml top``'s figures over the last interval (two scrapes of the head's own
+  ``/metrics``, through its gateway and the metrics key).
+
+Bounded by construction: at most ``MAX_JOBS`` jobs with ``TAIL_BYTES`` of log each,
+``MAX_COMMANDS`` commands, ``MAX_EVENTS`` decisions, ``MAX_NODES`` nodes (well under a
+megabyte), and ``MAX_RUNS`` runs per cluster. Every secret the head holds (Ray's token, the
+endpoint and metrics keys, the engine's API key) is replaced by ``[redacted]`` in the text
+before it is written. Starting a run marks the cluster's runs left open (a head lost or
+restarted) as ended, with the time of their last snapshot; ``ray-cml gc`` does the same for
+a cluster it collects.
+
+Standard library at import time (``launcher.py``'s rule); the figures' arithmetic
+(``figures.py``, on ``prometheus_client``) is imported when first needed, in the node's
+environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from ray_cml_provider.contract import (
+    TAG_USER_NODE_TYPE,
+    HistoryRecord,
+    LedgerEntry,
+    Request,
+    history_dir,
+    history_run_name,
+    ledger_dir,
+)
+from ray_cml_provider.node.context import NodeContext, log
+from ray_cml_provider.node.project_api import ProjectAPIError
+
+MAX_JOBS = 50
+MAX_COMMANDS = 50
+MAX_EVENTS = 200
+MAX_NODES = 500
+MAX_RUNS = 20
+TAIL_LINES = 100
+TAIL_BYTES = 8192
+COMMAND_TAIL_BYTES = 4096
+HTTP_TIMEOUT_S = 10.0
+REDACTED = "[redacted]"
+# What monitor.log says when the autoscaler decides (ray.autoscaler.v2.event_logger, v1's
+# StandardAutoscaler), and when a launch failed.
+DECISIONS = ("Adding", "Removing", "Terminating", "Resized to", "failed to launch", "ray-cml:")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def tail(text: str, lines: int = TAIL_LINES, most: int = TAIL_BYTES) -> str:
+    """The last ``lines`` lines of ``text``, and at most ``most`` characters of them."""
+    kept = "\n".join(text.rstrip("\n").splitlines()[-lines:])
+    return kept[-most:]
+
+
+def decision(line: str) -> str | None:
+    """``2026-12-03 10:57:52,850\tINFO event_logger.py:77 -- Adding 2 node(s) of type gpu.``
+    -> ``2026-12-03 10:57:52 Adding 2 node(s) of type gpu.``; None for other lines."""
+    when, sep, what = line.partition(" -- ")
+    text = what if sep else line
+    if not any(mark in text for mark in DECISIONS):
+        return None
+    return f"{when[:19]} {text.strip()}"[:300] if sep else text.strip()[:300]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _epoch(timestamp: str | None) -> float:
+    """CML's RFC 3339 time as seconds since the epoch (0.0 when absent or unreadable)."""
+    try:
+        return datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class MonitorLog:
+    """The autoscaler's decisions, read from ``monitor.log`` as it grows (a new Ray session
+    is a new file: read from its start)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file: str = ""
+        self.offset = 0
+
+    def new_decisions(self) -> list[str]:
+        try:
+            real = str(self.path.resolve(strict=True))
+        except OSError:
+            return []
+        if real != self.file:
+            self.file, self.offset = real, 0
+        try:
+            with open(real, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read(4 << 20)
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written waits for next time
+        self.offset += len(complete)
+        found = (decision(line) for line in complete.decode("utf-8", "replace").splitlines())
+        return [line for line in found if line]
+
+
+class Historian:
+    """The head's history of its cluster (see the module's docstring)."""
+
+    def __init__(
+        self, ctx: NodeContext, dashboard_port: int, clock: Callable[[], float] = time.time
+    ):
+        self.ctx = ctx
+        self.dashboard = f"http://{ctx.ip}:{dashboard_port}"
+        self.gateway = f"http://{ctx.ip}:{ctx.app_port}"
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.record: HistoryRecord | None = None
+        self.commands: list[dict] = []  # before the run begins too: ray up's setup
+        self.nodes: dict[str, dict] = {}
+        self.jobs: dict[str, dict] = {}
+        self.monitor_log = MonitorLog(Path(ctx.tmp_dir) / "ray/session_latest/logs/monitor.log")
+        self.last_scrape = None  # figures.Scrape
+
+    # -------------------------------------------------------------- the run's life
+
+    def begin(self) -> None:
+        """The head's Ray started: a new run. Runs left open before it are closed, and its
+        first snapshot taken, in a thread (the caller is answering ``ray up``)."""
+        with self.lock:
+            if self.record is not None:
+                self.end("Ray started again")
+            now = self.clock()
+            self.record = HistoryRecord(
+                cluster=self.ctx.spec.cluster,
+                run=history_run_name(now, self.ctx.spec.node_id),
+                head=self.ctx.spec.node_id,
+                started_at=now,
+            )
+            self.nodes, self.jobs, self.last_scrape = {}, {}, None
+            # ray up's commands just before Ray started (its setup, the start) belong to it.
+            self.commands = [c for c in self.commands if c["ended_at"] >= now - 600]
+            self.monitor_log = MonitorLog(self.monitor_log.path)
+            log(f"history: run {self.record.run} began")
+        threading.Thread(target=self.first_snapshot, name="history-begin", daemon=True).start()
+
+    def first_snapshot(self) -> None:
+        try:
+            self.close_earlier_runs()
+        except ProjectAPIError as exc:
+            log(f"history: could not close the earlier runs: {exc}")
+        try:
+            self.snapshot()
+        except Exception as exc:  # the history must never take the head down
+            log(f"history: snapshot failed: {exc!r}")
+
+    def end(self, ended_by: str) -> None:
+        """Ray stops here: the run's last snapshot, with every job's log tail."""
+        with self.lock:
+            if self.record is None:
+                return
+            self.snapshot(ended_by=ended_by)
+            log(f"history: run {self.record.run} ended ({ended_by})")
+            self.record = None
+
+    def remember(self, request: Request, code: int, output: bytes, started_at: float) -> None:
+        """A command the mailbox ran (not ray-cml's own questions, nor bare file writes)."""
+        if not request.cmd or not request.history:
+            return
+        with self.lock:
+            self.commands.append(
+                {
+                    "cmd": request.cmd[:1000],
+                    "started_at": round(started_at, 3),
+                    "ended_at": round(self.clock(), 3),
+                    "exit_status": code,
+                    "output_tail": tail(output.decode("utf-8", "replace"), 50, COMMAND_TAIL_BYTES),
+                }
+            )
+            del self.commands[:-MAX_COMMANDS]
+
+    def watch(self) -> None:
+        """In a thread: a snapshot every ``history_every_s`` while a run goes on."""
+        every = max(5.0, self.ctx.spec.history_every_s)
+        while True:
+            time.sleep(every)
+            if self.record is not None:
+                try:
+                    self.snapshot()
+                except Exception as exc:  # the history must never take the head down
+                    log(f"history: snapshot failed: {exc!r}")
+
+    # -------------------------------------------------------------- one snapshot
+
+    def snapshot(self, ended_by: str = "") -> None:
+        with self.lock:
+            record = self.record
+            if record is None:
+                return
+            notes: list[str] = []
+            final = bool(ended_by)
+            for part, read in (
+                ("jobs", lambda: self.read_jobs(final)),
+                ("serve", self.read_serve),
+                ("autoscaler", self.read_decisions),
+                ("nodes", self.read_nodes),
+                ("top", self.read_figures),
+            ):
+                try:
+                    read()
+                except Exception as exc:  # each part on its own: the others still count
+                    notes.append(f"{part}: {exc}"[:300])
+            now = self.clock()
+            jobs = sorted(self.jobs.values(), key=lambda j: j.get("start_time") or 0)
+            record.jobs = [{k: v for k, v in j.items() if k != "_logs_at"} for j in jobs]
+            record.commands = list(self.commands)
+            record.nodes = self.node_rows(now)
+            record.gpu_hours = round(sum(n["gpu_hours"] for n in record.nodes), 6)
+            record.notes = notes
+            record.updated_at = now
+            if final:
+                record.ended_at, record.ended_by = now, ended_by
+            self.publish(record)
+
+    def publish(self, record: HistoryRecord) -> None:
+        text = redact(record.to_json().decode(), self.secrets())
+        path = f"{history_dir(record.cluster)}/{record.run}.json"
+        self.ctx.publish(path, text.encode(), overwrite=True)
+
+    def secrets(self) -> list[str]:
+        """Every secret this head holds, as text (replaced wherever it appears)."""
+        found = [self.ctx.env.get("CDSW_APIV2_KEY", "")]
+        for path in (self.ctx.token_path, self.ctx.endpoint_key_path, self.ctx.metrics_key_path):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    found.append(path.read_text().strip())
+        return [s for s in found if len(s) >= 8]
+
+    # -------------------------------------------------------------- the parts
+
+    def http_json(self, url: str, headers: dict[str, str] | None = None) -> dict:
+        request = urllib.request.Request(
+            url, headers={"Accept": "application/json", **(headers or {})}
+        )
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as answer:
+            value = json.loads(answer.read(8 << 20) or b"null")
+        return value
+
+    def ray_headers(self) -> dict[str, str]:
+        """Ray's token, when the cluster asks for one (the dashboard's API does)."""
+        path = self.ctx.token_path
+        if path is None:
+            return {}
+        try:
+            return {"Authorization": f"Bearer {path.read_text().strip()}"}
+        except OSError:
+            return {}
+
+    def read_jobs(self, final: bool) -> None:
+        """Ray's jobs; a job's log tail once it ended (every job's at the end of the run)."""
+        listed = self.http_json(f"{self.dashboard}/api/jobs/", self.ray_headers())
+        for job in listed if isinstance(listed, list) else []:
+            key = job.get("submission_id") or job.get("job_id") or ""
+            if not key:
+                continue
+            kept = self.jobs.get(key, {})
+            status = str(job.get("status", ""))
+            row = {
+                "id": key,
+                "type": str(job.get("type", "")),
+                "entrypoint": str(job.get("entrypoint", ""))[:1000],
+                "status": status,
+                "message": str(job.get("message") or "")[:1000],
+                "start_time": (job.get("start_time") or 0) / 1000,
+                "end_time": (job.get("end_time") or 0) / 1000,
+                "log_tail": kept.get("log_tail", ""),
+            }
+            fetched = kept.get("_logs_at") == status
+            wanted = job.get("submission_id") and (status in TERMINAL or final)
+            if wanted and not fetched:
+                with contextlib.suppress(OSError, ValueError):
+                    logs = self.http_json(
+                        f"{self.dashboard}/api/jobs/{urllib.parse.quote(key)}/logs",
+                        self.ray_headers(),
+                    )
+                    row["log_tail"] = tail(str((logs or {}).get("logs", "")))
+                    row["_logs_at"] = status
+            elif fetched:
+                row["_logs_at"] = status
+            self.jobs[key] = row
+        while len(self.jobs) > MAX_JOBS:  # the oldest go first
+            oldest = min(self.jobs, key=lambda k: self.jobs[k]["start_time"])
+            del self.jobs[oldest]
+
+    def read_serve(self) -> None:
+        answer = self.http_json(f"{self.dashboard}/api/serve/applications/", self.ray_headers())
+        apps = (answer or {}).get("applications") or {}
+        serve = {}
+        for name, app in list(apps.items())[:50]:
+            deployments = {}
+            for dep_name, dep in list((app.get("deployments") or {}).items())[:50]:
+                replicas = dep.get("replicas") or []
+                deployments[dep_name] = {
+                    "status": dep.get("status", ""),
+                    "message": str(dep.get("message") or "")[:500],
+                    "replicas": len(replicas),
+                    "replicas_running": sum(1 for r in replicas if r.get("state") == "RUNNING"),
+                }
+            serve[name] = {
+                "status": app.get("status", ""),
+                "message": str(app.get("message") or "")[:500],
+                "route_prefix": app.get("route_prefix"),
+                "deployments": deployments,
+            }
+        if self.record is not None:
+            self.record.serve = serve
+
+    def read_decisions(self) -> None:
+        if self.record is None:
+            return
+        self.record.autoscaler += self.monitor_log.new_decisions()
+        del self.record.autoscaler[:-MAX_EVENTS]
+
+    def read_nodes(self) -> None:
+        """Every node of the run: CML's applications now, the ledger's deleted GPU nodes,
+        and the ones seen before that are gone now (ended when last seen)."""
+        api, cluster = self.ctx.api, self.ctx.spec.cluster
+        now = self.clock()
+        seen = set()
+        for app_id, node, tags, app in self.ctx.cluster_nodes():
+            seen.add(node.node_id)
+            live = app.get("status") in ("APPLICATION_RUNNING", "APPLICATION_STARTING")
+            row = self.nodes.setdefault(node.node_id, {"node_id": node.node_id})
+            row.update(
+                kind=node.kind,
+                node_type=tags.get(TAG_USER_NODE_TYPE, row.get("node_type", "")),
+                gpus=int(app.get("nvidia_gpu") or 0),
+                started_at=_epoch(app.get("running_at") or "")
+                or _epoch(app.get("created_at") or ""),
+                ended_at=0.0 if live else (_epoch(app.get("stopped_at")) or now),
+                application_id=app_id,
+            )
+        for name in api.list_names(ledger_dir(cluster)):
+            entry = LedgerEntry.parse(name)
+            # (whole seconds in the ledger: a node gone in the run's first second counts)
+            if entry is None or (self.record and entry.end_s + 1 < self.record.started_at):
+                continue
+            row = self.nodes.setdefault(entry.node_id, {"node_id": entry.node_id})
+            row.update(gpus=entry.gpus, started_at=entry.start_s, ended_at=entry.end_s)
+            row.setdefault("kind", "worker")
+            if entry.node_type:
+                row["node_type"] = entry.node_type
+            seen.add(entry.node_id)
+        for node_id, row in self.nodes.items():
+            if node_id not in seen and not row.get("ended_at"):
+                row["ended_at"] = row.get("last_seen", now)
+        for row in self.nodes.values():
+            if row["node_id"] in seen:
+                row["last_seen"] = now
+        if len(self.nodes) > MAX_NODES:
+            for node_id in sorted(self.nodes, key=lambda k: self.nodes[k].get("started_at", 0))[
+                : len(self.nodes) - MAX_NODES
+            ]:
+                del self.nodes[node_id]
+
+    def node_rows(self, now: float) -> list[dict]:
+        rows = []
+        for row in self.nodes.values():
+            start, end = row.get("started_at") or 0.0, row.get("ended_at") or 0.0
+            hours = row.get("gpus", 0) * max(0.0, (end or now) - start) / 3600 if start else 0.0
+            rows.append(
+                {
+                    "node_id": row["node_id"],
+                    "kind": row.get("kind", ""),
+                    "node_type": row.get("node_type", ""),
+                    "gpus": row.get("gpus", 0),
+                    "started_at": start,
+                    "ended_at": end,
+                    "gpu_hours": round(hours, 6),
+                }
+            )
+        return sorted(rows, key=lambda r: (r["kind"] != "head", r["started_at"]))
+
+    def read_figures(self) -> None:
+        """``ray-cml top``'s figures between this snapshot's scrape and the previous one."""
+        path = self.ctx.metrics_key_path
+        if self.record is None or path is None or not self.ctx.app_port:
+            return
+        from ray_cml_provider import figures  # the node's environment: prometheus_client
+
+        key = path.read_text().strip()
+        query = "&".join(f"family={f}" for f in figures.FAMILIES)
+        asked = urllib.request.Request(
+            f"{self.gateway}/metrics?{query}", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(asked, timeout=HTTP_TIMEOUT_S) as answer:
+            scrape = figures.Scrape.parse(answer.read(32 << 20).decode("utf-8", "replace"))
+        previous, self.last_scrape = self.last_scrape, scrape
+        if previous is None:
+            return
+        timeline = figures.Timeline([previous, scrape])
+        report = figures.TopReport(self.record.cluster, timeline.span_s)
+        report.door = figures.door_figures(timeline)
+        report.deployments = figures.serve_figures(timeline)
+        report.models = figures.model_figures(timeline)
+        self.record.top = {**report.to_dict(), "at": scrape.at}
+
+    # -------------------------------------------------------------- earlier runs
+
+    def close_earlier_runs(self) -> None:
+        """Runs of this cluster left open (their head was lost, or restarted by CML) are
+        marked ended at their last snapshot; only the newest ``MAX_RUNS`` are kept."""
+        folder = history_dir(self.ctx.spec.cluster)
+        names = sorted(n for n in self.ctx.api.list_names(folder) if n.endswith(".json"))
+        current = f"{self.record.run}.json" if self.record else ""
+        for name in names[: max(0, len(names) - MAX_RUNS)]:
+            if name != current:
+                self.ctx.api.delete(f"{folder}/{name}")
+        for name in names[-MAX_RUNS:]:
+            if name == current:
+                continue
+            close_open_run(self.ctx.read, self.ctx.publish, f"{folder}/{name}", "head lost")
+
+
+def close_open_run(
+    read: Callable[[str], bytes | None],
+    write: Callable[..., None],
+    path: str,
+    ended_by: str,
+) -> bool:
+    """Mark the run at ``path`` ended at its last snapshot when it is still open; whether it
+    was. (The head does it for its cluster's earlier runs; ``ray-cml gc`` for a cluster it
+    collects.)"""
+    data = read(path)
+    if not data:
+        return False
+    try:
+        record = HistoryRecord.from_json(data)
+    except ValueError:
+        return False
+    if not record.is_open:
+        return False
+    record.ended_at = record.updated_at or record.started_at
+    record.ended_by = ended_by
+    record.notes.append("no final snapshot: the figures are those of the last one")
+    write(path, record.to_json(), overwrite=True)
+    return True
