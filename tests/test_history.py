@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Dashboard:
         self.log_reads: dict[str, int] = {}
         self.requests = 0  # the Serve counter /metrics shows: grows between scrapes
         self.authorized: list[str] = []
+        self.log_delay_s = 0.0  # a dashboard that answers slowly
         dashboard = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +61,7 @@ class Dashboard:
                 elif path.startswith("/api/jobs/") and path.endswith("/logs"):
                     job = path.split("/")[3]
                     dashboard.log_reads[job] = dashboard.log_reads.get(job, 0) + 1
+                    time.sleep(dashboard.log_delay_s)
                     body = json.dumps({"logs": dashboard.logs.get(job, "")})
                 elif path == "/api/serve/applications/":
                     deployment = {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}
@@ -186,6 +189,7 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
     assert len(by_id["raysubmit_058"]["log_tail"].splitlines()) == history.TAIL_LINES
     # A finished job's log is read once; a running one's only at the end.
     assert dashboard.log_reads["raysubmit_058"] == 1 and dashboard.log_reads["raysubmit_059"] == 1
+    assert "raysubmit_000" not in dashboard.log_reads  # not kept: never read
     assert "my token is [redacted]" in by_id["raysubmit_059"]["log_tail"]
     assert TOKEN.encode() not in raw and emulator.api_key.encode() not in raw
     assert METRICS_KEY.encode() not in raw
@@ -212,6 +216,24 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
     shown = history_command.render_run(record)
     assert "raysubmit_059  RUNNING" in shown and "Removing 1 nodes of type gpu" in shown
     assert "5555aaaa  worker  gpu_worker  1" in shown
+
+
+def test_the_last_snapshot_is_bounded_in_time_whatever_the_dashboard_does(
+    emulator, client, dashboard, monkeypatch
+):
+    monkeypatch.setattr(history, "SNAPSHOT_BUDGET_S", 1.0)
+    dashboard.log_delay_s = 0.4
+    dashboard.jobs = [job(n) for n in range(10)]
+    dashboard.logs = {f"raysubmit_{n:03d}": f"log {n}" for n in range(10)}
+    historian = Historian(head_context(emulator, dashboard.port), dashboard.port)
+    historian.record = HistoryRecord("c1", history_run_name(time.time(), "0123abcd"), "x", 1.0)
+    run = historian.record.run
+    started = time.monotonic()
+    historian.end("ray stop")  # what `ray stop` waits for
+    assert time.monotonic() - started < 5
+    record, _ = stored(client, run)
+    assert 0 < sum(1 for j in record.jobs if j["log_tail"] == "") < 10
+    assert any("job log(s) not read (out of time)" in note for note in record.notes), record.notes
 
 
 def test_the_command_lists_shows_and_refuses_in_one_line(emulator, client, capsys, monkeypatch):

@@ -67,6 +67,7 @@ TAIL_LINES = 100
 TAIL_BYTES = 8192
 COMMAND_TAIL_BYTES = 4096
 HTTP_TIMEOUT_S = 10.0
+SNAPSHOT_BUDGET_S = 30.0  # what one snapshot may take (a job's log read after it, next time)
 REDACTED = "[redacted]"
 # What monitor.log says when the autoscaler decides (ray.autoscaler.v2.event_logger, v1's
 # StandardAutoscaler), and when a launch failed.
@@ -228,15 +229,22 @@ class Historian:
                 return
             notes: list[str] = []
             final = bool(ended_by)
+            # `ray stop` waits for the last snapshot: bounded, whatever the dashboard does.
+            deadline = time.monotonic() + SNAPSHOT_BUDGET_S
             for part, read in (
-                ("jobs", lambda: self.read_jobs(final)),
+                ("jobs", lambda: self.read_jobs(final, deadline)),
                 ("serve", self.read_serve),
                 ("autoscaler", self.read_decisions),
                 ("nodes", self.read_nodes),
                 ("top", self.read_figures),
             ):
+                if time.monotonic() > deadline:
+                    notes.append(f"{part}: not read (the snapshot ran out of time)")
+                    continue
                 try:
-                    read()
+                    left = read()
+                    if left:
+                        notes.append(f"{part}: {left} job log(s) not read (out of time)")
                 except Exception as exc:  # each part on its own: the others still count
                     notes.append(f"{part}: {exc}"[:300])
             now = self.clock()
@@ -285,10 +293,15 @@ class Historian:
         except OSError:
             return {}
 
-    def read_jobs(self, final: bool) -> None:
-        """Ray's jobs; a job's log tail once it ended (every job's at the end of the run)."""
+    def read_jobs(self, final: bool, deadline: float = float("inf")) -> int:
+        """Ray's jobs; a job's log tail once it ended (every job's at the end of the run).
+        How many logs were left for lack of time."""
+        left = 0
         listed = self.http_json(f"{self.dashboard}/api/jobs/", self.ray_headers())
-        for job in listed if isinstance(listed, list) else []:
+        listed = [j for j in listed if isinstance(j, dict)] if isinstance(listed, list) else []
+        newest = sorted(listed, key=lambda j: j.get("start_time") or 0)[-MAX_JOBS:]
+        jobs: dict[str, dict] = {}
+        for job in newest:  # (older ones were kept before, or are not kept at all)
             key = job.get("submission_id") or job.get("job_id") or ""
             if not key:
                 continue
@@ -306,7 +319,9 @@ class Historian:
             }
             fetched = kept.get("_logs_at") == status
             wanted = job.get("submission_id") and (status in TERMINAL or final)
-            if wanted and not fetched:
+            if wanted and not fetched and time.monotonic() >= deadline:
+                left += 1
+            elif wanted and not fetched:
                 with contextlib.suppress(OSError, ValueError):
                     logs = self.http_json(
                         f"{self.dashboard}/api/jobs/{urllib.parse.quote(key)}/logs",
@@ -316,10 +331,9 @@ class Historian:
                     row["_logs_at"] = status
             elif fetched:
                 row["_logs_at"] = status
-            self.jobs[key] = row
-        while len(self.jobs) > MAX_JOBS:  # the oldest go first
-            oldest = min(self.jobs, key=lambda k: self.jobs[k]["start_time"])
-            del self.jobs[oldest]
+            jobs[key] = row
+        self.jobs = jobs
+        return left
 
     def read_serve(self) -> None:
         answer = self.http_json(f"{self.dashboard}/api/serve/applications/", self.ray_headers())
