@@ -247,7 +247,7 @@ class NodeFolder:
 HEAD_START = re.compile(r"\bray start\b.*--head\b", re.S)
 # `ray stop` needs no node environment (the shim runs the bootstrap's stop-ray): `ray down`
 # must stop a node whose environment failed.
-RAY_STOP = re.compile(r"\s*ray stop\s*")
+RAY_STOP = re.compile(r"\s*ray stop(\s+-[-\w=]+)*\s*")  # with its flags (--force)
 
 
 class CommandVar:
@@ -470,7 +470,9 @@ class Request(_Record):
     env: dict[str, str] = field(default_factory=dict)
     files: list = field(default_factory=list)  # {"path", "data" (base64), "mode"?}
     report: str = ""
-    history: bool = True  # False: ray-cml's own question (status, top), not the user's work
+    # True for what a user asked for (ray up/exec/submit): the head's history keeps it; not
+    # ray-cml's own questions (status, top, copying a file back).
+    history: bool = False
 
     ENVIRONMENT_REPORT: ClassVar[str] = "environment"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_cml_provider import figures
 from ray_cml_provider.cluster.history import close_open_runs, find_run, list_runs
 from ray_cml_provider.cml import CMLClient, CMLNotFoundError
 from ray_cml_provider.contract import (
@@ -117,14 +118,16 @@ def head_context(emulator, port: int) -> NodeContext:
     return NodeContext(env, project_dir=project)
 
 
-def job(n: int, status: str = "SUCCEEDED") -> dict:
+def job(n: int, status: str = "SUCCEEDED", at: float | None = None) -> dict:
+    """Ray's view of a job (times in ms): the n-th of this run, or one that ran ``at``."""
+    start_ms = int(((at or time.time()) + n) * 1000)
     return {
         "type": "SUBMISSION",
         "submission_id": f"raysubmit_{n:03d}",
         "entrypoint": f"python step_{n}.py",
         "status": status,
-        "start_time": 1_000_000 + n * 1000,
-        "end_time": 1_000_500 + n * 1000 if status != "RUNNING" else None,
+        "start_time": start_ms,
+        "end_time": start_ms + 500 if status != "RUNNING" else None,
     }
 
 
@@ -137,8 +140,9 @@ def stored(client: CMLClient, run: str) -> tuple[HistoryRecord, bytes] | None:
 
 
 def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secret(
-    emulator, client, dashboard, tmp_path
+    emulator, client, dashboard, monkeypatch
 ):
+    monkeypatch.setattr(figures, "MIN_WINDOW_S", 0.0)  # figures from snapshots a moment apart
     ctx = head_context(emulator, dashboard.port)
     # A run of an earlier head of this cluster, lost without its final snapshot.
     lost = HistoryRecord("c1", history_run_name(1_000_000, "99999999"), "99999999", 1_000_000.0)
@@ -150,10 +154,13 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
         "2026-12-03 10:57:50,001\tINFO autoscaler.py:1 -- Fetched the cluster's state\n"
         "2026-12-03 10:57:52,850\tINFO event_logger.py:77 -- Adding 1 node(s) of type gpu.\n"
     )
-    dashboard.jobs = [job(n) for n in range(59)] + [job(59, "RUNNING")]
+    # 60 jobs of this run, and one a recovered head's GCS remembers from an earlier run.
+    dashboard.jobs = [job(n) for n in range(59)] + [job(59, "RUNNING"), job(99, at=1e9)]
     dashboard.logs = {
         "raysubmit_058": "\n".join(f"line {i}" for i in range(500)),
         "raysubmit_059": f"working\nmy token is {TOKEN}\n",
+        # The tail's cut falls inside the token: redacted before it is cut, none of it left.
+        "raysubmit_057": TOKEN + "y" * (history.TAIL_BYTES - 40),
     }
 
     historian = Historian(ctx, dashboard.port)
@@ -166,15 +173,23 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
         earlier, _ = stored(client, lost.run)
         assert earlier.ended_by == "head lost" and earlier.ended_at == 1_000_060.0
 
+        with historian.lock:  # as if the run began two hours ago
+            historian.record.started_at -= 7200
         with open(monitor, "a") as log:
             log.write("2026-12-03 10:59:02,100\tINFO event_logger.py:95 -- Removing 1 nodes of ")
             log.write("type gpu (idle).\n")
         now = historian.clock()
-        ledger = LedgerEntry("5555aaaa", 1, now - 3600, now, "gpu_worker").file_name
-        client.upload_file(f"{ledger_dir('c1')}/{ledger}", b"")
+        for entry in (
+            LedgerEntry("5555aaaa", 1, now - 3600, now, "gpu_worker"),  # an hour, in the run
+            LedgerEntry("6666bbbb", 1, now - 9000, now - 3600),  # an hour of it in the run
+            LedgerEntry("7777cccc", 1, now - 9000, now - 8000),  # before the run
+        ):
+            client.upload_file(f"{ledger_dir('c1')}/{entry.file_name}", b"")
         note = f"GPU task ran on 127.0.0.3; key {emulator.api_key}"
-        historian.remember(Request(cmd="python gpu_task.py"), 0, note.encode(), now - 5)
-        historian.remember(Request(cmd="cat secret", history=False), 0, b"", now)
+        historian.remember(
+            Request(cmd="python gpu_task.py", history=True), 0, note.encode(), now - 5
+        )
+        historian.remember(Request(cmd="cat secret"), 0, b"", now)  # ray-cml's own
         historian.snapshot()
         historian.end("ray stop")
     finally:
@@ -190,8 +205,9 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
     # A finished job's log is read once; a running one's only at the end.
     assert dashboard.log_reads["raysubmit_058"] == 1 and dashboard.log_reads["raysubmit_059"] == 1
     assert "raysubmit_000" not in dashboard.log_reads  # not kept: never read
+    assert "raysubmit_099" not in by_id  # an earlier run's
     assert "my token is [redacted]" in by_id["raysubmit_059"]["log_tail"]
-    assert TOKEN.encode() not in raw and emulator.api_key.encode() not in raw
+    assert TOKEN[-40:].encode() not in raw and emulator.api_key.encode() not in raw
     assert METRICS_KEY.encode() not in raw
     assert set(dashboard.authorized) == {f"Bearer {TOKEN}", f"Bearer {METRICS_KEY}"}
     [command] = record.commands  # ray-cml's own questions are not the user's work
@@ -202,9 +218,12 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
         "Adding 1 node(s) of type gpu.",
         "Removing 1 nodes of type gpu (idle).",
     ]
-    [node] = record.nodes
-    assert node["node_type"] == "gpu_worker" and node["gpu_hours"] == pytest.approx(1.0, abs=0.01)
-    assert record.gpu_hours == pytest.approx(1.0, abs=0.01)
+    nodes = {n["node_id"]: n for n in record.nodes}
+    assert set(nodes) == {"5555aaaa", "6666bbbb"}
+    assert nodes["5555aaaa"]["node_type"] == "gpu_worker"
+    assert nodes["5555aaaa"]["gpu_hours"] == pytest.approx(1.0, abs=0.01)
+    assert nodes["6666bbbb"]["gpu_hours"] == pytest.approx(1.0, abs=0.01)  # its part only
+    assert record.gpu_hours == pytest.approx(2.0, abs=0.02)
     [deployment] = record.top["deployments"]  # figures between the last two scrapes
     assert deployment["application"] == "echo" and deployment["requests_per_s"] > 0
     assert record.notes == []
@@ -216,6 +235,26 @@ def test_a_run_is_kept_bounded_with_its_jobs_logs_nodes_and_figures_and_no_secre
     shown = history_command.render_run(record)
     assert "raysubmit_059  RUNNING" in shown and "Removing 1 nodes of type gpu" in shown
     assert "5555aaaa  worker  gpu_worker  1" in shown
+
+
+def test_a_run_whose_ray_stopped_unseen_keeps_its_own_jobs_when_ray_starts_again(
+    emulator, client, dashboard
+):
+    now = [time.time()]
+    historian = Historian(head_context(emulator, dashboard.port), dashboard.port, lambda: now[0])
+    dashboard.jobs = [job(1)]
+    historian.begin()
+    first = historian.record.run
+    wait_until(lambda: stored(client, first), 30, "the first snapshot")
+    historian.snapshot()
+    dashboard.jobs = []  # `ray stop --force; ray start --head`: another Ray, no jobs
+    now[0] += 60  # a minute later
+    historian.begin()
+    second = historian.record.run
+    historian.record = None
+    closed, _ = stored(client, first)
+    assert closed.ended_by == "Ray started again" and second != first
+    assert [j["id"] for j in closed.jobs] == ["raysubmit_001"]
 
 
 def test_the_last_snapshot_is_bounded_in_time_whatever_the_dashboard_does(

@@ -382,7 +382,7 @@ def test_a_head_runs_the_prometheus_it_is_given_on_rays_config_on_its_loopback(
             10,
             "the head's Prometheus to start",
         )
-        assert f"--config.file={config}" in args
+        assert f"--config.file={config.resolve()}" in args
         assert f"--web.listen-address=127.0.0.1:{port}" in args
         assert "--storage.tsdb.retention.size=256MB" in args
     finally:

@@ -267,7 +267,7 @@ def _ray_view_through_head(client: CMLClient, cluster: str, head_id: str) -> dic
         f'"${{{CommandVar.PYTHON}:-python}}" -m ray_cml_provider.cluster.ray_view '
         f"$CDSW_IP_ADDRESS:${CommandVar.GCS_PORT}"
     )
-    result = mailbox.ask(Request(cmd=command, history=False), timeout_s=THROUGH_HEAD_TIMEOUT_S)
+    result = mailbox.ask(Request(cmd=command), timeout_s=THROUGH_HEAD_TIMEOUT_S)
     output = result.output.decode("utf-8", "replace")
     for line in reversed(output.splitlines()):
         if line.startswith("{"):

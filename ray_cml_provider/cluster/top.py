@@ -87,7 +87,7 @@ def autoscaler_decisions(client: CMLClient, cluster: str, head_id: str) -> list[
     )
     mailbox = NodeMailbox(client, NodeFolder.of(cluster, head_id), progress=lambda _: None)
     try:
-        result = mailbox.ask(Request(cmd=command, history=False), timeout_s=60)
+        result = mailbox.ask(Request(cmd=command), timeout_s=60)
     except (RayCMLError, CMLError):
         return []
     return [_decision(line) for line in result.output.decode("utf-8", "replace").splitlines()]

@@ -104,11 +104,13 @@ class NodeContext:
         """(id, name, node) of every application of this cluster."""
         return [(app_id, app["name"], node) for app_id, node, _, app in self.cluster_nodes()]
 
-    def cluster_nodes(self) -> list[tuple[str, NodeName, dict[str, str], dict]]:
+    def cluster_nodes(
+        self, api: ProjectAPI | None = None
+    ) -> list[tuple[str, NodeName, dict[str, str], dict]]:
         """(id, node, tags, CML's application) of every application of this cluster, read
         as the provider reads them (``parse_application``: cluster ``c`` is not ``c-2``)."""
         found = []
-        for app in self.api.applications(application_prefix(self.spec.cluster)):
+        for app in (api or self.api).applications(application_prefix(self.spec.cluster)):
             parsed = parse_application(app["name"], str(app.get("description", "")))
             if parsed and parsed[0].cluster == self.spec.cluster:
                 found.append((str(app["id"]), parsed[0], parsed[1], app))

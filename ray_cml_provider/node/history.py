@@ -36,7 +36,9 @@ environment.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -45,6 +47,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from ray_cml_provider.contract import (
     TAG_USER_NODE_TYPE,
@@ -56,17 +59,22 @@ from ray_cml_provider.contract import (
     ledger_dir,
 )
 from ray_cml_provider.node.context import NodeContext, log
-from ray_cml_provider.node.project_api import ProjectAPIError
+from ray_cml_provider.node.project_api import ProjectAPI, ProjectAPIError, Retries
 
 MAX_JOBS = 50
 MAX_COMMANDS = 50
 MAX_EVENTS = 200
 MAX_NODES = 500
+MAX_SERVE = 20  # applications, and deployments of each
 MAX_RUNS = 20
 TAIL_LINES = 100
 TAIL_BYTES = 8192
 COMMAND_TAIL_BYTES = 4096
 HTTP_TIMEOUT_S = 10.0
+HTTP_MOST_BYTES = 64 << 20  # one answer of the dashboard or /metrics
+READ_AT_ONCE = 4 << 20  # of monitor.log
+# The history's calls to CML: short, as the last snapshot is what `ray stop` waits for.
+HISTORY_RETRIES = Retries(attempts=2, backoff_s=0.5, backoff_max_s=1.0, timeout_s=10.0)
 SNAPSHOT_BUDGET_S = 30.0  # what one snapshot may take (a job's log read after it, next time)
 REDACTED = "[redacted]"
 # What monitor.log says when the autoscaler decides (ray.autoscaler.v2.event_logger, v1's
@@ -108,7 +116,7 @@ def _epoch(timestamp: str | None) -> float:
 
 class MonitorLog:
     """The autoscaler's decisions, read from ``monitor.log`` as it grows (a new Ray session
-    is a new file: read from its start)."""
+    is a new file, and a rotated one starts again: read from its start)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -118,24 +126,32 @@ class MonitorLog:
     def new_decisions(self) -> list[str]:
         try:
             real = str(self.path.resolve(strict=True))
+            size = os.stat(real).st_size
         except OSError:
             return []
-        if real != self.file:
+        if real != self.file or size < self.offset:
             self.file, self.offset = real, 0
         try:
             with open(real, "rb") as handle:
                 handle.seek(self.offset)
-                data = handle.read(4 << 20)
+                data = handle.read(READ_AT_ONCE)
         except OSError:
             return []
         complete = data[: data.rfind(b"\n") + 1]  # a line being written waits for next time
+        if not complete and len(data) == READ_AT_ONCE:
+            complete = data  # one line longer than a read: not a decision, passed over
         self.offset += len(complete)
         found = (decision(line) for line in complete.decode("utf-8", "replace").splitlines())
         return [line for line in found if line]
 
 
 class Historian:
-    """The head's history of its cluster (see the module's docstring)."""
+    """The head's history of its cluster (see the module's docstring).
+
+    Two locks: ``lock`` for the run and its snapshots (one at a time), ``commands_lock`` for
+    the commands the mailbox reports, so that answering a command never waits on a snapshot.
+    The history's own calls to CML are short (``HISTORY_RETRIES``): the last snapshot is
+    what ``ray stop`` waits for."""
 
     def __init__(
         self, ctx: NodeContext, dashboard_port: int, clock: Callable[[], float] = time.time
@@ -144,13 +160,16 @@ class Historian:
         self.dashboard = f"http://{ctx.ip}:{dashboard_port}"
         self.gateway = f"http://{ctx.ip}:{ctx.app_port}"
         self.clock = clock
+        self.api = ProjectAPI(ctx.env, log, HISTORY_RETRIES)
         self.lock = threading.RLock()
+        self.commands_lock = threading.Lock()
         self.record: HistoryRecord | None = None
         self.commands: list[dict] = []  # before the run begins too: ray up's setup
         self.nodes: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
         self.monitor_log = MonitorLog(Path(ctx.tmp_dir) / "ray/session_latest/logs/monitor.log")
         self.last_scrape = None  # figures.Scrape
+        self.secret_values: dict[Path | str, str] = {}  # every secret read, kept
 
     # -------------------------------------------------------------- the run's life
 
@@ -158,8 +177,8 @@ class Historian:
         """The head's Ray started: a new run. Runs left open before it are closed, and its
         first snapshot taken, in a thread (the caller is answering ``ray up``)."""
         with self.lock:
-            if self.record is not None:
-                self.end("Ray started again")
+            if self.record is not None:  # its Ray stopped unseen (`ray stop --force`, ...)
+                self.close_without_reading("Ray started again")
             now = self.clock()
             self.record = HistoryRecord(
                 cluster=self.ctx.spec.cluster,
@@ -168,45 +187,63 @@ class Historian:
                 started_at=now,
             )
             self.nodes, self.jobs, self.last_scrape = {}, {}, None
-            # ray up's commands just before Ray started (its setup, the start) belong to it.
-            self.commands = [c for c in self.commands if c["ended_at"] >= now - 600]
             self.monitor_log = MonitorLog(self.monitor_log.path)
+            with self.commands_lock:  # ray up's commands just before Ray started belong to it
+                self.commands = [c for c in self.commands if c["ended_at"] >= now - 600]
             log(f"history: run {self.record.run} began")
         threading.Thread(target=self.first_snapshot, name="history-begin", daemon=True).start()
 
     def first_snapshot(self) -> None:
         try:
             self.close_earlier_runs()
-        except ProjectAPIError as exc:
-            log(f"history: could not close the earlier runs: {exc}")
+        except Exception as exc:  # the history must never take the head down
+            log(f"history: could not close the earlier runs: {exc!r}")
         try:
             self.snapshot()
-        except Exception as exc:  # the history must never take the head down
+        except Exception as exc:
             log(f"history: snapshot failed: {exc!r}")
 
     def end(self, ended_by: str) -> None:
         """Ray stops here: the run's last snapshot, with every job's log tail."""
         with self.lock:
-            if self.record is None:
+            record = self.record
+            if record is None:
                 return
-            self.snapshot(ended_by=ended_by)
-            log(f"history: run {self.record.run} ended ({ended_by})")
-            self.record = None
+            try:
+                self.snapshot(ended_by=ended_by)
+            finally:
+                log(f"history: run {record.run} ended ({ended_by})")
+                self.record = None
+                with self.commands_lock:
+                    self.commands = []
+
+    def close_without_reading(self, ended_by: str) -> None:
+        """End the run as its last snapshot left it: what runs now is another Ray."""
+        record, self.record = self.record, None
+        if record is None:
+            return
+        record.ended_at, record.ended_by = record.updated_at or record.started_at, ended_by
+        record.notes.append("no final snapshot: the figures are those of the last one")
+        try:
+            self.publish(record)
+        except Exception as exc:
+            log(f"history: could not close run {record.run}: {exc!r}")
 
     def remember(self, request: Request, code: int, output: bytes, started_at: float) -> None:
-        """A command the mailbox ran (not ray-cml's own questions, nor bare file writes)."""
+        """A command ``ray up``/``exec``/``submit`` ran (``Request.history``)."""
         if not request.cmd or not request.history:
             return
-        with self.lock:
-            self.commands.append(
-                {
-                    "cmd": request.cmd[:1000],
-                    "started_at": round(started_at, 3),
-                    "ended_at": round(self.clock(), 3),
-                    "exit_status": code,
-                    "output_tail": tail(output.decode("utf-8", "replace"), 50, COMMAND_TAIL_BYTES),
-                }
-            )
+        secrets = self.secrets()
+        text = output.decode("utf-8", "replace")
+        row = {
+            "cmd": redact(request.cmd, secrets)[:1000],
+            "started_at": round(started_at, 3),
+            "ended_at": round(self.clock(), 3),
+            "exit_status": code,
+            "output_tail": tail(redact(text, secrets), 50, COMMAND_TAIL_BYTES),
+        }
+        with self.commands_lock:
+            self.commands.append(row)
             del self.commands[:-MAX_COMMANDS]
 
     def watch(self) -> None:
@@ -232,11 +269,11 @@ class Historian:
             # `ray stop` waits for the last snapshot: bounded, whatever the dashboard does.
             deadline = time.monotonic() + SNAPSHOT_BUDGET_S
             for part, read in (
-                ("jobs", lambda: self.read_jobs(final, deadline)),
-                ("serve", self.read_serve),
-                ("autoscaler", self.read_decisions),
-                ("nodes", self.read_nodes),
-                ("top", self.read_figures),
+                ("jobs", lambda: self.read_jobs(record, final, deadline)),
+                ("serve", lambda: self.read_serve(record)),
+                ("autoscaler", lambda: self.read_decisions(record)),
+                ("nodes", lambda: self.read_nodes(record)),
+                ("top", lambda: self.read_figures(record)),
             ):
                 if time.monotonic() > deadline:
                     notes.append(f"{part}: not read (the snapshot ran out of time)")
@@ -250,8 +287,9 @@ class Historian:
             now = self.clock()
             jobs = sorted(self.jobs.values(), key=lambda j: j.get("start_time") or 0)
             record.jobs = [{k: v for k, v in j.items() if k != "_logs_at"} for j in jobs]
-            record.commands = list(self.commands)
-            record.nodes = self.node_rows(now)
+            with self.commands_lock:
+                record.commands = list(self.commands)
+            record.nodes = self.node_rows(record, now)
             record.gpu_hours = round(sum(n["gpu_hours"] for n in record.nodes), 6)
             record.notes = notes
             record.updated_at = now
@@ -260,28 +298,49 @@ class Historian:
             self.publish(record)
 
     def publish(self, record: HistoryRecord) -> None:
-        text = redact(record.to_json().decode(), self.secrets())
+        """Write the record, every secret replaced; not at all while a secret the head holds
+        cannot be read (it could not be looked for)."""
+        secrets = self.secrets()
+        missing = [str(p) for p in self.secret_files() if p not in self.secret_values]
+        if missing:
+            log(f"history: not written: cannot read {', '.join(missing)} to keep it out")
+            return
+        text = json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+        data = redact(text, secrets).encode()
         path = f"{history_dir(record.cluster)}/{record.run}.json"
-        self.ctx.publish(path, text.encode(), overwrite=True)
+        try:
+            self.api.delete(path)
+            self.api.upload(path, data)
+        except ProjectAPIError as exc:
+            log(f"history: through the API: {exc}; writing on the mount")
+            target = self.ctx.mount(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+
+    def secret_files(self) -> list[Path]:
+        ctx = self.ctx
+        return [p for p in (ctx.token_path, ctx.endpoint_key_path, ctx.metrics_key_path) if p]
 
     def secrets(self) -> list[str]:
-        """Every secret this head holds, as text (replaced wherever it appears)."""
-        found = [self.ctx.env.get("CDSW_APIV2_KEY", "")]
-        for path in (self.ctx.token_path, self.ctx.endpoint_key_path, self.ctx.metrics_key_path):
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    found.append(path.read_text().strip())
-        return [s for s in found if len(s) >= 8]
+        """Every secret this head holds or held, as text (replaced wherever it appears)."""
+        self.secret_values["CDSW_APIV2_KEY"] = self.ctx.env.get("CDSW_APIV2_KEY", "")
+        for path in self.secret_files():
+            with contextlib.suppress(OSError):
+                value = path.read_text().strip()
+                if value:
+                    self.secret_values[path] = value
+        return [s for s in self.secret_values.values() if len(s) >= 8]
 
     # -------------------------------------------------------------- the parts
 
-    def http_json(self, url: str, headers: dict[str, str] | None = None) -> dict:
+    def http_json(self, url: str, headers: dict[str, str] | None = None) -> Any:
         request = urllib.request.Request(
             url, headers={"Accept": "application/json", **(headers or {})}
         )
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as answer:
-            value = json.loads(answer.read(8 << 20) or b"null")
-        return value
+            return json.loads(answer.read(HTTP_MOST_BYTES) or b"null")
 
     def ray_headers(self) -> dict[str, str]:
         """Ray's token, when the cluster asks for one (the dashboard's API does)."""
@@ -293,16 +352,22 @@ class Historian:
         except OSError:
             return {}
 
-    def read_jobs(self, final: bool, deadline: float = float("inf")) -> int:
-        """Ray's jobs; a job's log tail once it ended (every job's at the end of the run).
-        How many logs were left for lack of time."""
-        left = 0
+    def read_jobs(self, record: HistoryRecord, final: bool, deadline: float) -> int:
+        """Ray's jobs of this run; a job's log tail once it ended (every job's at the end of
+        the run). How many logs were left for lack of time."""
+        left, secrets = 0, self.secrets()
         listed = self.http_json(f"{self.dashboard}/api/jobs/", self.ray_headers())
         listed = [j for j in listed if isinstance(j, dict)] if isinstance(listed, list) else []
-        newest = sorted(listed, key=lambda j: j.get("start_time") or 0)[-MAX_JOBS:]
+        # A recovered head's GCS still lists the jobs of runs before this one.
+        ours = [
+            j
+            for j in listed
+            if not j.get("end_time") or j["end_time"] / 1000 + 1 >= record.started_at
+        ]
+        newest = sorted(ours, key=lambda j: j.get("start_time") or 0)[-MAX_JOBS:]
         jobs: dict[str, dict] = {}
         for job in newest:  # (older ones were kept before, or are not kept at all)
-            key = job.get("submission_id") or job.get("job_id") or ""
+            key = str(job.get("submission_id") or job.get("job_id") or "")
             if not key:
                 continue
             kept = self.jobs.get(key, {})
@@ -310,9 +375,9 @@ class Historian:
             row = {
                 "id": key,
                 "type": str(job.get("type", "")),
-                "entrypoint": str(job.get("entrypoint", ""))[:1000],
+                "entrypoint": redact(str(job.get("entrypoint", "")), secrets)[:1000],
                 "status": status,
-                "message": str(job.get("message") or "")[:1000],
+                "message": redact(str(job.get("message") or ""), secrets)[-1000:],
                 "start_time": (job.get("start_time") or 0) / 1000,
                 "end_time": (job.get("end_time") or 0) / 1000,
                 "log_tail": kept.get("log_tail", ""),
@@ -327,7 +392,8 @@ class Historian:
                         f"{self.dashboard}/api/jobs/{urllib.parse.quote(key)}/logs",
                         self.ray_headers(),
                     )
-                    row["log_tail"] = tail(str((logs or {}).get("logs", "")))
+                    text = str((logs or {}).get("logs", ""))
+                    row["log_tail"] = tail(redact(text, secrets))
                     row["_logs_at"] = status
             elif fetched:
                 row["_logs_at"] = status
@@ -335,58 +401,56 @@ class Historian:
         self.jobs = jobs
         return left
 
-    def read_serve(self) -> None:
+    def read_serve(self, record: HistoryRecord) -> None:
         answer = self.http_json(f"{self.dashboard}/api/serve/applications/", self.ray_headers())
         apps = (answer or {}).get("applications") or {}
         serve = {}
-        for name, app in list(apps.items())[:50]:
+        for name, app in list(apps.items())[:MAX_SERVE]:
             deployments = {}
-            for dep_name, dep in list((app.get("deployments") or {}).items())[:50]:
+            for dep_name, dep in list((app.get("deployments") or {}).items())[:MAX_SERVE]:
                 replicas = dep.get("replicas") or []
                 deployments[dep_name] = {
                     "status": dep.get("status", ""),
-                    "message": str(dep.get("message") or "")[:500],
+                    "message": str(dep.get("message") or "")[:300],
                     "replicas": len(replicas),
                     "replicas_running": sum(1 for r in replicas if r.get("state") == "RUNNING"),
                 }
             serve[name] = {
                 "status": app.get("status", ""),
-                "message": str(app.get("message") or "")[:500],
+                "message": str(app.get("message") or "")[:300],
                 "route_prefix": app.get("route_prefix"),
                 "deployments": deployments,
             }
-        if self.record is not None:
-            self.record.serve = serve
+        record.serve = serve
 
-    def read_decisions(self) -> None:
-        if self.record is None:
-            return
-        self.record.autoscaler += self.monitor_log.new_decisions()
-        del self.record.autoscaler[:-MAX_EVENTS]
+    def read_decisions(self, record: HistoryRecord) -> None:
+        record.autoscaler += self.monitor_log.new_decisions()
+        del record.autoscaler[:-MAX_EVENTS]
 
-    def read_nodes(self) -> None:
+    def read_nodes(self, record: HistoryRecord) -> None:
         """Every node of the run: CML's applications now, the ledger's deleted GPU nodes,
         and the ones seen before that are gone now (ended when last seen)."""
-        api, cluster = self.ctx.api, self.ctx.spec.cluster
         now = self.clock()
         seen = set()
-        for app_id, node, tags, app in self.ctx.cluster_nodes():
-            seen.add(node.node_id)
+        for app_id, node, tags, app in self.ctx.cluster_nodes(self.api):
             live = app.get("status") in ("APPLICATION_RUNNING", "APPLICATION_STARTING")
+            ended = 0.0 if live else (_epoch(app.get("stopped_at")) or now)
+            if ended and ended < record.started_at:
+                continue  # a stopped application still listed: of an earlier run
+            seen.add(node.node_id)
             row = self.nodes.setdefault(node.node_id, {"node_id": node.node_id})
             row.update(
                 kind=node.kind,
                 node_type=tags.get(TAG_USER_NODE_TYPE, row.get("node_type", "")),
                 gpus=int(app.get("nvidia_gpu") or 0),
-                started_at=_epoch(app.get("running_at") or "")
-                or _epoch(app.get("created_at") or ""),
-                ended_at=0.0 if live else (_epoch(app.get("stopped_at")) or now),
+                started_at=_epoch(app.get("running_at")) or _epoch(app.get("created_at")),
+                ended_at=ended,
                 application_id=app_id,
             )
-        for name in api.list_names(ledger_dir(cluster)):
+        for name in self.api.list_names(ledger_dir(record.cluster)):
             entry = LedgerEntry.parse(name)
             # (whole seconds in the ledger: a node gone in the run's first second counts)
-            if entry is None or (self.record and entry.end_s + 1 < self.record.started_at):
+            if entry is None or entry.end_s + 1 < record.started_at:
                 continue
             row = self.nodes.setdefault(entry.node_id, {"node_id": entry.node_id})
             row.update(gpus=entry.gpus, started_at=entry.start_s, ended_at=entry.end_s)
@@ -395,39 +459,41 @@ class Historian:
                 row["node_type"] = entry.node_type
             seen.add(entry.node_id)
         for node_id, row in self.nodes.items():
-            if node_id not in seen and not row.get("ended_at"):
-                row["ended_at"] = row.get("last_seen", now)
-        for row in self.nodes.values():
-            if row["node_id"] in seen:
+            if node_id in seen:
                 row["last_seen"] = now
-        if len(self.nodes) > MAX_NODES:
-            for node_id in sorted(self.nodes, key=lambda k: self.nodes[k].get("started_at", 0))[
-                : len(self.nodes) - MAX_NODES
-            ]:
-                del self.nodes[node_id]
+            elif not row.get("ended_at"):
+                row["ended_at"] = row.get("last_seen", now)
+        for node_id in sorted(self.nodes, key=lambda k: self.nodes[k].get("started_at", 0))[
+            : max(0, len(self.nodes) - MAX_NODES)
+        ]:
+            del self.nodes[node_id]
 
-    def node_rows(self, now: float) -> list[dict]:
+    def node_rows(self, record: HistoryRecord, now: float) -> list[dict]:
+        """Each node's part of the run: its time before the run began is another run's."""
         rows = []
         for row in self.nodes.values():
-            start, end = row.get("started_at") or 0.0, row.get("ended_at") or 0.0
-            hours = row.get("gpus", 0) * max(0.0, (end or now) - start) / 3600 if start else 0.0
+            start = max(row.get("started_at") or record.started_at, record.started_at)
+            end = row.get("ended_at") or 0.0
+            hours = row.get("gpus", 0) * max(0.0, (end or now) - start) / 3600
             rows.append(
                 {
                     "node_id": row["node_id"],
                     "kind": row.get("kind", ""),
                     "node_type": row.get("node_type", ""),
                     "gpus": row.get("gpus", 0),
-                    "started_at": start,
+                    "started_at": row.get("started_at") or 0.0,
                     "ended_at": end,
                     "gpu_hours": round(hours, 6),
                 }
             )
         return sorted(rows, key=lambda r: (r["kind"] != "head", r["started_at"]))
 
-    def read_figures(self) -> None:
-        """``ray-cml top``'s figures between this snapshot's scrape and the previous one."""
+    def read_figures(self, record: HistoryRecord) -> None:
+        """``ray-cml top``'s figures between this snapshot's scrape and an earlier one at
+        least ``MIN_WINDOW_S`` before (Ray refreshes a figure every 10 s: a shorter window,
+        as a last snapshot right after a periodic one, would read nothing)."""
         path = self.ctx.metrics_key_path
-        if self.record is None or path is None or not self.ctx.app_port:
+        if path is None or not self.ctx.app_port:
             return
         from ray_cml_provider import figures  # the node's environment: prometheus_client
 
@@ -437,32 +503,47 @@ class Historian:
             f"{self.gateway}/metrics?{query}", headers={"Authorization": f"Bearer {key}"}
         )
         with urllib.request.urlopen(asked, timeout=HTTP_TIMEOUT_S) as answer:
-            scrape = figures.Scrape.parse(answer.read(32 << 20).decode("utf-8", "replace"))
-        previous, self.last_scrape = self.last_scrape, scrape
+            scrape = figures.Scrape.parse(answer.read(HTTP_MOST_BYTES).decode("utf-8", "replace"))
+        previous = self.last_scrape
         if previous is None:
+            self.last_scrape = scrape
             return
+        if scrape.at - previous.at < figures.MIN_WINDOW_S:
+            return  # the earlier scrape stays the window's start
+        self.last_scrape = scrape
         timeline = figures.Timeline([previous, scrape])
-        report = figures.TopReport(self.record.cluster, timeline.span_s)
+        report = figures.TopReport(record.cluster, timeline.span_s)
         report.door = figures.door_figures(timeline)
         report.deployments = figures.serve_figures(timeline)
         report.models = figures.model_figures(timeline)
-        self.record.top = {**report.to_dict(), "at": scrape.at}
+        record.top = {**report.to_dict(), "at": scrape.at}
 
     # -------------------------------------------------------------- earlier runs
 
     def close_earlier_runs(self) -> None:
         """Runs of this cluster left open (their head was lost, or restarted by CML) are
-        marked ended at their last snapshot; only the newest ``MAX_RUNS`` are kept."""
+        marked ended at their last snapshot; with this run, the newest ``MAX_RUNS`` stay."""
         folder = history_dir(self.ctx.spec.cluster)
-        names = sorted(n for n in self.ctx.api.list_names(folder) if n.endswith(".json"))
         current = f"{self.record.run}.json" if self.record else ""
-        for name in names[: max(0, len(names) - MAX_RUNS)]:
-            if name != current:
-                self.ctx.api.delete(f"{folder}/{name}")
-        for name in names[-MAX_RUNS:]:
-            if name == current:
-                continue
-            close_open_run(self.ctx.read, self.ctx.publish, f"{folder}/{name}", "head lost")
+        names = sorted(
+            n for n in self.api.list_names(folder) if n.endswith(".json") and n != current
+        )
+        kept = names[-(MAX_RUNS - 1) :] if MAX_RUNS > 1 else []
+        for name in names[: len(names) - len(kept)]:
+            self.api.delete(f"{folder}/{name}")
+
+        def write(path: str, data: bytes, overwrite: bool = False) -> None:
+            self.api.delete(path)
+            self.api.upload(path, data)
+
+        for name in kept:
+            close_open_run(self.read, write, f"{folder}/{name}", "head lost")
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return self.api.download(path)
+        except ProjectAPIError:
+            return None
 
 
 def close_open_run(

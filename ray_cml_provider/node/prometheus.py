@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class HeadPrometheus:
         self.binary = binary
         self.port = port
         self.process: subprocess.Popen | None = None
+        self.session: Path | None = None  # the Ray session it serves
+        self.lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -60,31 +63,38 @@ class HeadPrometheus:
         return {"RAY_PROMETHEUS_HOST": self.address, "RAY_PROMETHEUS_NAME": "Prometheus"}
 
     def start(self) -> None:
-        """After the head's Ray started: run Prometheus on Ray's configuration (once; a
-        Prometheus ended by ``ray stop`` is started again with the next Ray)."""
-        if self.process is not None and self.process.poll() is None:
-            return
-        session = Path(self.ctx.tmp_dir) / "ray" / "session_latest"
-        config = session / "metrics" / "prometheus" / "prometheus.yml"
-        deadline = time.monotonic() + CONFIG_WAIT_S
-        while not config.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)  # the dashboard writes it as it starts
-        if not config.exists():
-            log(f"prometheus: Ray wrote no {config.name}: not started")
-            return
-        data = Path(self.ctx.tmp_dir) / "prometheus"
-        data.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={config.resolve()}",
-                f"--storage.tsdb.path={data}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                *RETENTION,
-            ],
-            cwd=str(data),
-            stdin=subprocess.DEVNULL,
-            stdout=open(data / "prometheus.log", "ab"),  # noqa: SIM115 - the child keeps it
-            stderr=subprocess.STDOUT,
-        )
-        log(f"prometheus: {self.binary} on {self.address} (pid {self.process.pid})")
+        """After the head's Ray started: run Prometheus on that Ray's configuration. One at a
+        time; a Prometheus of an earlier Ray (its session) is ended first."""
+        with self.lock:
+            session = (Path(self.ctx.tmp_dir) / "ray" / "session_latest").resolve()
+            running = self.process is not None and self.process.poll() is None
+            if running and self.session == session:
+                return
+            if running:
+                self.process.kill()
+                self.process.wait()
+            config = session / "metrics" / "prometheus" / "prometheus.yml"
+            deadline = time.monotonic() + CONFIG_WAIT_S
+            while not config.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)  # the dashboard writes it as it starts
+            if not config.exists():
+                log(f"prometheus: Ray wrote no {config}: not started")
+                return
+            data = Path(self.ctx.tmp_dir) / "prometheus"
+            data.mkdir(parents=True, exist_ok=True)
+            with open(data / "prometheus.log", "ab") as output:  # the child keeps its own
+                self.process = subprocess.Popen(
+                    [
+                        self.binary,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={data}",
+                        f"--web.listen-address=127.0.0.1:{self.port}",
+                        *RETENTION,
+                    ],
+                    cwd=str(data),
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                )
+            self.session = session
+            log(f"prometheus: {self.binary} on {self.address} (pid {self.process.pid})")

@@ -69,7 +69,10 @@ def delete_orphans(client: CMLClient, orphans: list[ClusterApps]) -> list[str]:
             except CMLError as exc:
                 problems.append(f"{CLUSTERS_DIR}/{group.cluster}: {exc}")
         # Its history stays; a run its lost head left open is marked as ended there.
-        close_open_runs(client, group.cluster, "head lost (collected by ray-cml gc)")
+        try:
+            close_open_runs(client, group.cluster, "head lost (collected by ray-cml gc)")
+        except CMLError as exc:
+            problems.append(f"{CLUSTERS_DIR}/_history/{group.cluster}: {exc}")
     return problems
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
-from ray_cml_provider.cluster.history import find_run, list_runs, read_run
+from ray_cml_provider.cluster.history import HistoryError, find_run, list_runs, read_run
 from ray_cml_provider.cluster.status import format_duration
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
@@ -78,7 +79,7 @@ def render_run(record: HistoryRecord) -> str:
         ("NODE", "KIND", "TYPE", "GPUS", "STARTED", "ENDED", "LIVED", "GPU-HOURS"),
         [
             (
-                n["node_id"],
+                n.get("node_id", "?"),
                 n.get("kind", ""),
                 n.get("node_type") or "-",
                 str(n.get("gpus", 0)),
@@ -99,17 +100,21 @@ def render_run(record: HistoryRecord) -> str:
             took = ""
             if job.get("start_time") and job.get("end_time"):
                 took = f", {format_duration(job['end_time'] - job['start_time'])}"
-            lines.append(f"  {job['id']}  {job['status']}{took}  {job['entrypoint']}")
-            if job.get("message") and job["status"] != "SUCCEEDED":
+            lines.append(
+                f"  {job.get('id', '?')}  {job.get('status', '?')}{took}  "
+                f"{job.get('entrypoint', '')}"
+            )
+            if job.get("message") and job.get("status") != "SUCCEEDED":
                 lines.append(f"    {job['message'].splitlines()[-1][:200]}")
             if job.get("log_tail"):
                 lines += _indented(job["log_tail"])
     if record.commands:
         lines += ["", "COMMANDS ON THE HEAD (ray up / exec / submit)"]
         for command in record.commands:
+            first = (str(command.get("cmd", "")).splitlines() or [""])[0]
             lines.append(
-                f"  {when(command['started_at'])}  exit {command['exit_status']}  "
-                f"{command['cmd'].splitlines()[0][:160]}"
+                f"  {when(command.get('started_at', 0))}  exit {command.get('exit_status', '?')}"
+                f"  {first[:160]}"
             )
             lines += _indented(command.get("output_tail", ""), 5)
     if record.serve:
@@ -127,7 +132,8 @@ def render_run(record: HistoryRecord) -> str:
         top = TopReport.from_dict(record.top)
         figures = render_figures(top)
         if figures:
-            lines += ["", f"LAST FIGURES (over {top.window_s:.0f} s, to {when(record.top['at'])})"]
+            to = when(record.top.get("at", 0))
+            lines += ["", f"LAST FIGURES (over {top.window_s:.0f} s, to {to})"]
             lines += figures
     if record.notes:
         lines += ["", "NOT RECORDED", *(f"  {note}" for note in record.notes)]
@@ -159,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                 record = read_run(client, find_run(client, cluster, args.run))
                 print(record.to_json().decode() if args.json else render_run(record))
                 return 0
-            records = [read_run(client, ref) for ref in list_runs(client, cluster)]
+            records, unreadable = [], []
+            for ref in list_runs(client, cluster):
+                try:
+                    records.append(read_run(client, ref))
+                except (HistoryError, CMLError) as exc:  # one bad record hides no other
+                    unreadable.append(str(exc))
     except (ClusterConfigError, OperatorError, CMLError) as exc:  # HistoryError too
         return report_failure(exc, provider)
     if args.json:
@@ -169,4 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no history{where} in the project yet: a cluster's head writes it while it runs")
     else:
         print(render_list(records))
+    for problem in unreadable:
+        print(f"ray-cml: skipped {problem}", file=sys.stderr)
     return 0

@@ -91,7 +91,7 @@ class CMLCommandRunner(CommandRunnerInterface):
             k: v if isinstance(v, str) else json.dumps(v)
             for k, v in (environment_variables or {}).items()
         }
-        request = Request(cmd=cmd, env=env)
+        request = Request(cmd=cmd, env=env, history=True)
         code, output = self._request(request)
         text = output.decode("utf-8", "replace")
         if not with_output and text:
@@ -187,7 +187,7 @@ class CMLCommandRunner(CommandRunnerInterface):
     def run_rsync_down(self, source: str, target: str, options: Any = None) -> None:
         """Fetch ``source`` from the node: it comes back as the output of ``cat``."""
         self._wait_for_launcher()
-        code, data = self._request(Request(cmd=f"cat {_remote(source)}", history=False))
+        code, data = self._request(Request(cmd=f"cat {_remote(source)}"))
         if code != 0:
             raise ProcessRunnerError(
                 f"cannot read {source} on node {self.node_id}",
@@ -205,7 +205,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         the same import there, so a head that could never scale fails ``ray up`` now."""
         module = type(self.provider).__module__
         check = f'"${CommandVar.PYTHON}" -c "import {module}"'
-        code, output = self._request(Request(cmd=check, history=False))
+        code, output = self._request(Request(cmd=check))
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
             raise NodeNotReady(
