@@ -53,6 +53,12 @@ def test_the_scale_bench_counts_api_calls_per_update():
     assert "1 workers:" in ran.stdout and "API calls per update" in ran.stdout, ran.stdout
 
 
+def test_the_history_bench_prints_what_a_snapshot_costs():
+    ran = run_bench("history_bench.py", "--jobs", "5", "--snapshots", "2", timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "% of one core" in ran.stdout and "what `ray stop` waits for" in ran.stdout
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_the_scale_bench_times_a_gpu_join_with_ray():
