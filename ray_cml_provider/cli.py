@@ -31,6 +31,10 @@ SUBCOMMANDS = {
         "ray_cml_provider.ops.top",
         "what the cluster and its models do now: requests, latency, tokens, nodes (--json)",
     ),
+    "job": (
+        "ray_cml_provider.ops.job",
+        "a Ray job as a batch job: submit (the cluster up first, --down after), list, logs, stop",
+    ),
     "history": (
         "ray_cml_provider.ops.history",
         "what past runs of a cluster did, after they are gone: jobs, logs, nodes, autoscaler",

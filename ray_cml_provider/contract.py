@@ -475,6 +475,9 @@ class Request(_Record):
     history: bool = False
 
     ENVIRONMENT_REPORT: ClassVar[str] = "environment"
+    # ``ray-cml job submit --down``: the head deletes its cluster once the Ray job named in
+    # ``env["job"]`` ended, whatever becomes of the submitter (node/down_after_job.py).
+    DOWN_AFTER_JOB: ClassVar[str] = "down-after-job"
 
     @property
     def is_ray_stop(self) -> bool:

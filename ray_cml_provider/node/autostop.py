@@ -11,11 +11,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from ray_cml_provider.contract import HEAD, AutostopRecord, autostop_record_path
+from ray_cml_provider.contract import AutostopRecord, autostop_record_path
 from ray_cml_provider.node.commands import Commands
 from ray_cml_provider.node.context import NodeContext, log
-from ray_cml_provider.node.processes import stop_ray_of_this_node
 from ray_cml_provider.node.project_api import ProjectAPIError
+from ray_cml_provider.node.teardown import delete_the_cluster
 
 PROBE_TIMEOUT_S = 60
 
@@ -89,23 +89,4 @@ class Autostop:
             ctx.api.upload(autostop_record_path(ctx.spec.cluster), record.to_json())
         except ProjectAPIError as exc:
             log(f"autostop: could not leave the record: {exc}")
-        try:
-            self.before_stop("autostop")
-        except Exception as exc:  # never in the way of stopping an idle cluster
-            log(f"autostop: the history's last snapshot failed: {exc!r}")
-        # Ray first: its autoscaler would replace the workers deleted below.
-        stop_ray_of_this_node(grace_s=5, ray_tmp_dir=ctx.tmp_dir)
-        try:
-            others = ctx.cluster_applications()
-        except ProjectAPIError as exc:
-            log(f"autostop: could not list the cluster's applications: {exc}")
-            others = []
-        # Workers first, by the ids just listed (no second lookup per name).
-        for app_id, name, _node in sorted(others, key=lambda app: app[2].kind == HEAD):
-            if name != ctx.spec.app_name:
-                try:
-                    log(f"autostop: deleting application {name} ({app_id})")
-                    ctx.api.delete_application(app_id)
-                except ProjectAPIError as exc:
-                    log(f"autostop: could not delete {name}: {exc}")
-        ctx.delete_own_application()
+        delete_the_cluster(ctx, "autostop", self.before_stop)

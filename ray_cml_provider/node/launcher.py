@@ -35,6 +35,7 @@ from ray_cml_provider.node import prometheus
 from ray_cml_provider.node.commands import Commands
 from ray_cml_provider.node.context import NodeContext, log
 from ray_cml_provider.node.door import Door
+from ray_cml_provider.node.down_after_job import DownAfterJob
 from ray_cml_provider.node.head import Head
 from ray_cml_provider.node.history import Historian
 from ray_cml_provider.node.mailbox import Mailbox
@@ -69,11 +70,23 @@ class NodeLauncher:
         )
         self.recovery = HeadRecovery(ctx, self.commands)
         self.historian = Historian(ctx, self.ports.dashboard) if ctx.spec.is_head else None
+        self.down_after_job = (
+            DownAfterJob(ctx, f"http://{ctx.ip}:{self.ports.dashboard}", self.historian.end)
+            if self.historian is not None
+            else None
+        )
         self.mailbox = Mailbox(ctx, self.answer, answered=self.answered)
 
     def answer(self, request: Request, output: Path) -> int:
         """A mailbox request: on the head, ``ray stop`` ends the history's run first (the
         jobs and figures are read while Ray still runs)."""
+        if request.report == Request.DOWN_AFTER_JOB:
+            job = request.env.get("job", "")
+            if self.down_after_job is None or not job:
+                output.write_text("ray-cml: only a head deletes its cluster after a job\n")
+                return 2
+            output.write_text(self.down_after_job.watch(job) + "\n")
+            return 0
         if self.historian is not None and request.is_ray_stop:
             try:
                 self.historian.end("ray stop")

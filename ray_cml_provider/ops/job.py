@@ -1,0 +1,196 @@
+"""``ray-cml job``: a Ray job on a cluster, as a batch job: it brings its cluster, runs,
+reports, and (with ``--down``) cleans up.
+
+    ray-cml job submit CONFIG [--runtime-env FILE] [--down] [--no-wait] -- ENTRYPOINT...
+    ray-cml job list CONFIG
+    ray-cml job logs CONFIG JOB_ID
+    ray-cml job stop CONFIG JOB_ID
+
+``submit`` uses the cluster when its head runs, else brings it up (``ray up``), submits
+through Ray's Jobs API with the cluster's token (``cluster/jobs.py``: from a laptop through
+the head's URL, from a CML session or job directly), prints the job's log as it comes, and
+exits with the job's outcome: 0 when it succeeded, 1 when it failed or was stopped. Ctrl-C
+asks whether to stop the job (without a terminal: the job goes on). ``--down`` deletes the
+cluster once the job ended, whatever its outcome: the head does it (it knows which job it
+waits for), so a submitter that dies, a laptop closed or a CML session ended, still leaves
+nothing running; this command waits for it to be done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ray_cml_provider.cluster.jobs import JobAPI, JobError, delete_after, job_api
+from ray_cml_provider.cluster.status import ClusterStatus, collect_status
+from ray_cml_provider.cluster.workspace import OperatorError, client_for
+from ray_cml_provider.cml import CMLClient, CMLError
+from ray_cml_provider.ops import report_failure
+from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
+from ray_cml_provider.provider.lookup import cluster_applications
+
+DOWN_WAIT_S = 600.0
+FOLLOW_EVERY_S = 1.0
+
+
+def say(line: str) -> None:
+    print(f"ray-cml: {line}", file=sys.stderr, flush=True)
+
+
+def running_head(config: dict, client: CMLClient) -> ClusterStatus | None:
+    status = collect_status(config, client, ray_view="none")
+    head = status.head
+    return status if head is not None and head.cml_status == "RUNNING" else None
+
+
+def bring_up(config_path: str, config: dict, client: CMLClient) -> ClusterStatus:
+    """The running cluster, or ``ray up`` (its output shown) when its head is not running."""
+    status = running_head(config, client)
+    if status is not None:
+        say(f"cluster {config['cluster_name']} is running: the job goes to it")
+        return status
+    say(f"cluster {config['cluster_name']} is not running: ray up")
+    started = time.monotonic()
+    up = subprocess.run(["ray", "up", "-y", "--no-config-cache", config_path], check=False)
+    if up.returncode != 0:
+        raise OperatorError(f"ray up failed (exit status {up.returncode})")
+    status = running_head(config, client)
+    if status is None:
+        raise OperatorError("ray up finished but the cluster's head is not running")
+    say(f"cluster {config['cluster_name']} is up after {time.monotonic() - started:.0f} s")
+    return status
+
+
+def runtime_env_of(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        value = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise OperatorError(f"--runtime-env {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise OperatorError(f"--runtime-env {path}: not a mapping (Ray's runtime_env)")
+    return value
+
+
+def follow(api: JobAPI, job_id: str) -> str:
+    """Print the job's log as it comes; its final status. Ctrl-C asks whether to stop it."""
+    while True:
+        try:
+            for part in api.follow(job_id, FOLLOW_EVERY_S, lambda s: say(f"job {job_id}: {s}")):
+                sys.stdout.write(part)
+                sys.stdout.flush()
+            return str(api.info(job_id).get("status"))
+        except KeyboardInterrupt:
+            if sys.stdin.isatty():
+                answer = input(f"\nstop job {job_id}? [y/N] ").strip().lower()
+            else:
+                answer = "n"
+            if answer in ("y", "yes"):
+                api.stop(job_id)
+                say(f"asked Ray to stop job {job_id}")
+                continue  # follow it to its end
+            say(f"job {job_id} goes on: ray-cml job logs CONFIG {job_id} follows it")
+            raise
+
+
+def wait_until_deleted(client: CMLClient, cluster: str) -> bool:
+    """Wait while the head deletes the cluster (``--down``); whether it is gone."""
+    deadline = time.monotonic() + DOWN_WAIT_S
+    while time.monotonic() < deadline:
+        if not cluster_applications(client, cluster).nodes:
+            return True
+        time.sleep(2.0)
+    return False
+
+
+def submit(args: argparse.Namespace, config: dict, client: CMLClient) -> int:
+    if not args.entrypoint:
+        raise OperatorError("nothing to run: ray-cml job submit CONFIG -- python my_job.py")
+    runtime_env = runtime_env_of(args.runtime_env)
+    status = bring_up(args.config, config, client)
+    api = job_api(status, config, client)
+    entrypoint = shlex.join(args.entrypoint)
+    job_id = api.submit(entrypoint, runtime_env, args.submission_id)
+    say(f"job {job_id} submitted: {entrypoint}")
+    if args.down:
+        say(delete_after(client, config["cluster_name"], status.head.node_id, job_id))
+    if args.no_wait:
+        say(f"ray-cml job logs {args.config} {job_id} follows it")
+        return 0
+    try:
+        final = follow(api, job_id)
+    except KeyboardInterrupt:
+        return 130
+    say(f"job {job_id} {final.lower()}")
+    if args.down:
+        say(f"waiting for the head to delete cluster {config['cluster_name']}")
+        if wait_until_deleted(client, config["cluster_name"]):
+            say(f"cluster {config['cluster_name']} deleted")
+        else:  # the head could not: do it from here
+            say("the head did not delete the cluster: ray down")
+            subprocess.run(["ray", "down", "-y", args.config], check=False)
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ray-cml job", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = verbs.add_parser("submit", help="run a Ray job on the cluster (brought up if needed)")
+    sub.add_argument("config", help="the cluster YAML")
+    sub.add_argument("--runtime-env", help="a YAML or JSON file: Ray's runtime_env for the job")
+    sub.add_argument("--submission-id", help="the job's id (default: a new one)")
+    sub.add_argument("--down", action="store_true", help="delete the cluster once the job ended")
+    sub.add_argument("--no-wait", action="store_true", help="submit, then return")
+    sub.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the command to run")
+    listing = verbs.add_parser("list", help="the cluster's Ray jobs")
+    listing.add_argument("config", help="the cluster YAML")
+    listing.add_argument("--json", action="store_true", help="as JSON")
+    for verb, what in (
+        ("logs", "print a job's log (following it while it runs)"),
+        ("stop", "stop a job"),
+    ):
+        one = verbs.add_parser(verb, help=what)
+        one.add_argument("config", help="the cluster YAML")
+        one.add_argument("job_id", help="the job's submission id")
+    args = parser.parse_args(argv)
+    if args.verb == "submit" and args.entrypoint[:1] == ["--"]:
+        args.entrypoint = args.entrypoint[1:]
+    config: dict[str, Any] = {"provider": {}}
+    try:
+        config = load_cluster_config(args.config)
+        with client_for(config["provider"]) as client:
+            if args.verb == "submit":
+                return submit(args, config, client)
+            status = running_head(config, client)
+            if status is None:
+                raise OperatorError(f"cluster {config['cluster_name']} is not running")
+            api = job_api(status, config, client)
+            if args.verb == "list":
+                jobs = api.list()
+                if args.json:
+                    print(json.dumps(jobs))
+                for job in [] if args.json else jobs:
+                    ident = job.get("submission_id") or job.get("job_id")
+                    print(f"{ident}  {job.get('status')}  {job.get('entrypoint', '')}")
+            elif args.verb == "logs":
+                final = follow(api, args.job_id)
+                return 0 if final == "SUCCEEDED" else 1
+            else:
+                stopped = api.stop(args.job_id)
+                say(f"job {args.job_id}: " + ("stopping" if stopped else "had already ended"))
+            return 0
+    except KeyboardInterrupt:
+        return 130
+    except (ClusterConfigError, OperatorError, CMLError, JobError) as exc:
+        return report_failure(exc, config["provider"])
