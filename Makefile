@@ -18,7 +18,7 @@ TOOLS ?= .tools
 PROMETHEUS := $(TOOLS)/prometheus/usr/bin/prometheus
 
 # Test workers side by side (pytest-xdist): the end-to-end tests mostly wait on starts.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 
 .PHONY: install demo demo-llm test test-fast lint clean vllm-env model prometheus
 

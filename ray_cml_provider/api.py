@@ -7,7 +7,12 @@
     print(cluster.status().dashboard_url)          # what `ray-cml status` shows, as objects
     cluster.request_resources(bundles=[{"GPU": 1}] * 2)   # scale hint: hold 2 GPU workers
     cluster.request_resources()                    # clear it: idle workers go again
+    job = cluster.submit_job("python embed.py")   # a Ray job (ray-cml job submit)
+    print(job.wait(), job.logs())                 # SUCCEEDED, and what it printed
     cluster.down()
+
+    with Cluster("cluster.yaml") as cluster:       # deleted on the way out, whatever happens
+        cluster.submit_job(["python", "batch.py"], down_after=True).wait()
 
 ``up``/``down``/``exec`` are Ray's own ``ray.autoscaler.sdk`` (the code behind ``ray up``),
 so a cluster made here is the same as one made with the CLI, and the other way round. The
@@ -29,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ray_cml_provider.cluster.jobs import ENDED, JobAPI, JobError, delete_after, job_api
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
@@ -45,8 +51,48 @@ class ClusterError(RuntimeError):
     """A cluster operation failed; the message says why in one sentence."""
 
 
+class Job:
+    """A Ray job submitted by ``Cluster.submit_job``, through Ray's Jobs API on the head."""
+
+    def __init__(self, api: JobAPI, job_id: str):
+        self.api = api
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def status(self) -> str:
+        """Ray's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+        return str(self._call(self.api.info, self.id).get("status"))
+
+    def logs(self) -> str:
+        return self._call(self.api.logs, self.id)
+
+    def stop(self) -> bool:
+        """Ask Ray to stop the job; whether it was still running."""
+        return self._call(self.api.stop, self.id)
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+        """Wait until the job ended; its final status (``ClusterError`` after ``timeout_s``)."""
+        started = time.monotonic()
+        while (status := self.status) not in ENDED:
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise ClusterError(f"job {self.id} still {status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        return status
+
+    @staticmethod
+    def _call(function: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return function(*args)
+        except JobError as exc:
+            raise ClusterError(str(exc)) from None
+
+
 class Cluster:
-    """One cluster YAML (a path, or the config as a dict) and the cluster it describes."""
+    """One cluster YAML (a path, or the config as a dict) and the cluster it describes.
+    Used as a context manager, the cluster is deleted (``down``) on the way out."""
 
     def __init__(self, config: str | os.PathLike[str] | dict[str, Any]):
         try:
@@ -72,6 +118,12 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"Cluster({self.name!r}, config={str(self.config_path)!r})"
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +164,31 @@ class Cluster:
             with client_for(self.config["provider"]) as client:
                 return collect_status(self.config, client, ray_view)
         except OperatorError as exc:
+            raise ClusterError(str(exc)) from None
+        except CMLError as exc:
+            raise ClusterError(explain(exc)) from None
+
+    def submit_job(
+        self,
+        entrypoint: str | list[str],
+        runtime_env: dict[str, Any] | None = None,
+        down_after: bool = False,
+    ) -> Job:
+        """A Ray job on this cluster (``up`` first when its head is not running), as
+        ``ray-cml job submit`` does; ``down_after``: the head deletes the cluster once the
+        job ended, whatever becomes of this process."""
+        if self.status(ray_view="none").head is None:
+            self.up(wait_for_workers=False, progress=None)
+        command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
+        try:
+            with client_for(self.config["provider"]) as client:
+                status = collect_status(self.config, client, ray_view="none")
+                api = job_api(status, self.config, client)
+                job = Job(api, api.submit(command, runtime_env))
+                if down_after:
+                    delete_after(client, self.name, status.head.node_id, job.id)
+                return job
+        except (OperatorError, JobError) as exc:
             raise ClusterError(str(exc)) from None
         except CMLError as exc:
             raise ClusterError(explain(exc)) from None

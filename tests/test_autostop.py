@@ -38,7 +38,7 @@ def test_an_idle_cluster_stops_itself_and_comes_back_with_ray_up(start_emulator,
     [worker] = cluster.workers()
 
     # A connected driver is work: the cluster outlives its idle timeout while it runs.
-    busy_s = AUTOSTOP_MINUTES * 60 * 2
+    busy_s = AUTOSTOP_MINUTES * 60 * 1.5
     driver = threading.Thread(target=cluster.exec, args=(DRIVER.format(seconds=busy_s),))
     driver.start()
     started = time.monotonic()
@@ -60,6 +60,8 @@ def test_an_idle_cluster_stops_itself_and_comes_back_with_ray_up(start_emulator,
     assert record["head"] == head.name.rsplit("-", 1)[-1] and record["idle_minutes"] >= 0.39
     table = cluster.ray_cml("status", str(cluster.config_path)).stdout
     assert f"stopped idle at {record['stopped_at']} by its head" in table
+    run = cluster.ray_cml("history", "--json", "--run", "latest", str(cluster.config_path))
+    assert json.loads(run.stdout)["ended_by"] == "autostop", run.stdout[-2000:]
 
     # `ray up` of the same config brings it back; the record is history.
     again = cluster.up()

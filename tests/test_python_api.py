@@ -71,6 +71,8 @@ def test_up_scale_hint_exec_status_down(start_emulator, monkeypatch):
     assert cluster.gcs_address == status.gcs_address
 
     assert cluster.exec("echo on $RAY_CML_NODE_KIND").strip().endswith("on head")
+    job = cluster.submit_job(["python", "-c", "print('from a job')"])
+    assert job.wait(timeout_s=180) == "SUCCEEDED" and "from a job" in job.logs()
 
     cluster.request_resources(bundles=[{"GPU": 1}] * 2)  # warm a second GPU worker
     two = wait_for(lambda: len(gpu_workers_in_ray(cluster)) == 2, 120, "a second GPU worker")
@@ -79,7 +81,8 @@ def test_up_scale_hint_exec_status_down(start_emulator, monkeypatch):
     cluster.request_resources()  # cleared: back to min_workers once idle
     wait_for(lambda: len(gpu_workers_in_ray(cluster)) == 1, 120, "the extra worker to go")
 
-    cluster.down()
+    with cluster:  # a cluster used as a context manager is deleted on the way out
+        pass
     assert cluster.status().nodes == []
     wait_for(lambda: emulator.processes() == [], 30, "engines to end")
     assert not any(live_group_members(pgid) for pgid in pgids)
