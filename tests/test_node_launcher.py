@@ -252,6 +252,21 @@ class FakeGCS:
         self.sock.close()
 
 
+def test_ray_stop_outside_a_launcher_ends_no_process_of_the_callers_group(
+    tmp_path, monkeypatch
+):
+    """Without the launcher's group named, the caller's own group is not the node's: a test
+    runner's workers share one (a worker thread left by a failed test once ended them)."""
+    monkeypatch.delenv("RAY_CML_LAUNCHER_PGID", raising=False)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        processes.stop_ray_of_this_node(grace_s=1, ray_tmp_dir=str(tmp_path / "rcml-x"))
+        assert sibling.poll() is None
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
 def test_a_worker_follows_its_restarted_head_to_its_new_address(tmp_path, monkeypatch):
     """Rejoin on its own (the end-to-end recovery test accepts a replaced worker too): a
     worker whose head went away starts its Ray again against the address the restarted head
@@ -293,7 +308,8 @@ def test_a_worker_follows_its_restarted_head_to_its_new_address(tmp_path, monkey
     )
     wait_until(lambda: len(joined.read_text().split()) == 2, 30, "the worker's rejoin")
     assert joined.read_text().split()[1] == f"127.0.0.1:{second.port}"
-    assert len(stops) == 1 and node.ctx.state == "running Ray" and not left
+    wait_until(lambda: node.ctx.state == "running Ray", 30, "the worker running Ray again")
+    assert len(stops) == 1 and not left
 
     node.ctx.spec.head_lost_timeout_s = 0.3
     second.close()  # and now no head answers anywhere: the worker leaves

@@ -30,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ray_cml_provider.contract import Request, Result
+from ray_cml_provider.contract import CommandVar, Request, Result
 from ray_cml_provider.node import prometheus
 from ray_cml_provider.node.commands import Commands
 from ray_cml_provider.node.context import NodeContext, log
@@ -142,6 +142,8 @@ class NodeLauncher:
 
 
 def main() -> int:
+    # This node's processes are this group's (stop_ray_of_this_node ends the group it names).
+    os.environ[CommandVar.LAUNCHER_PGID] = str(os.getpgrp())
     launcher = NodeLauncher(dict(os.environ))
     tmp_dir = launcher.ctx.tmp_dir
 

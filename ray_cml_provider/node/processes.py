@@ -113,8 +113,12 @@ def stop_ray_of_this_node(grace_s: float = 10.0, ray_tmp_dir: str | None = None)
     launcher's process group and whatever names the node's Ray folder (``RAY_TMPDIR``):
     a Ray worker left behind would make the next ``ray start`` here refuse to run ("Ray is
     already running") and could keep a GPU's memory.
+
+    The group is only the one ``RAY_CML_LAUNCHER_PGID`` names (the launcher sets it for
+    itself and its commands): a caller's own group could be anything's (a test runner's
+    workers share one), so without it only the processes naming the Ray folder are ended.
     """
-    pgid = int(os.environ.get(CommandVar.LAUNCHER_PGID, os.getpgrp()))
+    pgid = int(os.environ.get(CommandVar.LAUNCHER_PGID) or -1)  # -1: no process's group
     tmp_dir = ray_tmp_dir if ray_tmp_dir is not None else os.environ.get("RAY_TMPDIR", "")
     keep = _ancestors(os.getpid()) | {int(os.environ.get(CommandVar.LAUNCHER_PID, "0"))}
     left: list[int] = []
