@@ -252,9 +252,7 @@ class FakeGCS:
         self.sock.close()
 
 
-def test_ray_stop_outside_a_launcher_ends_no_process_of_the_callers_group(
-    tmp_path, monkeypatch
-):
+def test_ray_stop_outside_a_launcher_ends_no_process_of_the_callers_group(tmp_path, monkeypatch):
     """Without the launcher's group named, the caller's own group is not the node's: a test
     runner's workers share one (a worker thread left by a failed test once ended them)."""
     monkeypatch.delenv("RAY_CML_LAUNCHER_PGID", raising=False)
