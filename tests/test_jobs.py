@@ -19,6 +19,12 @@ from tests.conftest import wait_until
 def test_bad_input_is_one_sentence_before_any_call(tmp_path, capsys):
     from ray_cml_provider.ops import job
 
+    # Options before or after the YAML; the entrypoint is what follows `--`, as written.
+    for argv in (["submit", "c.yaml", "--down", "--"], ["submit", "--down", "c.yaml", "--"]):
+        args = job.parse([*argv, "python", "-c", "print('--down')"])
+        assert args.config == "c.yaml" and args.down
+        assert args.entrypoint == ["python", "-c", "print('--down')"]
+
     config = tmp_path / "c.yaml"
     config.write_text("cluster_name: x\n")
     assert job.main(["submit", str(config), "--", "python", "x.py"]) == 1

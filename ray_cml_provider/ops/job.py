@@ -141,7 +141,13 @@ def submit(args: argparse.Namespace, config: dict, client: CMLClient) -> int:
     return 0 if final == "SUCCEEDED" else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; what follows the first ``--`` is the job's entrypoint, so the
+    options may come before or after the cluster YAML."""
+    entrypoint: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, entrypoint = argv[:at], argv[at + 1 :]
     parser = argparse.ArgumentParser(
         prog="ray-cml job", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -152,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--submission-id", help="the job's id (default: a new one)")
     sub.add_argument("--down", action="store_true", help="delete the cluster once the job ended")
     sub.add_argument("--no-wait", action="store_true", help="submit, then return")
-    sub.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the command to run")
     listing = verbs.add_parser("list", help="the cluster's Ray jobs")
     listing.add_argument("config", help="the cluster YAML")
     listing.add_argument("--json", action="store_true", help="as JSON")
@@ -164,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         one.add_argument("config", help="the cluster YAML")
         one.add_argument("job_id", help="the job's submission id")
     args = parser.parse_args(argv)
-    if args.verb == "submit" and args.entrypoint[:1] == ["--"]:
-        args.entrypoint = args.entrypoint[1:]
+    args.entrypoint = entrypoint
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     config: dict[str, Any] = {"provider": {}}
     try:
         config = load_cluster_config(args.config)
