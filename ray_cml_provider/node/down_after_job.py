@@ -10,15 +10,14 @@ ending with the job's outcome.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 
 from ray_cml_provider.node.context import NodeContext, log
+from ray_cml_provider.node.dashboard import Dashboard
 from ray_cml_provider.node.teardown import delete_the_cluster
 
 POLL_S = 3.0
@@ -35,7 +34,7 @@ class DownAfterJob:
         delete: Callable[..., None] = delete_the_cluster,
     ):
         self.ctx = ctx
-        self.dashboard_url = dashboard_url
+        self.dashboard = Dashboard(dashboard_url, ctx.token_path)
         self.before_stop = before_stop  # the history's last snapshot
         self.delete = delete
         self.watched: set[str] = set()
@@ -64,18 +63,9 @@ class DownAfterJob:
     def status(self, job_id: str) -> str | None:
         """The job's status; ``GONE`` when Ray does not know it; None when the dashboard
         does not answer (asked again later)."""
-        url = f"{self.dashboard_url}/api/jobs/{urllib.parse.quote(job_id)}"
-        headers = {"Accept": "application/json"}
-        if self.ctx.token_path is not None:
-            try:
-                headers["Authorization"] = f"Bearer {self.ctx.token_path.read_text().strip()}"
-            except OSError:
-                return None
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(url, headers=headers), timeout=10
-            ) as answer:
-                return str(json.loads(answer.read(1 << 20)).get("status", "")) or None
+            info = self.dashboard.get(f"/api/jobs/{urllib.parse.quote(job_id)}")
+            return str(info.get("status", "")) or None
         except urllib.error.HTTPError as exc:
             return GONE if exc.code == 404 else None
         except (OSError, ValueError, AttributeError):

@@ -41,13 +41,11 @@ import json
 import os
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from ray_cml_provider.contract import (
     TAG_USER_NODE_TYPE,
@@ -59,6 +57,7 @@ from ray_cml_provider.contract import (
     ledger_dir,
 )
 from ray_cml_provider.node.context import NodeContext, log
+from ray_cml_provider.node.dashboard import MOST_BYTES, TIMEOUT_S, Dashboard
 from ray_cml_provider.node.project_api import ProjectAPI, ProjectAPIError, Retries
 
 MAX_JOBS = 50
@@ -70,8 +69,6 @@ MAX_RUNS = 20
 TAIL_LINES = 100
 TAIL_BYTES = 8192
 COMMAND_TAIL_BYTES = 4096
-HTTP_TIMEOUT_S = 10.0
-HTTP_MOST_BYTES = 64 << 20  # one answer of the dashboard or /metrics
 READ_AT_ONCE = 4 << 20  # of monitor.log
 # The history's calls to CML: short, as the last snapshot is what `ray stop` waits for.
 HISTORY_RETRIES = Retries(attempts=2, backoff_s=0.5, backoff_max_s=1.0, timeout_s=10.0)
@@ -157,7 +154,7 @@ class Historian:
         self, ctx: NodeContext, dashboard_port: int, clock: Callable[[], float] = time.time
     ):
         self.ctx = ctx
-        self.dashboard = f"http://{ctx.ip}:{dashboard_port}"
+        self.dashboard = Dashboard(f"http://{ctx.ip}:{dashboard_port}", ctx.token_path)
         self.gateway = f"http://{ctx.ip}:{ctx.app_port}"
         self.clock = clock
         self.api = ProjectAPI(ctx.env, log, HISTORY_RETRIES)
@@ -335,28 +332,11 @@ class Historian:
 
     # -------------------------------------------------------------- the parts
 
-    def http_json(self, url: str, headers: dict[str, str] | None = None) -> Any:
-        request = urllib.request.Request(
-            url, headers={"Accept": "application/json", **(headers or {})}
-        )
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as answer:
-            return json.loads(answer.read(HTTP_MOST_BYTES) or b"null")
-
-    def ray_headers(self) -> dict[str, str]:
-        """Ray's token, when the cluster asks for one (the dashboard's API does)."""
-        path = self.ctx.token_path
-        if path is None:
-            return {}
-        try:
-            return {"Authorization": f"Bearer {path.read_text().strip()}"}
-        except OSError:
-            return {}
-
     def read_jobs(self, record: HistoryRecord, final: bool, deadline: float) -> int:
         """Ray's jobs of this run; a job's log tail once it ended (every job's at the end of
         the run). How many logs were left for lack of time."""
         left, secrets = 0, self.secrets()
-        listed = self.http_json(f"{self.dashboard}/api/jobs/", self.ray_headers())
+        listed = self.dashboard.get("/api/jobs/")
         listed = [j for j in listed if isinstance(j, dict)] if isinstance(listed, list) else []
         # A recovered head's GCS still lists the jobs of runs before this one.
         ours = [
@@ -388,10 +368,7 @@ class Historian:
                 left += 1
             elif wanted and not fetched:
                 with contextlib.suppress(OSError, ValueError):
-                    logs = self.http_json(
-                        f"{self.dashboard}/api/jobs/{urllib.parse.quote(key)}/logs",
-                        self.ray_headers(),
-                    )
+                    logs = self.dashboard.get(f"/api/jobs/{urllib.parse.quote(key)}/logs")
                     text = str((logs or {}).get("logs", ""))
                     row["log_tail"] = tail(redact(text, secrets))
                     row["_logs_at"] = status
@@ -402,7 +379,7 @@ class Historian:
         return left
 
     def read_serve(self, record: HistoryRecord) -> None:
-        answer = self.http_json(f"{self.dashboard}/api/serve/applications/", self.ray_headers())
+        answer = self.dashboard.get("/api/serve/applications/")
         apps = (answer or {}).get("applications") or {}
         serve = {}
         for name, app in list(apps.items())[:MAX_SERVE]:
@@ -502,8 +479,9 @@ class Historian:
         asked = urllib.request.Request(
             f"{self.gateway}/metrics?{query}", headers={"Authorization": f"Bearer {key}"}
         )
-        with urllib.request.urlopen(asked, timeout=HTTP_TIMEOUT_S) as answer:
-            scrape = figures.Scrape.parse(answer.read(HTTP_MOST_BYTES).decode("utf-8", "replace"))
+        with urllib.request.urlopen(asked, timeout=TIMEOUT_S) as answer:
+            text = answer.read(MOST_BYTES).decode("utf-8", "replace")
+        scrape = figures.Scrape.parse(text)
         previous = self.last_scrape
         if previous is None:
             self.last_scrape = scrape

@@ -78,8 +78,9 @@ class NodeLauncher:
         self.mailbox = Mailbox(ctx, self.answer, answered=self.answered)
 
     def answer(self, request: Request, output: Path) -> int:
-        """A mailbox request: on the head, ``ray stop`` ends the history's run first (the
-        jobs and figures are read while Ray still runs)."""
+        """A mailbox request. On the head: ``job submit --down``'s request starts the
+        watch on its job; ``ray stop`` ends the history's run first (the jobs and figures
+        are read while Ray still runs)."""
         if request.report == Request.DOWN_AFTER_JOB:
             job = request.env.get("job", "")
             if self.down_after_job is None or not job:
