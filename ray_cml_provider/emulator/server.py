@@ -27,6 +27,7 @@ from ray_cml_provider.emulator.cml_api import CMLHandlers
 from ray_cml_provider.emulator.control import ControlHandlers
 from ray_cml_provider.emulator.errors import ApiError
 from ray_cml_provider.emulator.ingress import APPS_PREFIX, Ingress
+from ray_cml_provider.emulator.jobs import JobRuns
 from ray_cml_provider.emulator.project_files import ProjectFiles
 from ray_cml_provider.emulator.routing import Request, Response, Router
 from ray_cml_provider.emulator.state import WorkspaceState
@@ -48,6 +49,8 @@ class EmulatorAPI:
         self._keys_lock = threading.Lock()
         self.router = Router()
         CMLHandlers(state, files).register(self.router)
+        self.jobs = JobRuns(state)  # CML Jobs: a script run once per run, in an engine
+        self.jobs.register(self.router)
         ControlHandlers(state, files, faults, self.stats).register(self.router)
 
     def set_engine_key(self, key: str, valid: bool) -> None:

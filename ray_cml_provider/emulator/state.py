@@ -220,6 +220,8 @@ class WorkspaceState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.created_at = now_rfc3339()
+        # Other engines of the project (``jobs.JobRuns``): reconciled and shut down with it.
+        self.workloads: list[Any] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -244,6 +246,8 @@ class WorkspaceState:
                 time.sleep(0.05)
             for process in processes:
                 process.kill()
+        for workload in self.workloads:
+            workload.shutdown(grace_s)
 
     # ------------------------------------------------------------------ project
 
@@ -408,6 +412,8 @@ class WorkspaceState:
                     self._deleted_processes.remove(process)
             for app in sorted(self._apps.values(), key=lambda a: a.seq):
                 self._reconcile_app(app)
+        for workload in self.workloads:
+            workload.reconcile()
 
     def _reconcile_app(self, app: Application) -> None:
         process = app.process
@@ -460,31 +466,15 @@ class WorkspaceState:
 
     def _start_process(self, app: Application) -> None:
         cfg = self.config
-        ip_address = self._ips.allocate()
+        ip_address, app.engine_key = self.new_engine()
         app_port = free_port()
-        app.engine_key = "engine-" + secrets.token_urlsafe(24)
-        self._on_engine_key(app.engine_key, True)
-        host_port = cfg.api_url.split("://", 1)[-1]
-        python = cfg.runtime_pythons.get(app.fields["runtime_identifier"], cfg.python)
-        env = base_environment(python)
-        env.update(app.fields["environment"])
+        python = self.python_of(app.fields["runtime_identifier"])
+        env = self.engine_environment(python, app.fields, ip_address, app.engine_key)
         env.update(
             {
-                "HOME": str(cfg.project_dir),
-                "PYTHONUNBUFFERED": "1",
-                "CDSW_PROJECT": cfg.project_name,
-                "CDSW_PROJECT_ID": cfg.project_id,
-                "CDSW_ENGINE_ID": new_cml_id().replace("-", "")[:12],
                 "CDSW_APP_ID": app.id,
-                "CDSW_DOMAIN": host_port,
-                "CDSW_API_URL": cfg.api_url + "/api/v1",
-                "CDSW_APIV2_KEY": app.engine_key,
-                "CDSW_IP_ADDRESS": ip_address,
                 "CDSW_APP_PORT": str(app_port),
                 "CDSW_READONLY_PORT": str(free_port()),
-                "CDSW_CPU_MILLICORES": str(int(float(app.fields["cpu"]) * 1000)),
-                "CDSW_MEMORY_MB": str(int(float(app.fields["memory"]) * 1024)),
-                "CDSW_NVIDIA_GPU": str(app.fields["nvidia_gpu"]),
             }
         )
         log_path = cfg.log_dir / f"{app.id}.log"
@@ -506,6 +496,45 @@ class WorkspaceState:
                 log.write(f"emulator: could not start the engine: {exc}\n")
             self._revoke_engine_key(app)
             app.set_status(FAILED)
+
+    def python_of(self, runtime_identifier: str) -> str:
+        """The interpreter that plays ``runtime_identifier``'s image."""
+        return self.config.runtime_pythons.get(runtime_identifier, self.config.python)
+
+    def engine_environment(
+        self, python: str, fields: dict[str, Any], ip_address: str, engine_key: str
+    ) -> dict[str, str]:
+        """What CML gives every engine of the project (application, job or session): a clean
+        environment, the workload's own ``environment``, then the ``CDSW_*`` variables."""
+        cfg = self.config
+        env = base_environment(python)
+        env.update(fields.get("environment") or {})
+        env.update(
+            {
+                "HOME": str(cfg.project_dir),
+                "PYTHONUNBUFFERED": "1",
+                "CDSW_PROJECT": cfg.project_name,
+                "CDSW_PROJECT_ID": cfg.project_id,
+                "CDSW_ENGINE_ID": new_cml_id().replace("-", "")[:12],
+                "CDSW_DOMAIN": cfg.api_url.split("://", 1)[-1],
+                "CDSW_API_URL": cfg.api_url + "/api/v1",
+                "CDSW_APIV2_KEY": engine_key,
+                "CDSW_IP_ADDRESS": ip_address,
+                "CDSW_CPU_MILLICORES": str(int(float(fields["cpu"]) * 1000)),
+                "CDSW_MEMORY_MB": str(int(float(fields["memory"]) * 1024)),
+                "CDSW_NVIDIA_GPU": str(fields.get("nvidia_gpu") or 0),
+            }
+        )
+        return env
+
+    def new_engine(self) -> tuple[str, str]:
+        """A fresh engine's loopback address and API key (valid until ``revoke_key``)."""
+        key = "engine-" + secrets.token_urlsafe(24)
+        self._on_engine_key(key, True)
+        return self._ips.allocate(), key
+
+    def revoke_key(self, engine_key: str) -> None:
+        self._on_engine_key(engine_key, False)
 
     def _revoke_engine_key(self, app: Application) -> None:
         if app.engine_key:
