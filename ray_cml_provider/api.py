@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ray_cml_provider.cluster.job_package import ship_working_dir
 from ray_cml_provider.cluster.jobs import ENDED, JobAPI, JobError, delete_after, job_api
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
@@ -173,10 +174,15 @@ class Cluster:
         entrypoint: str | list[str],
         runtime_env: dict[str, Any] | None = None,
         down_after: bool = False,
+        working_dir: str | os.PathLike[str] | None = None,
     ) -> Job:
         """A Ray job on this cluster (``up`` first when its head is not running), as
         ``ray-cml job submit`` does; ``down_after``: the head deletes the cluster once the
-        job ended, whatever becomes of this process."""
+        job ended, whatever becomes of this process; ``working_dir`` (or a local one in
+        ``runtime_env``): a directory the job runs in, shipped through the project."""
+        runtime_env = dict(runtime_env or {})
+        if working_dir is not None:
+            runtime_env["working_dir"] = str(working_dir)
         if self.status(ray_view="none").head is None:
             self.up(wait_for_workers=False, progress=None)
         command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
@@ -184,9 +190,11 @@ class Cluster:
             with client_for(self.config["provider"]) as client:
                 status = collect_status(self.config, client, ray_view="none")
                 api = job_api(status, self.config, client)
+                head_id = status.head.node_id
+                runtime_env = ship_working_dir(runtime_env, client, self.name, head_id)
                 job = Job(api, api.submit(command, runtime_env))
                 if down_after:
-                    delete_after(client, self.name, status.head.node_id, job.id)
+                    delete_after(client, self.name, head_id, job.id)
                 return job
         except (OperatorError, JobError) as exc:
             raise ClusterError(str(exc)) from None

@@ -141,6 +141,18 @@ def autostop_record_path(cluster_name: str) -> str:
     return f"{cluster_dir(cluster_name)}/autostopped.json"
 
 
+JOB_PACKAGE_NAME = re.compile(r"_ray_pkg_[0-9a-f]{16,64}\.zip")
+
+
+def job_package_path(cluster_name: str, package: str) -> str:
+    """A job's working directory as Ray's zip (``ray-cml job submit --working-dir``), named
+    by its content (``_ray_pkg_<hash>.zip``), in the cluster's folder: ``ray down`` takes it
+    too. Ray's runtime env reads it on each node as ``file://<project>/<this path>``."""
+    if not JOB_PACKAGE_NAME.fullmatch(package):
+        raise ValueError(f"not a job package name: {package!r}")
+    return f"{cluster_dir(cluster_name)}/jobs/{package}"
+
+
 HISTORY_DIR = f"{CLUSTERS_DIR}/_history"  # "_" cannot begin a cluster's name
 HISTORY_RUN = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 
@@ -478,6 +490,10 @@ class Request(_Record):
     # ``ray-cml job submit --down``: the head deletes its cluster once the Ray job named in
     # ``env["job"]`` ended, whatever becomes of the submitter (node/down_after_job.py).
     DOWN_AFTER_JOB: ClassVar[str] = "down-after-job"
+    # ``ray-cml job submit --working-dir``: the head makes sure the package at
+    # ``env["package"]`` (``job_package_path``) is in the project as every node sees it (a
+    # fresh upload may not be, through NFS, yet) and answers its ``file://`` URI.
+    JOB_PACKAGE: ClassVar[str] = "job-package"
 
     @property
     def is_ray_stop(self) -> bool:

@@ -39,6 +39,20 @@ def test_bad_input_is_one_sentence_before_any_call(tmp_path, capsys):
         job.submit(args, {}, None)
 
 
+WORKING_DIR_MAIN = """
+import os, ray, helper
+ray.init()
+
+@ray.remote(num_gpus=1)
+def on_a_gpu_worker():
+    import helper  # the working dir is on every node, not only where the driver runs
+    return helper.VALUE
+
+print("driver:", helper.VALUE, "| ignored file shipped:", os.path.exists("secret.txt"))
+print("worker:", ray.get(on_a_gpu_worker.remote()))
+"""
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_a_job_brings_its_cluster_reports_its_outcome_and_down_leaves_nothing(
@@ -47,34 +61,50 @@ def test_a_job_brings_its_cluster_reports_its_outcome_and_down_leaves_nothing(
     emulator = start_emulator()
     cluster = LocalCluster(emulator, tmp_path / "work", cluster_name="batch")
     config = str(cluster.config_path)
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    (workdir / "main.py").write_text(WORKING_DIR_MAIN)
+    (workdir / "helper.py").write_text("VALUE = 'from the working dir'\n")
+    (workdir / "secret.txt").write_text("not for the cluster\n")
+    (workdir / ".gitignore").write_text("secret.txt\n")  # Ray's packaging rules apply
 
-    # No cluster yet: the job brings it up; it succeeds: exit status 0.
+    # No cluster yet: the job brings it up, runs in its working dir (shipped through the
+    # project, on the head and on the GPU worker it scaled up) and succeeds: exit status 0.
     ok = cluster.ray_cml(
-        "job", "submit", config, "--", "python", "-c", "print('all good')", timeout_s=400
-    )
+        "job", "submit", config, "--working-dir", str(workdir), "--", "python", "main.py",
+        timeout_s=400,
+    )  # fmt: skip
     assert ok.returncode == 0, ok.stdout[-3000:]
-    assert "is not running: ray up" in ok.stdout and "all good" in ok.stdout
-    assert "succeeded" in ok.stdout
+    assert "is not running: ray up" in ok.stdout and "succeeded" in ok.stdout
+    assert "driver: from the working dir | ignored file shipped: False" in ok.stdout
+    assert "worker: from the working dir" in ok.stdout
+    [package] = (emulator.project_dir / ".ray-cml" / "batch" / "jobs").iterdir()
+    assert package.name.startswith("_ray_pkg_") and f"({package.name})" in ok.stdout
+    [head] = cluster.nodes("head")
+    listed = cluster.ray_cml("job", "list", "--json", config)
+    [first] = json.loads(listed.stdout.splitlines()[-1])
+    assert first["status"] == "SUCCEEDED"
+    assert first["runtime_env"]["working_dir"] == package.resolve().as_uri()
+    logs = cluster.ray_cml("job", "logs", config, first["submission_id"])
+    assert logs.returncode == 0 and "worker: from the working dir" in logs.stdout
 
-    # On the running cluster, a job that fails: exit status 1; the cluster stays.
+    # --down on a job that fails, the submitter waiting: exit status 1, and nothing left.
     failing = "print('step one'); raise SystemExit(3)"
-    failed = cluster.ray_cml("job", "submit", config, "--", "python", "-c", failing)
+    failed = cluster.ray_cml("job", "submit", config, "--down", "--", "python", "-c", failing)
     assert failed.returncode == 1, failed.stdout[-3000:]
     assert "is running: the job goes to it" in failed.stdout and "step one" in failed.stdout
     job_id = re.search(r"job (raycml_[0-9a-f]+) submitted", failed.stdout).group(1)
-    assert f"job {job_id} failed" in failed.stdout
-    [head] = cluster.applications()
-    listed = cluster.ray_cml("job", "list", "--json", config)
-    statuses = [j["status"] for j in json.loads(listed.stdout.splitlines()[-1])]
-    assert statuses == ["SUCCEEDED", "FAILED"], listed.stdout
-    logs = cluster.ray_cml("job", "logs", config, job_id)
-    assert logs.returncode == 1 and "step one" in logs.stdout
+    assert f"job {job_id} failed" in failed.stdout and "cluster batch deleted" in failed.stdout
+    assert cluster.applications() == []
+    record = latest_run(cluster, config)
+    assert record["head"] == head.name.rsplit("-", 1)[-1]
+    assert record["ended_by"] == f"job {job_id} failed (job submit --down)"
 
-    # --down, and the submitter dies while the job runs: once the job ended (failed, here)
-    # the head deletes the cluster.
+    # --down, and the submitter dies while the job runs: once the job ended (succeeded,
+    # here) the head deletes the cluster it brought up.
     output = tmp_path / "submitter.out"
     marker = tmp_path / "job-started"
-    code = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(5); 1 / 0"
+    code = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(5)"
     with open(output, "w") as out:
         submitter = subprocess.Popen(
             ["ray-cml", "job", "submit", "--down", config, "--", "python", "-c", code],
@@ -86,14 +116,20 @@ def test_a_job_brings_its_cluster_reports_its_outcome_and_down_leaves_nothing(
         )
     wait_until(
         lambda: "the head deletes the cluster once job" in output.read_text() and marker.exists(),
-        180,
+        300,
         "the job running and the head told to delete the cluster after it",
     )
     os.killpg(submitter.pid, signal.SIGKILL)
     submitter.wait()
     cluster.wait_for(lambda: cluster.applications() == [], 180, "the head to delete the cluster")
     cluster.wait_for(lambda: emulator.processes() == [], 30, "engines to end")
+    assert re.fullmatch(
+        r"job raycml_[0-9a-f]+ succeeded \(job submit --down\)",
+        latest_run(cluster, config)["ended_by"],
+    )
+
+
+def latest_run(cluster: LocalCluster, config: str) -> dict:
     shown = cluster.ray_cml("history", "--json", "--run", "latest", config)
-    record = json.loads(shown.stdout)
-    assert record["head"] == head.name.rsplit("-", 1)[-1]
-    assert re.fullmatch(r"job raycml_[0-9a-f]+ failed \(job submit --down\)", record["ended_by"])
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    return json.loads(shown.stdout)

@@ -138,9 +138,16 @@ def job_api(status: ClusterStatus, config: dict, client: CMLClient) -> JobAPI:
 
 def delete_after(client: CMLClient, cluster: str, head_id: str, job_id: str) -> str:
     """Ask the head to delete the cluster once ``job_id`` ended; the head's answer."""
+    request = Request(report=Request.DOWN_AFTER_JOB, env={"job": job_id})
+    return ask_head(client, cluster, head_id, request, "--down")
+
+
+def ask_head(client: CMLClient, cluster: str, head_id: str, request: Request, what: str) -> str:
+    """One of ``job submit``'s requests to the head's mailbox; the head's answer, or
+    ``JobError`` naming the option (``what``) the head did not take."""
     mailbox = NodeMailbox(client, NodeFolder.of(cluster, head_id), progress=lambda _: None)
-    result = mailbox.ask(Request(report=Request.DOWN_AFTER_JOB, env={"job": job_id}), 120)
+    result = mailbox.ask(request, 120)
     answer = result.output.decode("utf-8", "replace").strip()
     if result.exit_status != 0:
-        raise JobError(f"the head did not take --down: {answer or result.exit_status}")
+        raise JobError(f"the head did not take {what}: {answer or result.exit_status}")
     return answer

@@ -38,6 +38,7 @@ from ray_cml_provider.node.door import Door
 from ray_cml_provider.node.down_after_job import DownAfterJob
 from ray_cml_provider.node.head import Head
 from ray_cml_provider.node.history import Historian
+from ray_cml_provider.node.job_package import JobPackageError, package_uri
 from ray_cml_provider.node.mailbox import Mailbox
 from ray_cml_provider.node.ports import PortReservation
 from ray_cml_provider.node.preparation import NodeEnvironment, NoToken, prepare, previous_life
@@ -79,8 +80,8 @@ class NodeLauncher:
 
     def answer(self, request: Request, output: Path) -> int:
         """A mailbox request. On the head: ``job submit --down``'s request starts the
-        watch on its job; ``ray stop`` ends the history's run first (the jobs and figures
-        are read while Ray still runs)."""
+        watch on its job, ``--working-dir``'s gets its package's URI; ``ray stop`` ends the
+        history's run first (the jobs and figures are read while Ray still runs)."""
         if request.report == Request.DOWN_AFTER_JOB:
             job = request.env.get("job", "")
             if self.down_after_job is None or not job:
@@ -88,6 +89,16 @@ class NodeLauncher:
                 return 2
             output.write_text(self.down_after_job.watch(job) + "\n")
             return 0
+        if request.report == Request.JOB_PACKAGE:
+            if not self.ctx.spec.is_head:
+                output.write_text("ray-cml: only a head takes a job's working directory\n")
+                return 2
+            try:
+                output.write_text(package_uri(self.ctx, request.env.get("package", "")) + "\n")
+                return 0
+            except JobPackageError as exc:
+                output.write_text(f"ray-cml: {exc}\n")
+                return 1
         if self.historian is not None and request.is_ray_stop:
             try:
                 self.historian.end("ray stop")

@@ -1,7 +1,8 @@
 """``ray-cml job``: a Ray job on a cluster, as a batch job: it brings its cluster, runs,
 reports, and (with ``--down``) cleans up.
 
-    ray-cml job submit CONFIG [--runtime-env FILE] [--down] [--no-wait] -- ENTRYPOINT...
+    ray-cml job submit CONFIG [--working-dir DIR] [--runtime-env FILE] [--down] [--no-wait]
+                       -- ENTRYPOINT...
     ray-cml job list CONFIG
     ray-cml job logs CONFIG JOB_ID
     ray-cml job stop CONFIG JOB_ID
@@ -13,7 +14,9 @@ exits with the job's outcome: 0 when it succeeded, 1 when it failed or was stopp
 asks whether to stop the job (without a terminal: the job goes on). ``--down`` deletes the
 cluster once the job ended, whatever its outcome: the head does it (it knows which job it
 waits for), so a submitter that dies, a laptop closed or a CML session ended, still leaves
-nothing running; this command waits for it to be done.
+nothing running; this command waits for it to be done. ``--working-dir`` (or a local
+``working_dir`` in the runtime env) travels through the project's files, not Ray's GCS
+(``cluster/job_package.py``): the job runs in it on every node.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ray_cml_provider.cluster.job_package import local_working_dir, ship_working_dir
 from ray_cml_provider.cluster.jobs import JobAPI, JobError, delete_after, job_api
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
@@ -116,8 +120,14 @@ def submit(args: argparse.Namespace, config: dict, client: CMLClient) -> int:
     if not args.entrypoint:
         raise OperatorError("nothing to run: ray-cml job submit CONFIG -- python my_job.py")
     runtime_env = runtime_env_of(args.runtime_env)
+    if args.working_dir:
+        runtime_env["working_dir"] = args.working_dir
+    local_working_dir(runtime_env)  # a wrong directory fails before the cluster comes up
     status = bring_up(args.config, config, client)
     api = job_api(status, config, client)
+    runtime_env = ship_working_dir(
+        runtime_env, client, config["cluster_name"], status.head.node_id, say
+    )
     entrypoint = shlex.join(args.entrypoint)
     job_id = api.submit(entrypoint, runtime_env, args.submission_id)
     say(f"job {job_id} submitted: {entrypoint}")
@@ -154,6 +164,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     sub = verbs.add_parser("submit", help="run a Ray job on the cluster (brought up if needed)")
     sub.add_argument("config", help="the cluster YAML")
+    sub.add_argument(
+        "--working-dir", help="a directory the job runs in, on every node (via the project)"
+    )
     sub.add_argument("--runtime-env", help="a YAML or JSON file: Ray's runtime_env for the job")
     sub.add_argument("--submission-id", help="the job's id (default: a new one)")
     sub.add_argument("--down", action="store_true", help="delete the cluster once the job ended")
