@@ -43,8 +43,8 @@ demo-llm: install model
 	$(BIN)/ray-cml demo --llm --vllm-python $(VLLM_VENV)/bin/python --model $(MODEL_DIR)
 
 lint: install
-	$(BIN)/ruff check ray_cml_provider tests bench
-	$(BIN)/ruff format --check ray_cml_provider tests bench
+	$(BIN)/ruff check ray_cml_provider tests bench cluster-configs
+	$(BIN)/ruff format --check ray_cml_provider tests bench cluster-configs
 
 $(VLLM_HOME)/.installed: requirements-vllm.txt
 	rm -rf $(VLLM_HOME)
