@@ -296,6 +296,15 @@ def test_the_command_lists_shows_and_refuses_in_one_line(emulator, client, capsy
     assert history_command.main(["--cluster", "other"]) == 0
     assert "no history of cluster other" in capsys.readouterr().out
 
+    # A record that is not one (cut, or written by hand) hides no other, and is named.
+    broken = history_run_name(1_700_000_500, "4567cdef")
+    client.upload_file(f"{history_dir('c1')}/{broken}.json", b'{"cluster": "c1", "ru')
+    assert history_command.main([]) == 0
+    shown = capsys.readouterr()
+    assert record.run in shown.out and broken in shown.out + shown.err
+    assert history_command.main(["--run", broken]) == 1
+    assert "is not a history record" in capsys.readouterr().err
+
 
 def test_gc_closes_the_run_a_lost_head_left_open(client):
     open_run = HistoryRecord("c2", history_run_name(1_700_000_000, "0123abcd"), "0123abcd", 1.7e9)
