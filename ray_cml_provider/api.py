@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from ray_cml_provider.cluster.job_package import ship_working_dir
+from ray_cml_provider.cluster.job_package import local_working_dir, ship_working_dir
 from ray_cml_provider.cluster.jobs import ENDED, JobAPI, JobError, delete_after, job_api
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
@@ -183,6 +183,10 @@ class Cluster:
         runtime_env = dict(runtime_env or {})
         if working_dir is not None:
             runtime_env["working_dir"] = str(working_dir)
+        try:
+            local_working_dir(runtime_env)  # a wrong folder fails before the cluster comes up
+        except JobError as exc:
+            raise ClusterError(str(exc)) from None
         if self.status(ray_view="none").head is None:
             self.up(wait_for_workers=False, progress=None)
         command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)

@@ -44,6 +44,9 @@ def test_a_bad_config_raises_one_line_before_any_api_call(tmp_path):
         Cluster(config)
     with pytest.raises(ClusterError, match="cannot read"):
         Cluster(tmp_path / "missing.yaml")
+    good = Cluster(yaml.safe_load((REPO_CONFIGS / "local-emulator.yaml").read_text()))
+    with pytest.raises(ClusterError, match="not a directory"):  # before any API call
+        good.submit_job("python main.py", working_dir=tmp_path / "missing")
 
 
 @pytest.mark.timeout(600)
