@@ -35,7 +35,14 @@ from typing import Any
 import yaml
 
 from ray_cml_provider.cluster.job_package import local_working_dir, ship_working_dir
-from ray_cml_provider.cluster.jobs import ENDED, JobAPI, JobError, delete_after, job_api
+from ray_cml_provider.cluster.jobs import (
+    ENDED,
+    JobAPI,
+    JobError,
+    delete_after,
+    end_after_down,
+    job_api,
+)
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLError
@@ -55,9 +62,13 @@ class ClusterError(RuntimeError):
 class Job:
     """A Ray job submitted by ``Cluster.submit_job``, through Ray's Jobs API on the head."""
 
-    def __init__(self, api: JobAPI, job_id: str):
+    def __init__(self, api: JobAPI, job_id: str, kept: Callable[[], dict | None] | None = None):
         self.api = api
         self.id = job_id
+        # With down_after: the job as the cluster's history kept it, for when the head has
+        # deleted the cluster (and its Jobs API) before this handle looked.
+        self._kept = kept
+        self._ended: dict | None = None
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -65,9 +76,20 @@ class Job:
     @property
     def status(self) -> str:
         """Ray's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-        return str(self._call(self.api.info, self.id).get("status"))
+        if self._ended:
+            return str(self._ended.get("status"))
+        try:
+            return str(self.api.info(self.id).get("status"))
+        except JobError as exc:
+            self._ended = self._kept() if self._kept else None
+            if self._ended is None:
+                raise ClusterError(str(exc)) from None
+            return str(self._ended.get("status"))
 
     def logs(self) -> str:
+        """The job's log (once its cluster is gone: the end its history kept)."""
+        if self._ended:
+            return str(self._ended.get("log_tail", ""))
         return self._call(self.api.logs, self.id)
 
     def stop(self) -> bool:
@@ -196,14 +218,19 @@ class Cluster:
                 api = job_api(status, self.config, client)
                 head_id = status.head.node_id
                 runtime_env = ship_working_dir(runtime_env, client, self.name, head_id)
-                job = Job(api, api.submit(command, runtime_env))
-                if down_after:
-                    delete_after(client, self.name, head_id, job.id)
-                return job
+                job_id = api.submit(command, runtime_env)
+                if not down_after:
+                    return Job(api, job_id)
+                delete_after(client, self.name, head_id, job_id)
+                return Job(api, job_id, kept=lambda: self._end_after_down(head_id, job_id))
         except (OperatorError, JobError) as exc:
             raise ClusterError(str(exc)) from None
         except CMLError as exc:
             raise ClusterError(explain(exc)) from None
+
+    def _end_after_down(self, head_id: str, job_id: str) -> dict | None:
+        with client_for(self.config["provider"]) as client:
+            return end_after_down(client, self.name, head_id, job_id)
 
     def exec(self, command: str) -> str:
         """Run a shell command on the head (``ray exec``) and return its output."""

@@ -89,12 +89,17 @@ def test_a_job_brings_its_cluster_reports_its_outcome_and_down_leaves_nothing(
     assert logs.returncode == 0 and "worker: from the working dir" in logs.stdout
 
     # --down on a job that fails, the submitter waiting: exit status 1, and nothing left.
+    # The submitter looks every 30 s: the head, quicker, has deleted the cluster (and its
+    # Jobs API) by then; the job's end and the rest of its log come from the history.
     failing = "print('step one'); raise SystemExit(3)"
+    cluster.env["RAY_CML_JOB_FOLLOW_S"] = "30"
     failed = cluster.ray_cml("job", "submit", config, "--down", "--", "python", "-c", failing)
+    del cluster.env["RAY_CML_JOB_FOLLOW_S"]
     assert failed.returncode == 1, failed.stdout[-3000:]
     assert "is running: the job goes to it" in failed.stdout and "step one" in failed.stdout
     job_id = re.search(r"job (raycml_[0-9a-f]+) submitted", failed.stdout).group(1)
     assert f"job {job_id} failed" in failed.stdout and "cluster batch deleted" in failed.stdout
+    assert "the job's end from the cluster's history" in failed.stdout
     assert cluster.applications() == []
     record = latest_run(cluster, config)
     assert record["head"] == head.name.rsplit("-", 1)[-1]

@@ -93,3 +93,19 @@ def close_open_runs(client: CMLClient, cluster: str, ended_by: str) -> int:
         except CMLError:
             continue
     return closed
+
+
+def job_in_history(client: CMLClient, cluster: str, head_id: str, job_id: str) -> dict | None:
+    """Ray job ``job_id`` as the last run of the head ``head_id`` kept it ({status,
+    log_tail, ...}), or None. ``job submit --down`` reads a job's end here when the head
+    deleted the cluster before its submitter read it (the head writes the run's last
+    snapshot, every job's status and log tail, before it deletes anything)."""
+    try:
+        runs = [ref for ref in list_runs(client, cluster) if ref.run.endswith(f"-{head_id}")]
+        for ref in reversed(runs):
+            for job in read_run(client, ref).jobs:
+                if isinstance(job, dict) and job.get("id") == job_id:
+                    return job
+    except (HistoryError, CMLError):
+        return None
+    return None

@@ -19,18 +19,21 @@ from typing import Any
 
 import requests
 
+from ray_cml_provider.cluster.history import job_in_history
 from ray_cml_provider.cluster.status import ClusterStatus
 from ray_cml_provider.cml import CMLClient
 from ray_cml_provider.contract import NodeFolder, Request
 from ray_cml_provider.errors import RayCMLError
 from ray_cml_provider.provider.addresses import reachable
 from ray_cml_provider.provider.endpoint import bypasses_login
+from ray_cml_provider.provider.lookup import cluster_applications
 from ray_cml_provider.provider.mailbox import NodeMailbox
 from ray_cml_provider.provider.ray_auth import TOKEN, read_token
 
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 NO_AGENT = "No available agent to submit job"  # Ray's job server, seconds after `ray up`
 AGENT_WAIT_S = 180.0
+DOWN_WAIT_S = 600.0  # how long a --down submitter waits for the head to delete the cluster
 
 
 class JobError(RayCMLError):
@@ -151,3 +154,22 @@ def ask_head(client: CMLClient, cluster: str, head_id: str, request: Request, wh
     if result.exit_status != 0:
         raise JobError(f"the head did not take {what}: {answer or result.exit_status}")
     return answer
+
+
+def wait_until_deleted(client: CMLClient, cluster: str, timeout_s: float = DOWN_WAIT_S) -> bool:
+    """Wait while the head deletes the cluster (``--down``); whether it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while cluster_applications(client, cluster).nodes:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(2.0)
+    return True
+
+
+def end_after_down(client: CMLClient, cluster: str, head_id: str, job_id: str) -> dict | None:
+    """A ``--down`` job's end ({status, log_tail, ...}) once the head deleted the cluster,
+    from the run's history (written before anything is deleted); None if not known. For a
+    submitter the head was quicker than: the Jobs API went with the cluster."""
+    wait_until_deleted(client, cluster)
+    job = job_in_history(client, cluster, head_id, job_id)
+    return job if job and job.get("status") in ENDED else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -33,16 +34,22 @@ from typing import Any
 import yaml
 
 from ray_cml_provider.cluster.job_package import local_working_dir, ship_working_dir
-from ray_cml_provider.cluster.jobs import JobAPI, JobError, delete_after, job_api
+from ray_cml_provider.cluster.jobs import (
+    JobAPI,
+    JobError,
+    delete_after,
+    end_after_down,
+    job_api,
+    wait_until_deleted,
+)
 from ray_cml_provider.cluster.status import ClusterStatus, collect_status
 from ray_cml_provider.cluster.workspace import OperatorError, client_for
 from ray_cml_provider.cml import CMLClient, CMLError
 from ray_cml_provider.ops import report_failure
 from ray_cml_provider.provider.config import ClusterConfigError, load_cluster_config
-from ray_cml_provider.provider.lookup import cluster_applications
 
-DOWN_WAIT_S = 600.0
-FOLLOW_EVERY_S = 1.0
+# How often the submitter reads the job's status and log (a slow link may want less).
+FOLLOW_EVERY_S = float(os.environ.get("RAY_CML_JOB_FOLLOW_S") or 1.0)
 
 
 def say(line: str) -> None:
@@ -85,13 +92,16 @@ def runtime_env_of(path: str | None) -> dict:
     return value
 
 
-def follow(api: JobAPI, job_id: str) -> str:
-    """Print the job's log as it comes; its final status. Ctrl-C asks whether to stop it."""
+def follow(api: JobAPI, job_id: str, printed: list[str] | None = None) -> str:
+    """Print the job's log as it comes (kept in ``printed``); its final status. Ctrl-C asks
+    whether to stop it."""
+    printed = [] if printed is None else printed
     while True:
         try:
             for part in api.follow(job_id, FOLLOW_EVERY_S, lambda s: say(f"job {job_id}: {s}")):
                 sys.stdout.write(part)
                 sys.stdout.flush()
+                printed.append(part)
             return str(api.info(job_id).get("status"))
         except KeyboardInterrupt:
             if sys.stdin.isatty():
@@ -106,14 +116,12 @@ def follow(api: JobAPI, job_id: str) -> str:
             raise
 
 
-def wait_until_deleted(client: CMLClient, cluster: str) -> bool:
-    """Wait while the head deletes the cluster (``--down``); whether it is gone."""
-    deadline = time.monotonic() + DOWN_WAIT_S
-    while time.monotonic() < deadline:
-        if not cluster_applications(client, cluster).nodes:
-            return True
-        time.sleep(2.0)
-    return False
+def unseen_part(printed: str, tail: str) -> str:
+    """What of ``tail`` (the end of the job's log) was not printed yet."""
+    for overlap in range(min(len(printed), len(tail)), 0, -1):
+        if printed.endswith(tail[:overlap]):
+            return tail[overlap:]
+    return tail if tail not in printed else ""
 
 
 def submit(args: argparse.Namespace, config: dict, client: CMLClient) -> int:
@@ -136,10 +144,23 @@ def submit(args: argparse.Namespace, config: dict, client: CMLClient) -> int:
     if args.no_wait:
         say(f"ray-cml job logs {args.config} {job_id} follows it")
         return 0
+    printed: list[str] = []
     try:
-        final = follow(api, job_id)
+        final = follow(api, job_id, printed)
     except KeyboardInterrupt:
         return 130
+    except JobError as exc:
+        if not args.down:
+            raise
+        # The head deletes the cluster once the job ended, and may be quicker than this
+        # follower's last look: the job's end is in the run's history, written first.
+        say(f"the head's Jobs API went away ({exc}): the job's end from the cluster's history")
+        kept = end_after_down(client, config["cluster_name"], status.head.node_id, job_id)
+        if kept is None:
+            unknown = f"job {job_id}: its end is not known (ray-cml history shows it)"
+            raise JobError(unknown) from exc
+        sys.stdout.write(unseen_part("".join(printed), kept.get("log_tail", "")))
+        final = str(kept.get("status"))
     say(f"job {job_id} {final.lower()}")
     if args.down:
         say(f"waiting for the head to delete cluster {config['cluster_name']}")
