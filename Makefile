@@ -46,7 +46,9 @@ lint: install
 	$(BIN)/ruff check ray_cml_provider tests bench cluster-configs
 	$(BIN)/ruff format --check ray_cml_provider tests bench cluster-configs
 
-$(VLLM_HOME)/.installed: requirements-vllm.txt
+# Order-only: the folder's name holds the file's hash, so a changed file makes a new folder;
+# a fresh clone's newer copy of the same file must not rebuild (and wipe) the shared one.
+$(VLLM_HOME)/.installed: | requirements-vllm.txt
 	rm -rf $(VLLM_HOME)
 	$(PYTHON) -m venv $(VLLM_HOME)
 	$(VLLM_HOME)/bin/python -m pip install --quiet --upgrade pip

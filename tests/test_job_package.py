@@ -15,7 +15,7 @@ from ray_cml_provider.cml import CMLClient
 from ray_cml_provider.contract import Request, cluster_dir, job_package_path
 from ray_cml_provider.node.context import NodeContext
 from ray_cml_provider.node.job_package import JobPackageError, package_uri
-from ray_cml_provider.node.launcher import NodeLauncher
+from tests.test_node_launcher import launcher
 
 PACKAGE = "_ray_pkg_0123456789abcdef.zip"
 
@@ -59,17 +59,7 @@ def test_the_head_refuses_what_is_not_a_package_of_its_cluster(emulator):
 
 
 def test_a_worker_takes_neither_of_job_submits_requests(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    worker = NodeLauncher(
-        {
-            "RAY_CML_CLUSTER": "c1",
-            "RAY_CML_NODE_ID": "0123abcd",
-            "RAY_CML_NODE_KIND": "worker",
-            "RAY_CML_DIR": cluster_dir("c1"),
-            "CDSW_IP_ADDRESS": "127.0.0.1",
-            "PATH": "/usr/bin",
-        }
-    )
+    worker = launcher(tmp_path, monkeypatch)  # a worker's launcher
     output = tmp_path / "out"
     for request in (
         Request(report=Request.JOB_PACKAGE, env={"package": PACKAGE}),

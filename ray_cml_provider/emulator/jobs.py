@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from ray_cml_provider.emulator.errors import invalid, not_found
-from ray_cml_provider.emulator.processes import EngineProcess, Resources, start_engine
+from ray_cml_provider.emulator.processes import (
+    EngineProcess,
+    Resources,
+    end_engines,
+    start_engine,
+)
 from ray_cml_provider.emulator.routing import Request, Response, Router
 from ray_cml_provider.emulator.state import WorkspaceState, new_cml_id, now_rfc3339
 
@@ -45,7 +49,6 @@ class JobRun:
     process: EngineProcess | None = None
     engine_key: str = ""
     stop_requested: bool = False
-    created: float = field(default_factory=time.monotonic)
 
     @property
     def status(self) -> str:
@@ -217,13 +220,7 @@ class JobRuns:
     def shutdown(self, grace_s: float) -> None:
         with self.lock:
             processes = [run.process for run in self.runs.values() if run.process]
-        for process in processes:
-            process.terminate(grace_s)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(p.group_alive() for p in processes):
-            time.sleep(0.05)
-        for process in processes:
-            process.kill()
+        end_engines(processes, grace_s)
 
     # ------------------------------------------------------------------ lookups, input
 

@@ -90,6 +90,17 @@ class EngineProcess:
             self.popen.poll()
 
 
+def end_engines(processes: list[EngineProcess], grace_s: float) -> None:
+    """SIGTERM every engine's group at once, wait up to ``grace_s`` for all, SIGKILL the rest."""
+    for process in processes:
+        process.terminate(grace_s)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.group_alive() for p in processes):
+        time.sleep(0.05)
+    for process in processes:
+        process.kill()
+
+
 def signal_group(pgid: int, sig: int) -> None:
     """Signal process group ``pgid`` and every other process of the session it leads: an
     engine is a pod, and Ray's workers move to process groups of their own (same session),

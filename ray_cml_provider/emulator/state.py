@@ -36,6 +36,7 @@ from ray_cml_provider.emulator.processes import (
     LoopbackAllocator,
     Resources,
     base_environment,
+    end_engines,
     start_engine,
 )
 from ray_cml_provider.emulator.project_files import ProjectFiles
@@ -238,14 +239,7 @@ class WorkspaceState:
             self._thread.join(timeout=5)
         with self._lock:
             processes = [a.process for a in self._apps.values() if a.process]
-            processes += self._deleted_processes
-            for process in processes:
-                process.terminate(grace_s)
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and any(p.group_alive() for p in processes):
-                time.sleep(0.05)
-            for process in processes:
-                process.kill()
+            end_engines(processes + self._deleted_processes, grace_s)
         for workload in self.workloads:
             workload.shutdown(grace_s)
 
