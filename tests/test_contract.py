@@ -126,7 +126,7 @@ CONTRACT_FILES = (
     "outbox",
 )
 # Variables that are not the contract's: what a user exports, what a test harness reads.
-NOT_CONTRACT = {"RAY_CML_ENDPOINT_KEY", "RAY_CML_PLAIN_PYTHON"}
+NOT_CONTRACT = {"RAY_CML_ENDPOINT_KEY", "RAY_CML_PLAIN_PYTHON", "RAY_CML_JOB_FOLLOW_S"}
 
 
 def test_nothing_else_spells_the_contracts_names():
