@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,3 +108,25 @@ def test_a_cml_job_runs_batch_inference_on_a_cluster_made_for_it(start_emulator,
     record = json.loads(shown.stdout)
     assert record["ended_by"].endswith("succeeded (job submit --down)")
     assert "gpu_worker" in {node["node_type"] for node in record["nodes"]}
+
+
+def test_bad_prompts_are_one_line_before_any_engine(tmp_path):
+    batch = CONFIGS / "batch" / "batch_llm.py"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{"no": "prompt"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "fine"}\n{broken\n')
+    cases = {
+        "bad.jsonl": "bad.jsonl:2: each line must be a JSON object with a 'prompt'",
+        "broken.jsonl": "broken.jsonl:2: not JSON",
+        "missing.jsonl": "missing.jsonl: No such file or directory",
+    }
+    for prompts, message in cases.items():
+        ran = subprocess.run(
+            [sys.executable, str(batch), "--model", "m", "--prompts", prompts, "--out", "o"],
+            env={**os.environ, "RAY_CML_PROJECT_DIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ran.returncode == 1 and message in ran.stderr, ran.stderr[-2000:]
+        assert "Traceback" not in ran.stderr
+    assert not (tmp_path / "o").exists()

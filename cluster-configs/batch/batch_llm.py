@@ -40,11 +40,18 @@ def in_project(path: str) -> Path:
 
 
 def read_prompts(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        sys.exit(f"--prompts {path}: {exc.strerror or exc}")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            sys.exit(f"{path}:{number}: not JSON ({exc})")
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             sys.exit(f"{path}:{number}: each line must be a JSON object with a 'prompt'")
         rows.append(row)
