@@ -135,6 +135,19 @@ def make_app(client: CMLClient, runtime: str):
 
 
 TIER_ORDER = ("llm", "soak", "e2e", "engines")  # the longest tests first
+# Within a tier, the modules whose tests took longest in CI (pytest's --durations) first, so
+# that the last test to start is a short one.
+LONGEST_MODULES = (
+    "test_llm_e2e",
+    "test_batch_llm",
+    "test_bare_runtime",
+    "test_ray_e2e",
+    "test_head_recovery",
+    "test_autostop",
+    "test_jobs",
+    "test_wheel",
+    "test_slow_start",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -145,4 +158,8 @@ def pytest_collection_modifyitems(config, items):
         marks = {mark.name for mark in item.iter_markers()}
         return next((i for i, name in enumerate(TIER_ORDER) if name in marks), len(TIER_ORDER))
 
-    items.sort(key=tier)
+    def module_rank(item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=lambda item: (tier(item), module_rank(item)))
