@@ -12,7 +12,10 @@ import subprocess
 
 import pytest
 
+from ray_cml_provider.cluster.jobs import JobError, job_api
+from ray_cml_provider.cluster.status import collect_status
 from ray_cml_provider.demo.local_cluster import LocalCluster
+from ray_cml_provider.provider.config import load_cluster_config
 from tests.conftest import wait_until
 
 
@@ -87,6 +90,18 @@ def test_a_job_brings_its_cluster_reports_its_outcome_and_down_leaves_nothing(
     assert first["runtime_env"]["working_dir"] == package.resolve().as_uri()
     logs = cluster.ray_cml("job", "logs", config, first["submission_id"])
     assert logs.returncode == 0 and "worker: from the working dir" in logs.stdout
+
+    # From a laptop the engine's own address does not answer: the Jobs API is reached at the
+    # head's URL, through CML's login (the CML key) and the head's gateway (Ray's token).
+    loaded = load_cluster_config(config)
+    status = collect_status(loaded, cluster.client, ray_view="none")
+    status.dashboard_address = "http://127.0.0.1:1"  # nothing listens: as from outside
+    outside = job_api(status, loaded, cluster.client)
+    assert outside.base == status.dashboard_url and "X-Ray-Authorization" in outside.headers
+    assert [job["status"] for job in outside.list()] == ["SUCCEEDED"]
+    outside.headers.pop("X-Ray-Authorization")
+    with pytest.raises(JobError, match="HTTP 401"):  # CML's login alone runs no job
+        outside.list()
 
     # --down on a job that fails, the submitter waiting: exit status 1, and nothing left.
     # The submitter looks every 30 s: the head, quicker, has deleted the cluster (and its
