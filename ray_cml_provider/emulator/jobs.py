@@ -15,13 +15,12 @@ Schedules, dependencies between jobs, timeouts and attachments are not played.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
-from ray_cml_provider.emulator.errors import invalid, not_found
+from ray_cml_provider.emulator import validation
+from ray_cml_provider.emulator.errors import not_found
 from ray_cml_provider.emulator.processes import (
     EngineProcess,
     Resources,
@@ -88,7 +87,7 @@ class JobRuns:
     # ------------------------------------------------------------------ HTTP handlers
 
     def create_job(self, request: Request) -> Response:
-        fields = self.job_fields(request.json())
+        fields = validation.job_fields(request.json(), self.state.runtime_ids)
         stamp = now_rfc3339()
         fields.update(id=new_cml_id(), created_at=stamp, updated_at=stamp)
         with self.lock:
@@ -222,7 +221,7 @@ class JobRuns:
             processes = [run.process for run in self.runs.values() if run.process]
         end_engines(processes, grace_s)
 
-    # ------------------------------------------------------------------ lookups, input
+    # ------------------------------------------------------------------ lookups
 
     def job(self, job_id: str) -> dict[str, Any]:
         with self.lock:
@@ -236,46 +235,3 @@ class JobRuns:
         if run is None or run.fields["job_id"] != job["id"]:
             raise not_found(f"job run {request.params['run_id']!r} not found")
         return run
-
-    def job_fields(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise invalid("a job is a JSON object")
-        name, script = body.get("name"), body.get("script")
-        if not isinstance(name, str) or not name.strip():
-            raise invalid("name is required")
-        if not isinstance(script, str) or not script.strip():
-            raise invalid("script is required")
-        parts = PurePosixPath(script).parts
-        if PurePosixPath(script).is_absolute() or ".." in parts:
-            raise invalid(f"script {script!r} must be a path inside the project")
-        runtime = body.get("runtime_identifier", "")
-        if runtime not in self.state.runtime_ids:
-            raise invalid(f"runtime_identifier {runtime!r} is not a runtime of this workspace")
-        environment = body.get("environment") or {}
-        if isinstance(environment, str):
-            try:
-                environment = json.loads(environment or "{}")
-            except ValueError:
-                raise invalid("environment is not a JSON object") from None
-        if not isinstance(environment, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()
-        ):
-            raise invalid("environment must map names to strings")
-        try:
-            cpu = float(body.get("cpu", 1))
-            memory = float(body.get("memory", 2))
-            gpus = int(body.get("nvidia_gpu", 0))
-        except (TypeError, ValueError):
-            raise invalid("cpu, memory and nvidia_gpu must be numbers") from None
-        if cpu <= 0 or memory <= 0 or gpus < 0:
-            raise invalid("cpu and memory must be positive, nvidia_gpu not negative")
-        return {
-            "name": name,
-            "script": script,
-            "runtime_identifier": runtime,
-            "arguments": str(body.get("arguments") or ""),
-            "environment": environment,
-            "cpu": cpu,
-            "memory": memory,
-            "nvidia_gpu": gpus,
-        }

@@ -532,7 +532,7 @@ class WorkspaceState:
 
     def _revoke_engine_key(self, app: Application) -> None:
         if app.engine_key:
-            self._on_engine_key(app.engine_key, False)
+            self.revoke_key(app.engine_key)
             app.engine_key = None
 
     # ------------------------------------------------------------------ validation

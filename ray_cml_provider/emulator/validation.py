@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from ray_cml_provider.emulator.errors import invalid
@@ -80,30 +81,7 @@ def application_fields(body: Any, creating: bool, runtimes: set[str]) -> dict[st
                 f"subdomain {sub!r} is invalid: use lower-case letters, digits and "
                 "single hyphens, at most 63 characters"
             )
-    for key in ("cpu", "memory"):
-        if key in fields:
-            value = fields[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise invalid(f"{key} must be a positive number, got {value!r}")
-    if "nvidia_gpu" in fields:
-        gpus = fields["nvidia_gpu"]
-        if isinstance(gpus, str) and gpus.isdigit():
-            gpus = fields["nvidia_gpu"] = int(gpus)
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-            raise invalid(f"nvidia_gpu must be a non-negative integer, got {gpus!r}")
-    if "environment" in fields:
-        env = fields["environment"]
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
-            raise invalid("environment must be a map of strings to strings")
-    if "script" in fields and fields["script"].startswith("/"):
-        raise invalid("script must be a path relative to the project root")
-    if fields.get("runtime_identifier") and fields["runtime_identifier"] not in runtimes:
-        raise invalid(
-            f"runtime_identifier {fields['runtime_identifier']!r} is not an enabled "
-            "runtime of this workspace (see GET /api/v2/runtimes)"
-        )
+    check_engine_fields(fields, runtimes)
     return fields
 
 
@@ -155,3 +133,64 @@ def page_offset(token: str) -> int:
 
 def page_token_for(offset: int) -> str:
     return f"o{offset}"
+
+
+def check_engine_fields(fields: dict[str, Any], runtimes: set[str]) -> None:
+    """What every engine's request may say (an application's, a job's), where it says it:
+    resources, environment, script, runtime."""
+    for key in ("cpu", "memory"):
+        if key in fields:
+            value = fields[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise invalid(f"{key} must be a positive number, got {value!r}")
+    if "nvidia_gpu" in fields:
+        gpus = fields["nvidia_gpu"]
+        if isinstance(gpus, str) and gpus.isdigit():
+            gpus = fields["nvidia_gpu"] = int(gpus)
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise invalid(f"nvidia_gpu must be a non-negative integer, got {gpus!r}")
+    if "environment" in fields:
+        env = fields["environment"]
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise invalid("environment must be a map of strings to strings")
+    if "script" in fields and fields["script"].startswith("/"):
+        raise invalid("script must be a path relative to the project root")
+    if fields.get("runtime_identifier") and fields["runtime_identifier"] not in runtimes:
+        raise invalid(
+            f"runtime_identifier {fields['runtime_identifier']!r} is not an enabled "
+            "runtime of this workspace (see GET /api/v2/runtimes)"
+        )
+
+
+def job_fields(body: Any, runtimes: set[str]) -> dict[str, Any]:
+    """A new CML Job's fields (``jobs.JobRuns``), defaults filled in, checked as an
+    application's are; its script must stay inside the project, and its ``environment`` may
+    come as a JSON string, as CML returns it."""
+    if not isinstance(body, dict):
+        raise invalid("a job is a JSON object")
+    fields: dict[str, Any] = {
+        "name": body.get("name"),
+        "script": body.get("script"),
+        "runtime_identifier": body.get("runtime_identifier", ""),
+        "arguments": str(body.get("arguments") or ""),
+        "environment": body.get("environment") or {},
+        "cpu": body.get("cpu", 1),
+        "memory": body.get("memory", 2),
+        "nvidia_gpu": body.get("nvidia_gpu", 0),
+    }
+    for key in ("name", "script"):
+        if not isinstance(fields[key], str) or not fields[key].strip():
+            raise invalid(f"{key} is required")
+    if ".." in PurePosixPath(fields["script"]).parts:
+        raise invalid(f"script {fields['script']!r} must be a path inside the project")
+    if isinstance(fields["environment"], str):
+        try:
+            fields["environment"] = json.loads(fields["environment"] or "{}")
+        except ValueError:
+            raise invalid("environment is not a JSON object") from None
+    if not fields["runtime_identifier"]:
+        raise invalid("runtime_identifier is required")
+    check_engine_fields(fields, runtimes)
+    return fields
