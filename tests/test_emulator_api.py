@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -211,6 +212,16 @@ def test_request_counts_by_path_template(client, emulator):
     stats = emulator.stats()
     assert stats["requests"] == {f"GET {PROJECT}": 2, "GET /api/v2/runtimes": 1}
     assert stats["total"] == 3 and stats["statuses"] == {"200": 3}
+    assert "trace" not in stats
+    # The trace says when each ran, for how long (latency included) and with whose key.
+    emulator.set_faults(latency_ms=50)
+    try:
+        client.get_project()
+    finally:
+        emulator.set_faults(latency_ms=0)
+    [*_, (started, seconds, request, caller)] = emulator.stats(trace=True)["trace"]
+    assert (request, caller) == (f"GET {PROJECT}", "operator")
+    assert seconds >= 0.05 and abs(started - time.time()) < 30
 
 
 def test_injected_faults_are_retried_by_the_client(start_emulator):

@@ -1,6 +1,7 @@
 """Test-control endpoints under ``/_emulator/``: NOT part of CML. They let tests and
-benchmarks read request counts, change faults and start delays at run time, see the local
-process behind each application and crash one. They need no API key and are not counted."""
+benchmarks read request counts (and, with ``?trace=1``, when each request ran), change faults
+and start delays at run time, see the local process behind each application and crash one.
+They need no API key and are not counted."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class ControlHandlers:
         router.add("POST", "/_emulator/applications/{application_id}:crash", self.crash)
 
     def get_stats(self, request: Request) -> Response:
-        return Response(body=self.stats.snapshot())
+        return Response(body=self.stats.snapshot(with_trace=request.query.get("trace") == "1"))
 
     def reset_stats(self, request: Request) -> Response:
         self.stats.reset()

@@ -105,8 +105,10 @@ class RunningEmulator:
     def client_settings(self) -> dict[str, str]:
         return {"host": self.url, "project_id": self.project_id, "api_key": self.api_key}
 
-    def stats(self) -> dict[str, Any]:
-        return requests.get(f"{self.url}/_emulator/stats", timeout=10).json()
+    def stats(self, trace: bool = False) -> dict[str, Any]:
+        """Request counts; with ``trace``, also ``[started, seconds, request, caller]`` of each."""
+        params = {"trace": "1"} if trace else {}
+        return requests.get(f"{self.url}/_emulator/stats", params=params, timeout=30).json()
 
     def reset_stats(self) -> None:
         requests.post(f"{self.url}/_emulator/stats:reset", timeout=10).raise_for_status()

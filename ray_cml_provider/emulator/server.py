@@ -45,6 +45,7 @@ class EmulatorAPI:
         self.faults = faults
         self.stats = Stats()
         self._keys = {api_key}
+        self._operator_key = api_key
         self.ingress = Ingress(state, api_key)  # application URLs: /apps/<subdomain>/
         self._keys_lock = threading.Lock()
         self.router = Router()
@@ -63,7 +64,7 @@ class EmulatorAPI:
         route, params = self.router.match(method, split.path)
         template = route.template if route else "<unmatched>"
         is_cml_api = split.path.startswith("/api/")
-        injected = False
+        injected, arrived, caller = False, time.time(), ""
         try:
             if is_cml_api:
                 if self.faults.latency_ms:
@@ -72,7 +73,7 @@ class EmulatorAPI:
                 if fault:
                     injected = True
                     raise fault
-                self._authenticate(headers)
+                caller = self._authenticate(headers)
             if route is None:
                 raise ApiError(404, f"no route for {method} {split.path}")
             if "project_id" in params:
@@ -88,16 +89,21 @@ class EmulatorAPI:
         if is_cml_api:  # test-control traffic would only blur the counts
             if 200 <= response.status < 300 and self.faults.drop_answer():
                 response.dropped = True
-            self.stats.record(method, template, response.status, injected, response.dropped)
+            self.stats.record(
+                method, template, response.status, injected, response.dropped, arrived, caller
+            )
         return response
 
-    def _authenticate(self, headers: Message) -> None:
+    def _authenticate(self, headers: Message) -> str:
+        """Whose key the request carries: ``operator`` (the workspace user's) or ``engine``
+        (one the emulator gave an application or a job run)."""
         value = headers.get("Authorization", "")
         token = value[7:].strip() if value.startswith("Bearer ") else ""
         with self._keys_lock:
             ok = token in self._keys
         if not ok:
             raise ApiError(401, "Unauthorized: missing or invalid API key")
+        return "operator" if token == self._operator_key else "engine"
 
 
 class EmulatorHTTPServer(ThreadingHTTPServer):

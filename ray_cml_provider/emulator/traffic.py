@@ -1,11 +1,14 @@
 """What happens to CML API requests on their way: injected faults, and counters of every
-request (by method and route) that tests and benchmarks read to measure API traffic."""
+request (by method and route) that tests and benchmarks read to measure API traffic, with a
+bounded trace of when each ran and whose key it carried (the operator's or an engine's):
+from it a bench tells requests made one after another from ones that overlapped."""
 
 from __future__ import annotations
 
 import random
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +43,12 @@ class Faults:
             return self.drop_rate > 0 and self._rng.random() < self.drop_rate
 
 
+TRACE_LIMIT = 50_000  # the newest requests kept in the trace (a few MB at most)
+
+
 class Stats:
-    """Counts of CML API requests by method and path template, for tests and benchmarks."""
+    """Counts of CML API requests by method and path template, for tests and benchmarks,
+    and the trace: ``[started (epoch s), seconds, "METHOD template", caller]`` per request."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,19 +60,33 @@ class Stats:
             self.statuses: Counter[str] = Counter()
             self.faults_injected = 0
             self.answers_dropped = 0
+            self.trace: deque[tuple[float, float, str, str]] = deque(maxlen=TRACE_LIMIT)
 
     def record(
-        self, method: str, template: str, status: int, injected: bool, dropped: bool = False
+        self,
+        method: str,
+        template: str,
+        status: int,
+        injected: bool,
+        dropped: bool = False,
+        started: float | None = None,
+        caller: str = "",
     ) -> None:
+        """``started``: when the request arrived (``time.time()``), latency included;
+        ``caller``: ``operator``, ``engine`` or empty (refused before its key was read)."""
         with self._lock:
+            if started is not None:
+                took = time.time() - started
+                self.trace.append((started, took, f"{method} {template}", caller))
             self.requests[f"{method} {template}"] += 1
             self.statuses[str(status)] += 1
             self.faults_injected += int(injected)
             self.answers_dropped += int(dropped)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, with_trace: bool = False) -> dict[str, Any]:
         with self._lock:
-            return {
+            extra = {"trace": [list(entry) for entry in self.trace]} if with_trace else {}
+            return extra | {
                 "total": sum(self.requests.values()),
                 "requests": dict(self.requests),
                 "statuses": dict(self.statuses),
