@@ -211,6 +211,8 @@ class NodeFolder:
     node_id: str
 
     REQUEST_SUFFIX: ClassVar[str] = ".json"
+    RESULT_SUFFIX: ClassVar[str] = ".result"
+    RESULT_KEPT_S: ClassVar[float] = 600.0
 
     @classmethod
     def of(cls, cluster_name: str, node_id: str) -> NodeFolder:
@@ -237,13 +239,11 @@ class NodeFolder:
         """A posted ``Request``; the launcher runs each name once."""
         return f"{self.inbox}/{name}{self.REQUEST_SUFFIX}"
 
-    def output(self, name: str) -> str:
-        """The request's output, published before its exit status."""
-        return f"{self.outbox}/{name}.out"
-
-    def exit_status(self, name: str) -> str:
-        """The request's exit status: the runner polls for it, so it is published last."""
-        return f"{self.outbox}/{name}.rc"
+    def result(self, name: str) -> str:
+        """The request's ``Result`` (exit status and output in one file): the runner polls
+        for it. The node removes the request once this is published, and results it kept
+        for ``RESULT_KEPT_S``: the runner deletes nothing (a round trip it would wait on)."""
+        return f"{self.outbox}/{name}{self.RESULT_SUFFIX}"
 
     @classmethod
     def request_names(cls, file_names) -> set[str]:
@@ -506,23 +506,31 @@ class Request(_Record):
 
 @dataclass
 class Result:
-    """A request's answer: its output (``outbox/<name>.out``) and exit status (``.rc``,
-    published last: the runner polls for it)."""
+    """A request's answer, published as one file (``outbox/<name>.result``): a header line
+    ``ray-cml-result <exit status> <output length>`` then the output. One file is one upload
+    for the node and one download for the runner (an exit status and an output apart cost
+    a round trip more each); the length tells a whole file from one still being written."""
 
     exit_status: int
     output: bytes = b""
 
-    @staticmethod
-    def exit_status_bytes(code: int) -> bytes:
-        return str(code).encode()
+    HEADER: ClassVar[bytes] = b"ray-cml-result"
 
-    @staticmethod
-    def parse_exit_status(data: bytes) -> int:
-        """The published exit status; 1 for an empty or unreadable one."""
+    def to_bytes(self) -> bytes:
+        return b"%s %d %d\n" % (self.HEADER, self.exit_status, len(self.output)) + self.output
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Result | None:
+        """The result; None while the file is not whole (or not a result)."""
+        header, newline, output = data.partition(b"\n")
+        fields = header.split()
+        if not newline or len(fields) != 3 or fields[0] != cls.HEADER:
+            return None
         try:
-            return int(data.strip() or 1)
+            code, length = int(fields[1]), int(fields[2])
         except ValueError:
-            return 1
+            return None
+        return cls(code, output) if len(output) == length else None
 
 
 @dataclass

@@ -69,8 +69,14 @@ def test_a_request_knows_a_head_start_and_a_ray_stop():
     assert Request(cmd="ray stop").is_ray_stop and not Request(cmd="ray stop; rm -rf /").is_ray_stop
     assert Request(cmd="ray start --head --port=$RAY_CML_GCS_PORT").starts_head
     assert not Request(cmd="ray start --address=h:6379").starts_head
-    assert Result.parse_exit_status(b"3\n") == 3
-    assert Result.parse_exit_status(b"") == Result.parse_exit_status(b"junk") == 1
+
+
+def test_a_result_is_one_file_that_knows_when_it_is_whole():
+    whole = Result(3, b"line\nanother\n").to_bytes()
+    assert Result.from_bytes(whole) == Result(3, b"line\nanother\n")
+    assert Result.from_bytes(Result(0).to_bytes()) == Result(0, b"")
+    for partial in (whole[:-1], whole[:10], b"", b"ray-cml-result 3", b"junk\n", whole + b"x"):
+        assert Result.from_bytes(partial) is None, partial
 
 
 def test_the_node_spec_reads_back_what_the_provider_wrote():
@@ -102,8 +108,8 @@ def test_a_node_folder_names_its_files():
     folder = NodeFolder.of("c", "0123abcd")
     assert folder.info == ".ray-cml/c/nodes/0123abcd/node.json"
     assert folder.request("17-ab") == ".ray-cml/c/nodes/0123abcd/inbox/17-ab.json"
-    assert folder.exit_status("17-ab").endswith("/outbox/17-ab.rc")
-    assert NodeFolder.request_names(["17-ab.json", ".17-ab.json.tmp", "x.rc"]) == {"17-ab"}
+    assert folder.result("17-ab").endswith("/outbox/17-ab.result")
+    assert NodeFolder.request_names(["17-ab.json", ".17-ab.json.tmp", "x.result"]) == {"17-ab"}
 
 
 # A user's workload reads what its node's variables say, as any user's code would.

@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from ray_cml_provider.contract import (
     NodeInfo,
     RecoveryRecord,
     Request,
+    Result,
     auth_token_path,
     cluster_dir,
     gcs_state_path,
@@ -180,8 +183,9 @@ def test_a_restarted_head_with_recovery_answers_its_old_lifes_commands_and_start
     assert record == RecoveryRecord(start, {"MARK": "from ray up"})
     second.recovery.begin_new_life(previous, second.mailbox)
     folder = second.ctx.folder
-    assert (tmp_path / folder.exit_status("17-abc")).read_text() == "1"
-    assert "restarted" in (tmp_path / folder.output("17-abc")).read_text()
+    answer = Result.from_bytes((tmp_path / folder.result("17-abc")).read_bytes())
+    assert answer is not None and answer.exit_status == 1
+    assert b"restarted" in answer.output
     assert "17-abc" in second.mailbox.done  # never run again
     prepare(second.ctx, second.ports)
     info = NodeInfo.from_json((tmp_path / folder.info).read_bytes())
@@ -414,3 +418,30 @@ def test_a_head_runs_the_prometheus_it_is_given_on_rays_config_on_its_loopback(
     )
     own.reservation.release()
     assert own.commands.env()["RAY_PROMETHEUS_HOST"] == "http://prometheus.example:9090"
+
+
+def test_the_node_clears_its_mailbox_the_caller_deletes_nothing(tmp_path, monkeypatch):
+    """A request is removed once its result is published; a result nobody fetched in
+    RESULT_KEPT_S (its caller gave up) goes with the next answer."""
+    node = launcher(tmp_path, monkeypatch, RAY_CML_NODE_ID="0123abcf")
+    prepare(node.ctx, node.ports)
+    folder = node.ctx.folder
+    forgotten = tmp_path / folder.result("1-old")
+    forgotten.parent.mkdir(parents=True, exist_ok=True)
+    forgotten.write_bytes(Result(0, b"nobody came").to_bytes())
+    long_ago = time.time() - NodeFolder.RESULT_KEPT_S - 60
+    os.utime(forgotten, (long_ago, long_ago))
+    recent = tmp_path / folder.result("2-recent")
+    recent.write_bytes(Result(0).to_bytes())
+    (tmp_path / folder.request("3-new")).write_text('{"cmd": "echo answered"}')
+    node.mailbox.serve_once()
+    result = wait_until(
+        lambda: Result.from_bytes(_read(tmp_path / folder.result("3-new"))), what="the result"
+    )
+    assert result == Result(0, b"answered\n")
+    wait_until(lambda: not (tmp_path / folder.request("3-new")).exists(), what="cleared")
+    assert not forgotten.exists() and recent.exists()
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes() if path.exists() else b""

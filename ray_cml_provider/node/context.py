@@ -76,6 +76,15 @@ class NodeContext:
         tmp.write_bytes(data)
         tmp.replace(target)
 
+    def remove(self, relative: str) -> None:
+        """Delete a project file: through the API, which reaches one the mount does not show
+        yet (NFS), and on the mount; one that is not there is fine."""
+        if self.api.available:
+            with contextlib.suppress(ProjectAPIError):
+                self.api.delete(relative)
+        with contextlib.suppress(OSError):
+            self.mount(relative).unlink(missing_ok=True)
+
     def read(self, relative: str) -> bytes | None:
         """A project file: through the API first (it reads its own writes), then the mount."""
         if self.api.available:

@@ -2,10 +2,14 @@
 
 The laptop's ``ray up``/``exec``/``submit``/``down`` post a ``Request`` into the node's
 ``inbox/``; the node runs each once, in a thread of its own (a ``ray submit`` waiting for a
-GPU must not hold up a ``ray exec 'ray status'``), and publishes its output and then its
-exit status in ``outbox/`` (``contract.Result``). The inbox is read on the mount every round
-and, since NFS may show a new request late, through the API now and then: every half second
-while commands come, more slowly when idle.
+GPU must not hold up a ``ray exec 'ray status'``), and publishes its result (exit status
+and output, one file: ``contract.Result``) in ``outbox/``. The inbox is read on the mount
+every round and, since NFS may show a new request late, through the API now and then: every
+half second while commands come, more slowly when idle.
+
+The node, not the caller, clears the mailbox: a request once answered, a result once it is
+``RESULT_KEPT_S`` old. The caller waits on every request it makes; the node's own thread
+does not keep anybody waiting.
 """
 
 from __future__ import annotations
@@ -79,8 +83,7 @@ class Mailbox:
         return None
 
     def run(self, name: str, request: Request) -> None:
-        """Run one request and publish its output, then its exit status (the runner polls
-        for the status, so the output is there when it looks)."""
+        """Run one request, publish its result, then clear the request and old results."""
         log(f"running command {name}")
         self.running.mkdir(parents=True, exist_ok=True)
         output = self.running / f"{name}.out"
@@ -100,11 +103,20 @@ class Mailbox:
             self.publish(name, result)
             output.unlink(missing_ok=True)
             log(f"command {name} exited with {code}")
+            self.clear(name)
 
     def publish(self, name: str, result: Result) -> None:
-        folder = self.ctx.folder
-        self.ctx.publish(folder.output(name), result.output)
-        self.ctx.publish(folder.exit_status(name), Result.exit_status_bytes(result.exit_status))
+        self.ctx.publish(self.ctx.folder.result(name), result.to_bytes())
+
+    def clear(self, name: str) -> None:
+        """Remove the answered request, and the results nobody fetched in
+        ``RESULT_KEPT_S`` (their caller gave up or is gone): the mailbox stays small."""
+        self.ctx.remove(self.ctx.folder.request(name))
+        oldest, suffix = time.time() - NodeFolder.RESULT_KEPT_S, NodeFolder.RESULT_SUFFIX
+        for path in self.ctx.mount(self.ctx.folder.outbox).glob(f"*{suffix}"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < oldest:
+                    self.ctx.remove(self.ctx.folder.result(path.name[: -len(suffix)]))
 
     def answer_unanswered(self, message: str) -> None:
         """A restarted head: answer what the old life was running when it died (its caller
@@ -113,7 +125,7 @@ class Mailbox:
         with contextlib.suppress(ProjectAPIError):
             pending |= self.names_through_api()
         outbox = self.ctx.mount(self.ctx.folder.outbox)
-        answered = {p.stem for p in outbox.glob("*.rc")}
+        answered = {p.stem for p in outbox.glob(f"*{NodeFolder.RESULT_SUFFIX}")}
         for name in sorted(pending - answered):
             self.publish(name, Result(1, f"ray-cml: {message}\n".encode()))
         self.done |= pending

@@ -2,14 +2,18 @@
 
 CML engines have no SSH, but every engine of a project mounts the same filesystem, which the
 API can write and read from anywhere. So a request is a JSON file posted to the node's
-``inbox/``; the node's launcher (``node/mailbox.py``) runs it and publishes ``outbox/<name>
-.out`` then ``.rc``, which this side polls for. ``ray up``'s command runner and ``ray-cml
-status`` both talk to nodes this way (``contract`` says what the files are).
+``inbox/``; the node's launcher (``node/mailbox.py``) runs it and publishes its result in
+``outbox/<name>.result``, which this side polls for. ``ray up``'s command runner and
+``ray-cml status`` both talk to nodes this way (``contract`` says what the files are).
+
+CML's API takes 100 to 300 ms a request, and a ``ray up`` asks a dozen things in turn, so a
+question costs as few round trips as it can: one upload, then the polls, each a download of
+the result that is not found until the node publishes it. The node clears its mailbox itself
+(``node/mailbox.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import sys
 import time
@@ -22,6 +26,7 @@ from ray_cml_provider.errors import CommandTimedOut, NodeGone
 MAX_COMMAND_WAIT_S = 3600.0
 LIVENESS_CHECK_S = 10.0
 NOTE_EVERY_S = 15.0
+SHORT_COMMAND_S = 60.0
 
 
 def note(message: str) -> None:
@@ -43,41 +48,30 @@ class NodeMailbox:
         self.progress = progress
 
     def ask(self, request: Request, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
-        """Post ``request`` and wait for its result; the files are removed after. Raises
-        ``NodeGone`` or ``CommandTimedOut``."""
+        """Post ``request`` and wait for its result. Raises ``NodeGone`` or
+        ``CommandTimedOut``."""
+        return self.wait_for_result(self.post(request), timeout_s)
+
+    def post(self, request: Request) -> str:
+        """Post ``request`` without waiting (the node runs each request in its own thread);
+        its name, for ``wait_for_result``."""
         name = f"{time.time_ns()}-{secrets.token_hex(3)}"
         self.client.upload_file(self.folder.request(name), request.to_json())
-        try:
-            code = self._wait_for_exit_status(name, timeout_s)
-            try:
-                output = self.client.download_file(self.folder.output(name))
-            except CMLNotFoundError:
-                output = b""  # the command printed nothing
-            return Result(code, output)
-        finally:
-            for path in (
-                self.folder.request(name),
-                self.folder.output(name),
-                self.folder.exit_status(name),
-            ):
-                self._remove(path)
+        return name
 
-    def _remove(self, path: str) -> None:
-        with contextlib.suppress(CMLError):  # the cluster's folder goes with `ray down`
-            self.client.delete_file(path, missing_ok=True)
-
-    def _wait_for_exit_status(self, name: str, timeout_s: float) -> int:
-        """Poll the outbox (one list call per poll, backing off to 2 s) for the status."""
+    def wait_for_result(self, name: str, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
+        """Poll for the result (one download per poll, backing off to 1 s, then 2 s)."""
         delay, started = 0.2, time.monotonic()
         next_liveness_check = started + LIVENESS_CHECK_S
         next_note = started + NOTE_EVERY_S
-        target = self.folder.exit_status(name)
-        file_name = "/" + target.rsplit("/", 1)[-1]
+        target = self.folder.result(name)
         while time.monotonic() - started < timeout_s:
             try:
-                listed = self.client.list_files(self.folder.outbox)
-                if any(f.path.endswith(file_name) for f in listed):
-                    return Result.parse_exit_status(self.client.download_file(target))
+                result = Result.from_bytes(self.client.download_file(target))
+                if result is not None:  # else: still being written
+                    return result
+            except CMLNotFoundError:
+                pass  # not published yet
             except TRANSIENT_ERRORS:
                 pass  # CML kept failing past the client's retries: this is a poll, poll again
             now = time.monotonic()
@@ -89,7 +83,9 @@ class NodeMailbox:
                 if not self.still_there():
                     raise NodeGone(f"node {self.folder.node_id} went away")
             time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            # A command that ends in a minute is seen ending within a second; a longer one
+            # costs a poll every 2 s (at CML's 100-300 ms a poll, a poll costs time too).
+            delay = min(delay * 1.5, 1.0 if now - started < SHORT_COMMAND_S else 2.0)
         raise CommandTimedOut(f"no answer from node {self.folder.node_id} in {timeout_s:.0f} s")
 
     def node_info(self) -> NodeInfo:
