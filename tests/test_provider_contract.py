@@ -96,9 +96,13 @@ def test_head_node_lifecycle_and_tags_live_on_the_cml_side(provider, make_provid
     assert provider.internal_ip(head) == engine["ip_address"]
 
     provider.set_node_tags(head, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    assert provider.node_tags(head)[TAG_RAY_NODE_STATUS] == "up-to-date"  # at once, here
+    assert provider.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [head]
     other = make_provider()  # e.g. the head's own autoscaler: a different process
     assert other.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD}) == [head]
-    assert other.node_tags(head)[TAG_RAY_NODE_STATUS] == "up-to-date"
+    wait_until(  # written in the background (a process ending waits for it)
+        lambda: other.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [head]
+    )
     assert other.node_tags(head)["ray-cluster-name"] == "c1"
 
     # The head's own autoscaler never deletes its head (v2 can ask, after Ray restarted on a
@@ -321,6 +325,36 @@ def test_command_runner_runs_commands_and_copies_files(
     assert "Stopped Ray on this node" in runner.run("ray stop", with_output=True)
     assert runner.run("echo still here", with_output=True).strip() == "still here"
     assert provider.application(head).status == ApplicationStatus.RUNNING
+
+
+def test_a_command_costs_one_upload_and_its_polls_and_the_node_clears_its_mailbox(
+    provider, emulator, monkeypatch
+):
+    """At CML's 100-300 ms a request, every round trip a command waits on is felt in
+    `ray up`: the runner posts the request and polls for the one result file; it deletes
+    nothing (the node clears the request once answered and keeps the result a while)."""
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    runner = provider.get_command_runner("", head, {}, "c1", None, True)
+    runner.run("true")  # the first contact: the node's environment report
+    transport = provider.client._transport
+    calls: list[tuple[str, str]] = []
+    sent = transport.request
+
+    def counted(method: str, path: str, **kwargs):
+        calls.append((method, path.rsplit("/", 1)[-1]))
+        return sent(method, path, **kwargs)
+
+    monkeypatch.setattr(transport, "request", counted)
+    with pytest.raises(ProcessRunnerError) as failed:
+        runner.run("echo one; exit 2")
+    assert failed.value.code == 2
+    assert calls[0] == ("POST", "files")
+    assert {method for method, _ in calls[1:]} == {"POST"}
+    assert all(name.endswith(".result:download") for _, name in calls[1:]), calls
+    folder = emulator.project_dir / ".ray-cml" / "c1" / "nodes" / head
+    wait_until(lambda: not list((folder / "inbox").glob("*.json")), what="the request cleared")
+    # Kept a while for a late poll: the environment report, `true`, the failing command.
+    assert len(list((folder / "outbox").glob("*.result"))) == 3
 
 
 def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):

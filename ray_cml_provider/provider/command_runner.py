@@ -18,15 +18,18 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray.autoscaler._private.command_runner import ProcessRunnerError
 from ray.autoscaler.command_runner import CommandRunnerInterface
 
 from ray_cml_provider.cml import CMLError
-from ray_cml_provider.contract import CommandVar, NodeFolder, NodeSpec, Request
+from ray_cml_provider.contract import CommandVar, NodeFolder, NodeInfo, NodeSpec, Request
 from ray_cml_provider.errors import (
     NodeGone,
     NodeNotReady,
@@ -45,6 +48,7 @@ from ray_cml_provider.provider.ray_auth import (
     session_line,
 )
 
+T = TypeVar("T")
 ATTACH_HINT = (
     "ray attach is not available on CML (applications have no SSH). Use "
     "'ray exec CONFIG \"COMMAND\"' for one command, 'ray submit CONFIG script.py' for a "
@@ -92,14 +96,19 @@ class CMLCommandRunner(CommandRunnerInterface):
             for k, v in (environment_variables or {}).items()
         }
         request = Request(cmd=cmd, env=env, history=True)
+        # The head's import check runs beside its `ray start` (the node runs each request in
+        # a thread of its own): one command's round trips less for `ray up` to wait on.
+        import_check = self._post_import_check() if request.starts_head else None
+        # and where to connect is read meanwhile.
+        head_info = _in_background(self.mailbox.node_info) if request.starts_head else None
         code, output = self._request(request)
         text = output.decode("utf-8", "replace")
         if not with_output and text:
             sys.stdout.write(text)
             sys.stdout.flush()
-        if code == 0 and request.starts_head:
-            self._check_head_loads_provider()
-            note(self._how_to_connect())
+        if code == 0 and import_check and head_info:
+            self._check_head_loads_provider(import_check)
+            note(self._how_to_connect(head_info))
         if code != 0:
             if exit_on_fail:
                 if with_output and text:
@@ -115,9 +124,14 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def _request(self, request: Request) -> tuple[int, bytes]:
         """Ask the node; (exit status, output). A node gone meanwhile is Ray's failure."""
-        request.env = {**request.env, **self._shipped_env()}
+        if request.cmd:  # a command may run the provider's code: it is told where it lies
+            request.env = {**request.env, **self._shipped_env()}
+        return self._answer(self.mailbox.post(request))
+
+    def _answer(self, name: str) -> tuple[int, bytes]:
+        """The posted request's (exit status, output)."""
         try:
-            result = self.mailbox.ask(request)
+            result = self.mailbox.wait_for_result(name)
         except NodeGone as exc:
             raise ProcessRunnerError(str(exc), "node_terminated", code=255) from None
         except RayCMLError as exc:  # timed out
@@ -133,9 +147,14 @@ class CMLCommandRunner(CommandRunnerInterface):
         Python environment ready (once per node and process)."""
         if self.node_id in self.provider.ready_nodes:
             return
+        # Asked at once (the launcher answers once it runs), and where the provider's code
+        # lies looked up meanwhile: at CML's 100-300 ms a request, round trips `ray up` and
+        # `ray submit` would otherwise wait on one after another.
+        report = self.mailbox.post(Request(report=Request.ENVIRONMENT_REPORT))
+        _in_background(self.provider.ship_code)
         self.mailbox.wait_for_launcher(self.provider.launch_timeout_s)
         started = time.monotonic()
-        code, output = self._request(Request(report=Request.ENVIRONMENT_REPORT))
+        code, output = self._answer(report)
         text = output.decode("utf-8", "replace").strip()
         if code != 0:
             raise NodeNotReady(text)
@@ -200,22 +219,28 @@ class CMLCommandRunner(CommandRunnerInterface):
             target_path = target_path / Path(source).name
         target_path.write_bytes(data)
 
-    def _check_head_loads_provider(self) -> None:
-        """The head's autoscaler imports this provider with the head's Python and paths; try
-        the same import there, so a head that could never scale fails ``ray up`` now."""
+    def _post_import_check(self) -> str:
+        """Ask the head to import this provider with its Python and paths, as its autoscaler
+        will (``_check_head_loads_provider`` reads the answer)."""
         module = type(self.provider).__module__
-        check = f'"${CommandVar.PYTHON}" -c "import {module}"'
-        code, output = self._request(Request(cmd=check))
+        check = Request(cmd=f'"${CommandVar.PYTHON}" -c "import {module}"')
+        check.env = {**check.env, **self._shipped_env()}
+        return self.mailbox.post(check)
+
+    def _check_head_loads_provider(self, import_check: str) -> None:
+        """A head that could never scale fails ``ray up`` now, not at its first scale-up."""
+        code, output = self._answer(import_check)
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            module = type(self.provider).__module__
             raise NodeNotReady(
                 f"the head's autoscaler cannot load the provider ({module}): {lines[-1]}"
             )
 
-    def _how_to_connect(self) -> str:
+    def _how_to_connect(self, head_info: Future[NodeInfo]) -> str:
         """After the head's ``ray start``: where the dashboard is and how to connect."""
         try:
-            info = self.mailbox.node_info()
+            info = head_info.result()
             app = self.provider.application(self.node_id)
         except (CMLError, KeyError):
             return "the head's Ray started; `ray-cml status CONFIG` shows the cluster"
@@ -267,6 +292,21 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def run_init(self, *, as_head: bool, file_mounts: dict[str, str], sync_run_yet: bool):
         return None
+
+
+def _in_background(call: Callable[[], T]) -> Future[T]:
+    """``call`` in a thread of its own; its outcome in the future (a failure is kept there,
+    not printed: whoever needs the result sees it, or calls again)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ray-cml-runner", daemon=True).start()
+    return future
 
 
 def _remote(path: str) -> str:

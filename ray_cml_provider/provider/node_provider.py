@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,7 @@ from ray_cml_provider.provider.lookup import cluster_applications
 from ray_cml_provider.provider.packages import node_type_packages
 from ray_cml_provider.provider.ray_auth import TOKEN, cluster_mode, ensure_token
 from ray_cml_provider.provider.shipping import BOOTSTRAP_SCRIPT, launcher_files, provider_zip
+from ray_cml_provider.provider.tag_writer import TagWriter
 from ray_cml_provider.provider.workspace_check import check_workspace
 
 logger = logging.getLogger(__name__)
@@ -165,12 +167,17 @@ class CMLNodeProvider(NodeProvider):
         # autoscaler reads the listing every update, and an update waiting on another
         # thread's retries (minutes under API faults) is an autoscaler that stops deciding.
         self._lock = threading.RLock()
-        self._shipping_lock = threading.Lock()  # one upload of the launcher and the code
+        self._launcher_lock = threading.Lock()  # one upload of the launcher
+        self._shipping_lock = threading.Lock()  # one upload of the code
         self._tags_lock = threading.Lock()  # one tag update at a time: none is lost
+        self._tag_writer = TagWriter(self._write_tags)
         self._nodes: dict[str, Node] = {}  # every application of this cluster, last listing
         self._ips: dict[str, str] = {}
         self._launches = LaunchTracker(_own_gcs_address())
-        self._launcher_uploaded = False
+        # In the head's autoscaler, the launcher files are those `ray up` uploaded with this
+        # very code (the head runs the provider zip it shipped): a first scale-up does not
+        # wait to upload them again.
+        self._launcher_uploaded = _here().is_head
         self._shipped_zip: str | None = None
         self.ready_nodes: set[str] = set()  # nodes whose environment the runner has seen
         self._refused_head = False  # see _refuse_own_head_termination
@@ -179,8 +186,12 @@ class CMLNodeProvider(NodeProvider):
 
     def _refresh(self) -> dict[str, Node]:
         """One application list call: the cluster's applications, whatever their status."""
+        asked_at = time.monotonic()
         listing = cluster_applications(self.client, self.cluster_name)
         nodes = {own.node_id: Node(own.node_id, own.app, own.tags) for own in listing.nodes}
+        for node_id, tags in self._tag_writer.newer_than_listing(asked_at).items():
+            if node_id in nodes:
+                nodes[node_id] = Node(node_id, nodes[node_id].app, tags)
         with self._lock:
             self._nodes = nodes
         return nodes
@@ -331,27 +342,15 @@ class CMLNodeProvider(NodeProvider):
         for it; applications of that request still starting count towards it, so a slow
         start never becomes two applications.
         """
-        self._upload_launcher()
         kind = tags.get(TAG_RAY_NODE_KIND, NODE_KIND_WORKER)
-        # The token exists before the head: its first `ray start` already asks for it.
-        if (
-            kind == NODE_KIND_HEAD
-            and self.ray_auth_mode == TOKEN
-            and ensure_token(self.client, self.cluster_name)
-        ):
-            logger.info("created the Ray token of cluster %s", self.cluster_name)
+        preparations: list[Callable[[], object]] = [self._upload_launcher, self.ship_code]
         if kind == NODE_KIND_HEAD:
-            # A new head starts a new cluster: an earlier autostop is history, and the GCS
-            # state a head_recovery cluster kept is not this one's (only a head that CML
-            # restarts recovers from it).
-            self.client.delete_file(autostop_record_path(self.cluster_name), missing_ok=True)
-            self.client.delete_file(gcs_state_path(self.cluster_name), missing_ok=True)
-        if kind == NODE_KIND_HEAD and endpoint.ensure_endpoint_key(self.client, self.cluster_name):
-            logger.info("created the endpoint key of cluster %s", self.cluster_name)
-        if kind == NODE_KIND_HEAD and metrics_key.ensure_metrics_key(
-            self.client, self.cluster_name
-        ):
-            logger.info("created the metrics key of cluster %s", self.cluster_name)
+            preparations += self._head_preparations()
+        # Independent files: at CML's 100-300 ms a request, one after another they cost
+        # `ray up` seconds (bench/api_latency_bench.py).
+        with ThreadPoolExecutor(len(preparations)) as pool:
+            for done in [pool.submit(step) for step in preparations]:
+                done.result()
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE, kind)
         request_id = tags.get(TAG_RAY_LAUNCH_REQUEST, "")
         in_flight = self._launches.in_flight(request_id, node_type)
@@ -399,6 +398,33 @@ class CMLNodeProvider(NodeProvider):
                 None,
             )
         return {}
+
+    def _head_preparations(self) -> list[Callable[[], object]]:
+        """What a new head needs in the cluster's folder before it starts, each step on its
+        own: the secrets it reads (the token exists before the head: its first `ray start`
+        already asks for it), and no record of an earlier cluster of the same name (an
+        autostop is history; the GCS state a head_recovery cluster kept is not this one's:
+        only a head that CML restarts recovers from it)."""
+
+        def created(what: str, ensure: Callable[[CMLClient, str], bool]) -> Callable[[], None]:
+            def step() -> None:
+                if ensure(self.client, self.cluster_name):
+                    logger.info("created the %s of cluster %s", what, self.cluster_name)
+
+            return step
+
+        def deleted(path: str) -> Callable[[], None]:
+            return lambda: self.client.delete_file(path, missing_ok=True)
+
+        steps = [
+            deleted(autostop_record_path(self.cluster_name)),
+            deleted(gcs_state_path(self.cluster_name)),
+            created("endpoint key", endpoint.ensure_endpoint_key),
+            created("metrics key", metrics_key.ensure_metrics_key),
+        ]
+        if self.ray_auth_mode == TOKEN:
+            steps.append(created("Ray token", ensure_token))
+        return steps
 
     def _create_one(self, spec: tuple[str, dict[str, Any]]) -> tuple[Node | None, Exception | None]:
         node_id, body = spec
@@ -567,11 +593,17 @@ class CMLNodeProvider(NodeProvider):
 
     def _upload_launcher(self) -> None:
         """The node launcher and its environment builder: every application's script."""
-        with self._shipping_lock:
+        with self._launcher_lock:
             if self._launcher_uploaded:
                 return
-            for name, data in launcher_files().items():
-                self.client.upload_file(f"{self.dir}/{name}", data, overwrite=True)
+            files = launcher_files()
+            with ThreadPoolExecutor(len(files)) as pool:
+                uploads = [
+                    pool.submit(self.client.upload_file, f"{self.dir}/{name}", data, True)
+                    for name, data in files.items()
+                ]
+                for upload in uploads:
+                    upload.result()
             self._launcher_uploaded = True
 
     def ship_code(self) -> str:
@@ -596,12 +628,20 @@ class CMLNodeProvider(NodeProvider):
     # ------------------------------------------------------------------ tags, termination
 
     def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
+        """Kept here at once, written to CML by the tag writer (``provider/tag_writer.py``)."""
         with self._tags_lock:
             node = self._node(node_id)
             merged = {**node.tags, **tags}
-            app = self.client.update_application(node.app.id, {"description": encode_tags(merged)})
             with self._lock:
-                self._nodes[node_id] = Node(node_id, app, merged)
+                self._nodes[node_id] = Node(node_id, node.app, merged)
+            self._tag_writer.put(node_id, node.app.id, merged)
+
+    def _write_tags(self, node_id: str, app_id: str, tags: dict[str, str]) -> None:
+        self.client.update_application(app_id, {"description": encode_tags(tags)})
+
+    def flush_tags(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every tag set here is on CML (a process ending does it by itself)."""
+        return self._tag_writer.flush(timeout_s)
 
     def terminate_node(self, node_id: str) -> dict[str, Any] | None:
         if _is_own_head(node_id):
@@ -640,6 +680,7 @@ class CMLNodeProvider(NodeProvider):
 
     def _delete(self, node: Node, reason: str) -> None:
         logger.info("deleting application %s (%s): %s", node.app.name, node.app.id, reason)
+        self._tag_writer.forget(node.node_id)
         if self.client.delete_application(node.app.id, missing_ok=True):
             self._record_gpu_time(node)  # once: a node deleted before has its entry
         folder = NodeFolder.of(self.cluster_name, node.node_id)

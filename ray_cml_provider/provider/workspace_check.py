@@ -6,6 +6,9 @@ operator commands (``ray-cml status``, ``gc``, ``doctor``) print the same senten
 
 from __future__ import annotations
 
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray_cml_provider.cml import (
@@ -46,17 +49,40 @@ def _is_project_path(path: str) -> bool:
     )
 
 
+# Workspaces this process found fit: a Ray command bootstraps its config more than once
+# (`ray submit` copies the script, then runs it), each time a round trip to CML.
+_fit: set[tuple] = set()
+
+
 def check_workspace(cluster_config: dict[str, Any]) -> None:
     """The key works, the project exists, and every node type's runtime is one of the
     workspace's. Raises ``WorkspaceError`` (one sentence) for each problem."""
     provider = cluster_config["provider"]
     key_env = provider.get("api_key_env", DEFAULT_API_KEY_ENV)
+    asked = (
+        provider.get("host"),
+        provider.get("project_id"),
+        hashlib.sha256(os.environ.get(key_env, "").encode()).hexdigest(),  # the key, unkept
+        frozenset(
+            t["node_config"]["runtime_identifier"]
+            for t in cluster_config["available_node_types"].values()
+        ),
+    )
+    if asked in _fit:
+        return
     try:
-        with CMLClient(
-            host=provider.get("host"), project_id=provider.get("project_id"), api_key_env=key_env
-        ) as client:
-            client.get_project()
-            runtimes = {r.get("image_identifier") for r in client.list_runtimes()}
+        with (
+            CMLClient(
+                host=provider.get("host"),
+                project_id=provider.get("project_id"),
+                api_key_env=key_env,
+            ) as client,
+            ThreadPoolExecutor(2) as pool,
+        ):  # every Ray command waits on these two
+            project = pool.submit(client.get_project)
+            listed = pool.submit(client.list_runtimes)
+            project.result()
+            runtimes = {r.get("image_identifier") for r in listed.result()}
     except CMLConfigurationError as exc:
         raise WorkspaceError(str(exc)) from None
     except CMLError as exc:
@@ -69,3 +95,4 @@ def check_workspace(cluster_config: dict[str, Any]) -> None:
                 f"{runtime!r} is not a runtime of this workspace (list them with "
                 "GET /api/v2/runtimes)"
             )
+    _fit.add(asked)
