@@ -3,12 +3,18 @@ Prints numbers; asserts nothing.
 
     make vllm-env model
     .venv/bin/python bench/vllm_bench.py [--requests 32] [--concurrency 8] [--max-tokens 64]
+    .venv/bin/python bench/vllm_bench.py --cold-only [--no-callback] [--compile]
 
-1. Cold start: one streamed request at zero replicas until its first token, by stage, read
-   from the client, the head's Serve controller and autoscaler logs, CML's record of the
-   worker application and the worker's Ray logs: the request, Serve's decisions, the
-   replica's placement group, the autoscaler, the create, the raylet joining, RUNNING, the
-   replica (vLLM's engine) starting and ready, the first token.
+1. Cold starts (two by default, one after the other in the same project: the first with no
+   cache of the project's, the second after the model went idle and its worker was given
+   back): one streamed request at zero replicas until its first token, by stage, read from
+   the client, the head's Serve controller and autoscaler logs, CML's record of the worker
+   application and the worker's Ray logs: the request, Serve's decisions, the replica's
+   placement group, the autoscaler, the create, the raylet joining, RUNNING; then the
+   replica's own start by sub-stage: its process, Serve LLM's and vLLM's imports, Serve
+   LLM's download task, the engine's config, vLLM's engine-core and worker processes (each
+   up once its imports are done), the weights, torch.compile, memory profiling and the KV
+   cache, graph capture, warm-up; Serve's readiness and the first token.
 2. Throughput of the same model through our Serve app on the emulated cluster (Serve's
    proxy on the head) versus vLLM's own OpenAI server on the same machine (all of its CPUs
    for both, one at a time): the same prompts, every answer max_tokens long (ignore_eos),
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,7 +87,7 @@ RAY_STAMP = Stamp(
 )
 # vLLM's: "INFO 11-27 01:45:15 " (whole seconds, no year).
 VLLM_STAMP = Stamp(
-    re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) "),
+    re.compile(r"(?:INFO|WARNING|DEBUG) (\d\d-\d\d \d\d:\d\d:\d\d) "),
     lambda text, near: datetime.strptime(
         f"{datetime.fromtimestamp(near).year}-{text}", "%Y-%m-%d %H:%M:%S"
     ).timestamp(),
@@ -108,9 +115,52 @@ def node_logs(node_id: str) -> Path:
     return Path(f"/tmp/rcml-{node_id}/ray/session_latest/logs")
 
 
-def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str, float | None]]:
+def replica_pid(logs: Path) -> str | None:
+    """The pid of the LLM replica's worker process (its log files are named after it)."""
+    for path in logs.glob("worker-*.out"):
+        if ":actor_name:ServeReplica:llm:LLMServer" in path.read_text(errors="replace")[:500]:
+            return path.stem.rsplit("-", 1)[-1]
+    return None
+
+
+def replica_stages(work: Path, sent: float) -> list[tuple[str, float | None]]:
+    """The replica's own start, sub-stage by sub-stage, from its worker node's Ray logs
+    (``work``): Serve LLM's lines and vLLM's (its engine-core and worker processes write to
+    the replica's own output), each the first not before ``sent``."""
+    pid = replica_pid(work) or "none"
+    replica_out = [*work.glob(f"worker-*-{pid}.out"), *work.glob(f"worker-*-{pid}.err")]
+
+    def on_worker(pattern: str, glob: str = "**/*.log") -> float | None:
+        return first_logged(work.glob(glob), pattern, sent)
+
+    def in_replica(pattern: str) -> float | None:  # Serve LLM's own lines (Ray's stamps)
+        return first_logged(replica_out, pattern, sent)
+
+    def in_vllm(pattern: str) -> float | None:  # vLLM's lines, from any of its processes
+        return first_logged(replica_out, pattern, sent, VLLM_STAMP)
+
+    return [
+        ("replica: its process up (Ray connected)", on_worker(".", f"*core-worker-*_{pid}.log")),
+        ("replica: Serve LLM + vLLM imported", on_worker(r"Started initializing replica")),
+        ("replica: node init task sent", in_replica(r"Running tasks to download model files")),
+        ("replica: engine config made", in_replica(r"Using executor class")),
+        ("engine core: process up, imported", in_vllm(r"\(EngineCore[^)]*\).*Initializing a V1")),
+        ("vLLM worker: process up, imported", in_vllm(r"\((?:Worker|VllmWorker|RayWorker)[^)]*\)")),
+        ("vLLM: weights loading starts", in_vllm(r"Starting to load model")),
+        ("vLLM: weights loaded", in_vllm(r"Loading weights took|Model loading took")),
+        ("vLLM: torch.compile done", in_vllm(r"torch\.compile takes|torch\.compile took")),
+        ("vLLM: memory profiled, KV cache made", in_vllm(r"KV cache|CPU blocks|memory profiling")),
+        ("vLLM: graphs captured", in_vllm(r"Graph capturing finished")),
+        ("vLLM: engine initialized (warm-up)", in_vllm(r"init engine")),
+    ]
+
+
+def cold_start(
+    cluster: LocalCluster, url: str, head_id: str, keep_logs: Path | None = None
+) -> list[tuple[str, float | None]]:
     """One streamed request at zero replicas; the moment of each stage, from the client, the
-    head's Serve controller and autoscaler logs, CML's record and the worker's logs."""
+    head's Serve controller and autoscaler logs, CML's record and the worker's logs (vLLM's
+    lines, from its engine-core and worker processes, land in the replica's own output)."""
     answer = stream_chat(url, MODEL_ID, "Name a colour.", max_tokens=16)
     if answer.status != 200:
         raise SystemExit(f"the cold request failed: {answer.status} {answer.error}")
@@ -118,6 +168,9 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
     [worker] = cluster.workers()
     worker_id = worker.name.rsplit("-", 1)[-1]
     head, work = node_logs(head_id), node_logs(worker_id)
+    if keep_logs:
+        shutil.copytree(work, keep_logs / f"cold-{worker_id}", dirs_exist_ok=True)
+        shutil.copytree(head, keep_logs / f"head-{head_id}", dirs_exist_ok=True)
     nodes = cluster.exec("ray list nodes --format json --detail 2>/dev/null")
     listed = json.loads(nodes.stdout[nodes.stdout.index("[") :])
     joined = max(node_start(n) for n in listed if not n["is_head_node"])
@@ -125,12 +178,6 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
 
     def on_head(pattern: str, glob: str = "**/*.log") -> float | None:
         return first_logged(head.glob(glob), pattern, sent)
-
-    def on_worker(pattern: str) -> float | None:
-        return first_logged(work.glob("**/*.log"), pattern, sent)
-
-    def in_vllm(pattern: str) -> float | None:  # the replica's engine logs to its worker's
-        return first_logged([*work.glob("*.out"), *work.glob("*.err")], pattern, sent, VLLM_STAMP)
 
     return [
         ("request sent", sent),
@@ -143,9 +190,7 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
         ("Ray: the GCS registers the worker", on_head(r"Registering new node", "gcs_server.out")),
         ("the replica's placement group placed", on_head(PLACED, "gcs_server.out")),
         ("CML: application RUNNING", epoch(worker.raw["running_at"])),
-        ("replica actor initializing (imports done)", on_worker(r"Started initializing replica")),
-        ("vLLM: weights loaded", in_vllm(r"Loading weights took")),
-        ("vLLM: engine initialized", in_vllm(r"init engine")),
+        *replica_stages(work, sent),
         (
             "Serve: replica ready",
             on_head(r"deployment='LLMServer[^']*', app='llm'\) started successfully"),
@@ -154,15 +199,15 @@ def cold_start(cluster: LocalCluster, url: str, head_id: str) -> list[tuple[str,
     ]
 
 
-def print_stages(stages: list[tuple[str, float | None]]) -> None:
+def print_stages(stages: list[tuple[str, float | None]], title: str) -> None:
     sent = stages[0][1]
-    print("cold start, one request at zero replicas (seconds since it was sent; +step):")
+    print(f"{title}, one request at zero replicas (seconds since it was sent; +step):")
     previous = sent
     for name, when in stages:
         if when is None:
-            print(f"  {name:<40}{'-':>8}")
+            print(f"  {name:<42}{'-':>8}")
             continue
-        print(f"  {name:<40}{when - sent:8.1f}{when - previous:+8.1f}")
+        print(f"  {name:<42}{when - sent:8.1f}{when - previous:+8.1f}")
         previous = max(previous, when)
     times = dict(stages)
     # The replica's own start: its process, importing Serve LLM and vLLM, vLLM's engine.
@@ -229,6 +274,10 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
                 if name.startswith(("RAY_SERVE_", "RAYLLM_")):
                     del env[name]
         app = config["applications"][0]
+        if args.compile:
+            app["args"]["llm_configs"][0]["engine_kwargs"]["enforce_eager"] = False
+        if args.no_callback:
+            app["args"]["llm_configs"][0].pop("callback_config", None)
         app["runtime_env"]["env_vars"].update(dict(kv.split("=", 1) for kv in args.env))
         if app["runtime_env"]["env_vars"].get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1":
             app["args"].pop("ingress_deployment_config", None)  # the LLM server is the ingress
@@ -237,11 +286,16 @@ def serve_on_cluster(args: argparse.Namespace) -> dict[int, float]:
         cluster.wait_for_serve_app("llm")
         # Serve's proxy listens on the head's loopback (127.0.0.1 on CML is the head's own).
         direct = "http://127.0.0.1:8000/v1"
-        print_stages(cold_start(cluster, direct, head.name.rsplit("-", 1)[-1]))
+        head_id = head.name.rsplit("-", 1)[-1]
+        for number in range(1, args.cold_starts + 1):
+            if number > 1:  # the model idle: its replica and worker given back
+                cluster.wait_for(lambda: not cluster.workers(), 600, "the worker removed")
+            stages = cold_start(cluster, direct, head_id, args.keep_logs)
+            print_stages(stages, f"cold start {number} in this project")
         engine = next(p for p in emulator.processes() if p["id"] == head.id)
         gateway = f"http://{engine['ip_address']}:{engine['app_port']}/v1"
         results = {}
-        for concurrency in args.concurrency:
+        for concurrency in [] if args.cold_only else args.concurrency:
             results[concurrency] = throughput(direct, args.requests, concurrency, args.max_tokens)
             print(
                 f"  Serve, concurrency {concurrency}: {results[concurrency]:.1f} tokens/s",
@@ -335,9 +389,31 @@ def main() -> None:
         "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1",
     )
     parser.add_argument("--no-vllm-server", action="store_true", help="skip vLLM's own server")
+    parser.add_argument(
+        "--cold-only", action="store_true", help="the cold starts only (no throughput)"
+    )
+    parser.add_argument(
+        "--cold-starts",
+        type=int,
+        default=2,
+        help="cold starts one after another (the second with the project's caches warm)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="vLLM compiles the model (enforce_eager: false): torch.compile and its cache",
+    )
+    parser.add_argument(
+        "--no-callback",
+        action="store_true",
+        help="without the shipped config's replica-start callback (Serve LLM's own start)",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, help="copy the cold start worker's Ray logs into this folder"
+    )
     args = parser.parse_args()
     ours = serve_on_cluster(args)
-    if args.no_vllm_server:
+    if args.no_vllm_server or args.cold_only:
         return
     theirs = vllm_own_server(args)
     print(

@@ -1,0 +1,194 @@
+"""A model replica's start on CML, made shorter: Serve LLM's callback for the shipped configs.
+
+Serve LLM calls an ``LLMConfig``'s callback (``callback_config.callback_class``) in the
+replica's process before it starts vLLM. This one does two things there
+(``bench/vllm_bench.py`` times each sub-stage of a replica's start):
+
+1. **No download task for a model the project holds.** Serve LLM starts one Ray task per
+   node of the replica to download the model there: a new worker process that imports vLLM
+   (15 s of the CPU twin's 56 s cold start) to find that a folder in the project's
+   filesystem needs no download. When ``model_source`` is such a folder, complete (its
+   ``.ray-cml-model.json``), the task is skipped; any other source is downloaded as before.
+2. **vLLM's caches kept once per project.** What vLLM caches on disk (``torch.compile``'s
+   artifacts, its model inspection) lives in ``VLLM_CACHE_ROOT``; a node's disk is gone with
+   its application, so every replica of every cluster would pay for it again. The replica
+   gets a cache on its node's disk, filled from the project's copy
+   ``<project>/.ray-cml/cache/vllm/<model>/<vllm version>-<device>/`` when there is one. When
+   there is none, once the replica's cache has been quiet for ``QUIET_S`` (vLLM writes it
+   while its engine starts) it is published there: copied under a temporary name and renamed
+   into place, so a reader never sees half a cache and two replicas never mix theirs (the
+   first rename wins). The key holds the model, vLLM's version and the device: artifacts
+   made for one GPU model are not used on another.
+
+3. **Serve LLM's telemetry actor asked for early.** When its engine is up, a replica reports to
+   a detached actor on the head, created by the cluster's first replica: a process started
+   then, while the replica waits (3 s of the twin's first cold start). Its creation is
+   asked for here, before vLLM starts, so it is ready by then.
+
+Every step is best effort: a failure is one line in the replica's log, never a failed
+replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.llm._internal.common.callbacks.base import CallbackBase
+
+from ray_cml_provider.llm.model_cache import CML_PROJECT_ROOT, MARKER, MODELS_DIR
+
+logger = logging.getLogger("ray.serve")
+
+CACHE_DIR = ".ray-cml/cache/vllm"
+QUIET_S = 30.0  # the local cache unchanged this long: vLLM's engine is done writing it
+WATCH_FOR_S = 1800.0  # a replica whose cache never settles publishes nothing
+
+
+def project_model(source: str) -> tuple[Path, Path] | None:
+    """(project root, model folder) when ``source`` is a complete folder of the project's
+    model cache (``<project>/.ray-cml/models/<name>``), else None."""
+    folder = Path(source)
+    if not (folder.is_absolute() and (folder / MARKER).is_file()):
+        return None
+    if folder.parent.as_posix().endswith(MODELS_DIR):
+        return folder.parents[2], folder
+    return None
+
+
+def device_key() -> str:
+    """vLLM's version and the device its artifacts are for (``0.32.0-cpu-x86_64``,
+    ``0.11.0-cuda-nvidia-a10g``), without initializing CUDA in this process."""
+    import platform
+
+    import vllm
+    from vllm.platforms import current_platform
+
+    try:
+        name = current_platform.get_device_name(0)
+    except Exception:  # a platform that cannot name its device: its kind is the key
+        name = ""
+    if current_platform.device_name == "cpu":
+        name = platform.machine()
+    raw = f"{vllm.__version__}-{current_platform.device_name}-{name}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-").lower()
+
+
+def newest_change(folder: Path) -> float:
+    """The latest modification time under ``folder`` (0 when it is empty)."""
+    times = [p.stat().st_mtime for p in folder.rglob("*")]
+    return max(times, default=0.0)
+
+
+def publish(local: Path, shared: Path) -> bool:
+    """Copy ``local`` to ``shared`` all at once: under a temporary name, then renamed. False
+    when ``shared`` is there already (another replica published first)."""
+    if shared.exists():
+        return False
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    staging = shared.with_name(f".{shared.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        shutil.copytree(local, staging, symlinks=True)
+        try:
+            staging.rename(shared)
+        except OSError:  # the first rename won
+            return False
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_when_quiet(local: Path, shared: Path, quiet_s: float, watch_s: float) -> None:
+    """Wait until ``local`` holds something and has not changed for ``quiet_s``, then
+    publish it to ``shared``."""
+    deadline = time.monotonic() + watch_s
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, quiet_s / 3))
+        newest = newest_change(local)
+        if newest and time.time() - newest >= quiet_s:
+            if publish(local, shared):
+                logger.info("ray-cml: published vLLM's cache to the project: %s", shared)
+            return
+
+
+class ProjectReplicaStart(CallbackBase):
+    """``callback_config.callback_class: ray_cml_provider.llm.replica_start:ProjectReplicaStart``
+    (``callback_kwargs``: ``quiet_s``, seconds of quiet before the cache is published)."""
+
+    def __init__(self, llm_config: Any, quiet_s: float = QUIET_S, **kwargs: Any):
+        super().__init__(llm_config, **kwargs)
+        self.quiet_s = float(quiet_s)
+
+    async def on_before_node_init(self) -> None:
+        source = str(self.llm_config.model_loading_config.model_source or "")
+        found = project_model(source)
+        if found:
+            # Serve LLM's per-node task would only find the folder already here.
+            self.ctx.run_init_node = False
+            logger.info("ray-cml: the model is in the project (%s): no download task", source)
+        _ask_for_telemetry_actor()
+        root = found[0] if found else _cml_project()
+        if root is not None:
+            try:
+                self._use_project_cache(root, found[1].name if found else _slug(source))
+            except Exception as exc:  # the replica starts without a kept cache
+                logger.warning("ray-cml: vLLM's cache is not kept for this replica: %r", exc)
+
+    def _use_project_cache(self, root: Path, model: str) -> None:
+        shared = root / CACHE_DIR / model / device_key()
+        local = Path(tempfile.mkdtemp(prefix="vllm-cache-", dir=_node_tmp()))
+        if shared.is_dir():
+            shutil.copytree(shared, local, symlinks=True, dirs_exist_ok=True)
+            logger.info("ray-cml: vLLM's cache from the project: %s", shared)
+        else:
+            threading.Thread(
+                target=publish_when_quiet,
+                args=(local, shared, self.quiet_s, WATCH_FOR_S),
+                name="ray-cml-vllm-cache",
+                daemon=True,
+            ).start()
+        # The engine's processes are started after this, with this environment (vLLM hands
+        # its VLLM_* variables to Ray workers too).
+        os.environ["VLLM_CACHE_ROOT"] = str(local)
+        if self.ctx.runtime_env is not None:
+            self.ctx.runtime_env.setdefault("env_vars", {})["VLLM_CACHE_ROOT"] = str(local)
+
+
+def _ask_for_telemetry_actor() -> None:
+    """Start creating the actor Serve LLM reports to once the engine is up (get-or-create:
+    the same one it would make then); nothing waits on it here."""
+    import ray
+
+    if not ray.is_initialized():  # not in a replica: nothing to ask Ray for
+        return
+    try:
+        from ray.llm._internal.serve.observability.usage_telemetry.usage import (
+            _get_or_create_telemetry_agent,
+        )
+
+        _get_or_create_telemetry_agent()
+    except Exception as exc:  # another Ray: Serve LLM makes it when it needs it
+        logger.info("ray-cml: Serve LLM's telemetry actor not asked for early: %r", exc)
+
+
+def _cml_project() -> Path | None:
+    if os.environ.get("CDSW_PROJECT_ID") and CML_PROJECT_ROOT.is_dir():
+        return CML_PROJECT_ROOT
+    return None
+
+
+def _slug(source: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", source.lower()).strip("-.") or "model"
+
+
+def _node_tmp() -> str | None:
+    """The node's own temporary folder (Ray's, under the node's), not the project's."""
+    return os.environ.get("RAY_TMPDIR") or None
