@@ -470,6 +470,11 @@ class NodeInfo(_Record):
     started_at: float = 0.0
     life: int = 1  # which start of the node's application (CML restarts a failed one)
     prometheus_port: int = 0  # the head's Prometheus for the dashboard, on its loopback
+    # The node's environment when it was ready at the launcher's start: what the first
+    # contact would otherwise ask for (``Request.ENVIRONMENT_REPORT``); empty when it was
+    # not (the report then tries to build it again and says why it fails).
+    environment: str = ""
+    ray_version: str = ""
 
 
 @dataclass

@@ -192,13 +192,8 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     assert make_provider("c1", ray_auth_mode="disabled").ray_auth_mode == "token"
 
 
-def test_one_list_call_per_update_at_steady_state(provider, monkeypatch):
-    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
-    nodes = launch(provider, count=2)
-    for node_id in provider.non_terminated_nodes({}):
-        provider.internal_ip(node_id)  # cached once per node, as the autoscaler does
-    # The provider's own calls (the emulator also counts the nodes' launchers, which poll
-    # their mailboxes on their own time).
+def count_calls(provider, monkeypatch) -> list[tuple[str, str]]:
+    """From now on, each CML call the provider makes: (method, last part of the path)."""
     transport = provider.client._transport
     calls: list[tuple[str, str]] = []
     sent = transport.request
@@ -208,6 +203,17 @@ def test_one_list_call_per_update_at_steady_state(provider, monkeypatch):
         return sent(method, path, **kwargs)
 
     monkeypatch.setattr(transport, "request", counted)
+    return calls
+
+
+def test_one_list_call_per_update_at_steady_state(provider, monkeypatch):
+    launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    nodes = launch(provider, count=2)
+    for node_id in provider.non_terminated_nodes({}):
+        provider.internal_ip(node_id)  # cached once per node, as the autoscaler does
+    # The provider's own calls (the emulator also counts the nodes' launchers, which poll
+    # their mailboxes on their own time).
+    calls = count_calls(provider, monkeypatch)
     updates = 5
     for _ in range(updates):
         for node_id in provider.non_terminated_nodes({}):
@@ -335,16 +341,8 @@ def test_a_command_costs_one_upload_and_its_polls_and_the_node_clears_its_mailbo
     nothing (the node clears the request once answered and keeps the result a while)."""
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     runner = provider.get_command_runner("", head, {}, "c1", None, True)
-    runner.run("true")  # the first contact: the node's environment report
-    transport = provider.client._transport
-    calls: list[tuple[str, str]] = []
-    sent = transport.request
-
-    def counted(method: str, path: str, **kwargs):
-        calls.append((method, path.rsplit("/", 1)[-1]))
-        return sent(method, path, **kwargs)
-
-    monkeypatch.setattr(transport, "request", counted)
+    runner.run("true")  # the first contact: node.json says the environment is ready
+    calls = count_calls(provider, monkeypatch)
     with pytest.raises(ProcessRunnerError) as failed:
         runner.run("echo one; exit 2")
     assert failed.value.code == 2
@@ -353,8 +351,9 @@ def test_a_command_costs_one_upload_and_its_polls_and_the_node_clears_its_mailbo
     assert all(name.endswith(".result:download") for _, name in calls[1:]), calls
     folder = emulator.project_dir / ".ray-cml" / "c1" / "nodes" / head
     wait_until(lambda: not list((folder / "inbox").glob("*.json")), what="the request cleared")
-    # Kept a while for a late poll: the environment report, `true`, the failing command.
-    assert len(list((folder / "outbox").glob("*.result"))) == 3
+    # Kept a while for a late poll: `true` and the failing command; no environment report
+    # was asked for (node.json said it).
+    assert len(list((folder / "outbox").glob("*.result"))) == 2
 
 
 def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):

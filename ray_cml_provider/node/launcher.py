@@ -139,7 +139,7 @@ class NodeLauncher:
                 return 0
             self.recovery.begin_new_life(previous, self.mailbox)
         try:
-            prepare(ctx, self.ports)
+            prepare(ctx, self.ports, self.environment.ready())
         except NoToken as exc:
             log(str(exc))
             ctx.publish(ctx.folder.failure, str(exc).encode(), overwrite=True)

@@ -76,8 +76,14 @@ class NodeEnvironment:
         Ray version commands see, or the failure."""
         if not self.retry():
             return 1, self.error + "\n"
-        ray_version = environment.ray_pin(self.ctx.spec.pip_packages)
-        return 0, f"{self.environment.summary}\nRAY_VERSION={ray_version}\n"
+        summary, ray_version = self.ready()
+        return 0, f"{summary}\nRAY_VERSION={ray_version}\n"
+
+    def ready(self) -> tuple[str, str]:
+        """(summary, Ray version) of the environment as it is; ("", "") while it failed."""
+        if self.error or self.environment is None:
+            return "", ""
+        return self.environment.summary, environment.ray_pin(self.ctx.spec.pip_packages)
 
 
 def previous_life(ctx: NodeContext) -> NodeInfo | None:
@@ -155,9 +161,10 @@ def bootstrap_script(ctx: NodeContext) -> Path:
     return uploaded if uploaded.exists() else Path(bootstrap.__file__).resolve()
 
 
-def prepare(ctx: NodeContext, ports: NodePorts) -> None:
-    """Secrets, folders, the shim, then ``node.json``: the node is reachable from now on.
-    Raises ``NoToken``."""
+def prepare(ctx: NodeContext, ports: NodePorts, ready: tuple[str, str] = ("", "")) -> None:
+    """Secrets, folders, the shim, then ``node.json``: the node is reachable from now on;
+    ``ready``: its environment's (summary, Ray version) when it is ready. Raises
+    ``NoToken``."""
     secure_secrets(ctx)
     for folder in (ctx.folder.inbox, ctx.folder.outbox):
         ctx.mount(folder).mkdir(parents=True, exist_ok=True)
@@ -181,6 +188,8 @@ def prepare(ctx: NodeContext, ports: NodePorts) -> None:
         started_at=time.time(),
         life=ctx.life,
         prometheus_port=ports.prometheus,
+        environment=ready[0],
+        ray_version=ready[1],
     )
     ctx.publish(ctx.folder.info, info.to_json(), overwrite=ctx.life > 1)
     log(f"{spec.kind} node {spec.node_id} of cluster {spec.cluster} on {ctx.ip}")

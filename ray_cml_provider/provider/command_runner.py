@@ -147,18 +147,19 @@ class CMLCommandRunner(CommandRunnerInterface):
         Python environment ready (once per node and process)."""
         if self.node_id in self.provider.ready_nodes:
             return
-        # Asked at once (the launcher answers once it runs), and where the provider's code
-        # lies looked up meanwhile: at CML's 100-300 ms a request, round trips `ray up` and
-        # `ray submit` would otherwise wait on one after another.
-        report = self.mailbox.post(Request(report=Request.ENVIRONMENT_REPORT))
+        # Where the provider's code lies is looked up meanwhile: at CML's 100-300 ms a
+        # request, `ray up` and `ray submit` would otherwise wait on it too.
         _in_background(self.provider.ship_code)
-        self.mailbox.wait_for_launcher(self.provider.launch_timeout_s)
         started = time.monotonic()
-        code, output = self._answer(report)
-        text = output.decode("utf-8", "replace").strip()
-        if code != 0:
-            raise NodeNotReady(text)
-        summary, _, version = text.rpartition("RAY_VERSION=")
+        info = self.mailbox.wait_for_launcher(self.provider.launch_timeout_s)
+        if info.environment:  # ready when the launcher started: node.json says it
+            summary, version = info.environment, info.ray_version
+        else:  # not ready then: the node tries again, and says why it fails
+            code, output = self._request(Request(report=Request.ENVIRONMENT_REPORT))
+            text = output.decode("utf-8", "replace").strip()
+            if code != 0:
+                raise NodeNotReady(text)
+            summary, _, version = text.rpartition("RAY_VERSION=")
         local = local_ray_version()
         if version.strip() and local and version.strip() != local:
             raise NodeNotReady(

@@ -96,14 +96,14 @@ class NodeMailbox:
             message = f"not a node record: {exc}"
             raise CMLNotFoundError("GET", self.folder.info, 404, message) from None
 
-    def wait_for_launcher(self, timeout_s: float) -> None:
-        """Until the node's launcher has published itself (like waiting for SSH)."""
+    def wait_for_launcher(self, timeout_s: float) -> NodeInfo:
+        """Until the node's launcher has published itself (like waiting for SSH); what it
+        published."""
         started = time.monotonic()
         next_note = started + 5
         while True:
             try:
-                self.client.list_files(self.folder.info)
-                return
+                return self.node_info()
             except CMLError:
                 if time.monotonic() - started > timeout_s:
                     raise
