@@ -6,7 +6,8 @@ mailbox in the project filesystem (``provider/mailbox.py``), and its ``Result`` 
 File mounts travel inside the request (``files``), and a file comes back as a command's
 output: nothing waits for NFS to show a staged copy on the other side.
 
-The first contact with a node asks for its environment report (``report: environment``):
+The first contact with a node reads its environment from its ``node.json`` (or, when the
+build had failed, asks for its report, ``report: environment``, and the node tries again):
 ``ray up`` shows how the node's packages were made ready, a failed build ends ``ray up``
 with pip's last lines, and a node whose Ray differs from this one is one clear error.
 """
