@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,7 +100,11 @@ class CMLCommandRunner(CommandRunnerInterface):
         request = Request(cmd=cmd, env=env, history=True)
         # The head's import check runs beside its `ray start` (the node runs each request in
         # a thread of its own): one command's round trips less for `ray up` to wait on.
-        import_check = self._post_import_check() if request.starts_head else None
+        import_check = (
+            _in_background(partial(self._answer, self._post_import_check()))
+            if request.starts_head
+            else None
+        )
         # and where to connect is read meanwhile.
         head_info = _in_background(self.mailbox.node_info) if request.starts_head else None
         code, output = self._request(request)
@@ -229,9 +234,9 @@ class CMLCommandRunner(CommandRunnerInterface):
         check.env = {**check.env, **self._shipped_env()}
         return self.mailbox.post(check)
 
-    def _check_head_loads_provider(self, import_check: str) -> None:
+    def _check_head_loads_provider(self, import_check: Future[tuple[int, bytes]]) -> None:
         """A head that could never scale fails ``ray up`` now, not at its first scale-up."""
-        code, output = self._answer(import_check)
+        code, output = import_check.result()
         if code != 0:
             lines = output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
             module = type(self.provider).__module__

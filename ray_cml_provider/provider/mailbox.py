@@ -26,7 +26,15 @@ from ray_cml_provider.errors import CommandTimedOut, NodeGone
 MAX_COMMAND_WAIT_S = 3600.0
 LIVENESS_CHECK_S = 10.0
 NOTE_EVERY_S = 15.0
-SHORT_COMMAND_S = 60.0
+# The longest wait between two polls, by how long the command has run: `ray up`'s commands
+# take seconds, and each poll's wait is time it waits on the answer after it came; a long
+# command costs a poll every 2 s (at CML's 100-300 ms a poll).
+POLL_CAPS = ((10.0, 0.5), (60.0, 1.0))
+LONG_POLL_S = 2.0
+
+
+def poll_cap(running_s: float) -> float:
+    return next((cap for until, cap in POLL_CAPS if running_s < until), LONG_POLL_S)
 
 
 def note(message: str) -> None:
@@ -60,7 +68,7 @@ class NodeMailbox:
         return name
 
     def wait_for_result(self, name: str, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
-        """Poll for the result (one download per poll, backing off to 1 s, then 2 s)."""
+        """Poll for the result (one download per poll, backing off to ``poll_cap``)."""
         delay, started = 0.2, time.monotonic()
         next_liveness_check = started + LIVENESS_CHECK_S
         next_note = started + NOTE_EVERY_S
@@ -83,9 +91,7 @@ class NodeMailbox:
                 if not self.still_there():
                     raise NodeGone(f"node {self.folder.node_id} went away")
             time.sleep(delay)
-            # A command that ends in a minute is seen ending within a second; a longer one
-            # costs a poll every 2 s (at CML's 100-300 ms a poll, a poll costs time too).
-            delay = min(delay * 1.5, 1.0 if now - started < SHORT_COMMAND_S else 2.0)
+            delay = min(delay * 1.5, poll_cap(now - started))
         raise CommandTimedOut(f"no answer from node {self.folder.node_id} in {timeout_s:.0f} s")
 
     def node_info(self) -> NodeInfo:
