@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,10 +18,12 @@ from ray_cml_provider.llm.model_cache import MARKER, MODELS_DIR
 from ray_cml_provider.llm.replica_start import (
     CACHE_DIR,
     ProjectReplicaStart,
+    newest_version,
     project_model,
     publish,
     publish_when_quiet,
 )
+from tests.conftest import wait_until
 
 
 def a_model(root: Path, name: str = "m", complete: bool = True) -> Path:
@@ -43,30 +46,49 @@ def test_only_a_complete_folder_of_the_projects_model_cache_is_the_projects(tmp_
     assert project_model("") is None
 
 
-def test_a_cache_is_published_whole_once_and_the_first_one_stays(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    (first / "torch_compile_cache" / "abc").mkdir(parents=True)
-    (first / "torch_compile_cache" / "abc" / "artifact").write_text("one")
-    (second / "x").mkdir(parents=True)
+def test_each_publication_is_a_whole_new_version_and_old_ones_go(tmp_path):
+    local = tmp_path / "local"
+    (local / "torch_compile_cache" / "abc").mkdir(parents=True)
+    (local / "torch_compile_cache" / "abc" / "artifact").write_text("one")
     shared = tmp_path / "project" / CACHE_DIR / "m" / "key"
-    assert publish(first, shared)
-    assert not publish(second, shared)
-    assert (shared / "torch_compile_cache" / "abc" / "artifact").read_text() == "one"
-    assert not (shared / "x").exists()
-    assert [p.name for p in shared.parent.iterdir()] == ["key"]  # no staging folder left
+    first = publish(local, shared)
+    assert newest_version(shared) == first
+    assert (first / "torch_compile_cache" / "abc" / "artifact").read_text() == "one"
+    (local / "modelinfos.json").write_text("{}")
+    time.sleep(1.1)  # versions are named by the second they were made
+    second = publish(local, shared)
+    assert newest_version(shared) == second and (second / "modelinfos.json").exists()
+    time.sleep(1.1)
+    third = publish(local, shared, keep=2)
+    assert sorted(p.name for p in shared.iterdir()) == [second.name, third.name]
+    assert newest_version(tmp_path / "nowhere") is None
 
 
-def test_a_cache_is_published_once_quiet_and_never_while_empty(tmp_path):
+def test_a_cache_is_published_once_quiet_again_when_it_changes_and_never_while_empty(
+    tmp_path,
+):
     empty, shared = tmp_path / "empty", tmp_path / "shared" / "key"
     empty.mkdir()
     publish_when_quiet(empty, shared, quiet_s=0.3, watch_s=0.6)
     assert not shared.exists()
-    written = tmp_path / "written"
-    written.mkdir()
-    (written / "modelinfos.json").write_text("{}")
-    started = time.monotonic()
-    publish_when_quiet(written, shared, quiet_s=0.3, watch_s=30)
-    assert (shared / "modelinfos.json").exists() and time.monotonic() - started < 10
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "restored.json").write_text("{}")  # what the project's cache filled it with
+    writer = threading.Thread(
+        target=publish_when_quiet, args=(local, shared, 0.3, 4.0), daemon=True
+    )
+    writer.start()
+    time.sleep(0.5)
+    assert not shared.exists()  # nothing new: nothing to publish
+    (local / "early.json").write_text("{}")  # vLLM's model inspection ...
+    wait_until(lambda: newest_version(shared), timeout_s=5, what="the first version")
+    early = newest_version(shared)
+    time.sleep(1.1)
+    (local / "compiled.bin").write_text("x")  # ... a minute of compiling later
+    wait_until(lambda: newest_version(shared) != early, timeout_s=5, what="a newer version")
+    assert (newest_version(shared) / "compiled.bin").exists()
+    writer.join(10)
 
 
 @pytest.fixture
@@ -88,7 +110,7 @@ def start(source: str, **kwargs) -> ProjectReplicaStart:
 
 def test_a_project_model_skips_the_download_task_and_gets_the_projects_cache(tmp_path, replica_env):
     folder = a_model(tmp_path)
-    shared = tmp_path / CACHE_DIR / "m" / "0.0-cpu-test"
+    shared = tmp_path / CACHE_DIR / "m" / "0.0-cpu-test" / "20261204T000000-abcdef"
     (shared / "modelinfos").mkdir(parents=True)
     (shared / "modelinfos" / "Llama.json").write_text("{}")
     callback = start(str(folder))

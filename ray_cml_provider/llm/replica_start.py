@@ -12,13 +12,14 @@ replica's process before it starts vLLM. This one does two things there
 2. **vLLM's caches kept once per project.** What vLLM caches on disk (``torch.compile``'s
    artifacts, its model inspection) lives in ``VLLM_CACHE_ROOT``; a node's disk is gone with
    its application, so every replica of every cluster would pay for it again. The replica
-   gets a cache on its node's disk, filled from the project's copy
-   ``<project>/.ray-cml/cache/vllm/<model>/<vllm version>-<device>/`` when there is one. When
-   there is none, once the replica's cache has been quiet for ``QUIET_S`` (vLLM writes it
-   while its engine starts) it is published there: copied under a temporary name and renamed
-   into place, so a reader never sees half a cache and two replicas never mix theirs (the
-   first rename wins). The key holds the model, vLLM's version and the device: artifacts
-   made for one GPU model are not used on another.
+   gets a cache on its node's disk, filled from the newest version of the project's copy
+   ``<project>/.ray-cml/cache/vllm/<model>/<vllm version>-<device>/<version>/``. Whenever
+   the replica's cache has changed since and then stayed quiet for ``QUIET_S`` (vLLM writes
+   it while its engine starts), it is published there as a new version: copied under a
+   temporary name and renamed into place, so a reader never sees half a cache and two
+   replicas never mix theirs; the newest ``KEEP_VERSIONS`` are kept. The key holds the
+   model, vLLM's version and the device: artifacts made for one GPU model are not used on
+   another.
 
 3. **Serve LLM's telemetry actor asked for early.** When its engine is up, a replica reports to
    a detached actor on the head, created by the cluster's first replica: a process started
@@ -31,6 +32,7 @@ replica.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -49,8 +51,10 @@ from ray_cml_provider.llm.model_cache import CML_PROJECT_ROOT, MARKER, MODELS_DI
 logger = logging.getLogger("ray.serve")
 
 CACHE_DIR = ".ray-cml/cache/vllm"
-QUIET_S = 30.0  # the local cache unchanged this long: vLLM's engine is done writing it
-WATCH_FOR_S = 1800.0  # a replica whose cache never settles publishes nothing
+QUIET_S = 30.0  # the local cache unchanged this long: published (again if it changes)
+WATCH_FOR_S = 1800.0  # how long a replica keeps watching its cache after its start
+KEEP_VERSIONS = 2  # versions of the project's cache kept per key
+STALE_STAGING_S = 3600.0  # a staging folder this old was left by a replica that ended
 
 
 def project_model(source: str) -> tuple[Path, Path] | None:
@@ -82,41 +86,64 @@ def device_key() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-").lower()
 
 
-def newest_change(folder: Path) -> float:
-    """The latest modification time under ``folder`` (0 when it is empty)."""
-    times = [p.stat().st_mtime for p in folder.rglob("*")]
-    return max(times, default=0.0)
+def signature(folder: Path) -> frozenset[tuple[str, int, float]]:
+    """What ``folder`` holds: each file's path, size and modification time."""
+    found = set()
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                stat = path.stat()
+                found.add((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime))
+    return frozenset(found)
 
 
-def publish(local: Path, shared: Path) -> bool:
-    """Copy ``local`` to ``shared`` all at once: under a temporary name, then renamed. False
-    when ``shared`` is there already (another replica published first)."""
-    if shared.exists():
-        return False
-    shared.parent.mkdir(parents=True, exist_ok=True)
-    staging = shared.with_name(f".{shared.name}.{secrets.token_hex(4)}.tmp")
+def newest_version(shared: Path) -> Path | None:
+    """The newest complete version of the project's cache (staging folders start with .)."""
+    if not shared.is_dir():
+        return None
+    versions = sorted(p for p in shared.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return versions[-1] if versions else None
+
+
+def publish(local: Path, shared: Path, keep: int = KEEP_VERSIONS) -> Path:
+    """Copy ``local`` to a new version of ``shared`` all at once (under a temporary name,
+    then renamed), and drop the oldest versions past ``keep`` and staging folders left by a
+    replica that ended while it copied."""
+    shared.mkdir(parents=True, exist_ok=True)
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    staging = shared / f".{name}.tmp"
     try:
         shutil.copytree(local, staging, symlinks=True)
-        try:
-            staging.rename(shared)
-        except OSError:  # the first rename won
-            return False
-        return True
+        staging.rename(shared / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    versions = sorted(p for p in shared.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in versions[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in shared.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(stale, ignore_errors=True)
+    return shared / name
 
 
 def publish_when_quiet(local: Path, shared: Path, quiet_s: float, watch_s: float) -> None:
-    """Wait until ``local`` holds something and has not changed for ``quiet_s``, then
-    publish it to ``shared``."""
+    """Publish ``local`` each time it has changed since it was filled or last published and
+    then stayed unchanged for ``quiet_s`` (vLLM writes it while its engine starts, sometimes
+    with a minute of compiling between two writes: an early version is superseded by the
+    next, never left as the project's last word)."""
+    published = signature(local)  # what it was filled with is the project's already
     deadline = time.monotonic() + watch_s
     while time.monotonic() < deadline:
         time.sleep(min(5.0, quiet_s / 3))
-        newest = newest_change(local)
-        if newest and time.time() - newest >= quiet_s:
-            if publish(local, shared):
-                logger.info("ray-cml: published vLLM's cache to the project: %s", shared)
-            return
+        now = signature(local)
+        if now == published or not now:
+            continue
+        if time.time() - max(mtime for _, _, mtime in now) < quiet_s:
+            continue
+        version = publish(local, shared)
+        published = now
+        logger.info("ray-cml: published vLLM's cache to the project: %s", version)
 
 
 class ProjectReplicaStart(CallbackBase):
@@ -145,16 +172,16 @@ class ProjectReplicaStart(CallbackBase):
     def _use_project_cache(self, root: Path, model: str) -> None:
         shared = root / CACHE_DIR / model / device_key()
         local = Path(tempfile.mkdtemp(prefix="vllm-cache-", dir=_node_tmp()))
-        if shared.is_dir():
-            shutil.copytree(shared, local, symlinks=True, dirs_exist_ok=True)
-            logger.info("ray-cml: vLLM's cache from the project: %s", shared)
-        else:
-            threading.Thread(
-                target=publish_when_quiet,
-                args=(local, shared, self.quiet_s, WATCH_FOR_S),
-                name="ray-cml-vllm-cache",
-                daemon=True,
-            ).start()
+        version = newest_version(shared)
+        if version is not None:
+            shutil.copytree(version, local, symlinks=True, dirs_exist_ok=True)
+            logger.info("ray-cml: vLLM's cache from the project: %s", version)
+        threading.Thread(
+            target=publish_when_quiet,
+            args=(local, shared, self.quiet_s, WATCH_FOR_S),
+            name="ray-cml-vllm-cache",
+            daemon=True,
+        ).start()
         # The engine's processes are started after this, with this environment (vLLM hands
         # its VLLM_* variables to Ray workers too).
         os.environ["VLLM_CACHE_ROOT"] = str(local)
