@@ -46,7 +46,13 @@ from typing import Any
 
 from ray.llm._internal.common.callbacks.base import CallbackBase
 
-from ray_cml_provider.llm.model_cache import CML_PROJECT_ROOT, MARKER, MODELS_DIR
+from ray_cml_provider.llm.model_cache import (
+    MARKER,
+    MODELS_DIR,
+    ModelCacheError,
+    default_name,
+    project_root,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -162,12 +168,14 @@ class ProjectReplicaStart(CallbackBase):
             self.ctx.run_init_node = False
             logger.info("ray-cml: the model is in the project (%s): no download task", source)
         _ask_for_telemetry_actor()
-        root = found[0] if found else _cml_project()
-        if root is not None:
-            try:
-                self._use_project_cache(root, found[1].name if found else _slug(source))
-            except Exception as exc:  # the replica starts without a kept cache
-                logger.warning("ray-cml: vLLM's cache is not kept for this replica: %r", exc)
+        try:
+            root = found[0] if found else project_root(None)  # /home/cdsw in a CML engine
+        except ModelCacheError:
+            return  # no project here: nowhere to keep vLLM's cache
+        try:
+            self._use_project_cache(root, default_name(source))
+        except Exception as exc:  # the replica starts without a kept cache
+            logger.warning("ray-cml: vLLM's cache is not kept for this replica: %r", exc)
 
     def _use_project_cache(self, root: Path, model: str) -> None:
         shared = root / CACHE_DIR / model / device_key()
@@ -204,16 +212,6 @@ def _ask_for_telemetry_actor() -> None:
         _get_or_create_telemetry_agent()
     except Exception as exc:  # another Ray: Serve LLM makes it when it needs it
         logger.info("ray-cml: Serve LLM's telemetry actor not asked for early: %r", exc)
-
-
-def _cml_project() -> Path | None:
-    if os.environ.get("CDSW_PROJECT_ID") and CML_PROJECT_ROOT.is_dir():
-        return CML_PROJECT_ROOT
-    return None
-
-
-def _slug(source: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", source.lower()).strip("-.") or "model"
 
 
 def _node_tmp() -> str | None:

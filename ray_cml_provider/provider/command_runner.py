@@ -130,9 +130,13 @@ class CMLCommandRunner(CommandRunnerInterface):
 
     def _request(self, request: Request) -> tuple[int, bytes]:
         """Ask the node; (exit status, output). A node gone meanwhile is Ray's failure."""
+        return self._answer(self._post(request))
+
+    def _post(self, request: Request) -> str:
+        """Post ``request`` to the node without waiting; its name, for ``_answer``."""
         if request.cmd:  # a command may run the provider's code: it is told where it lies
             request.env = {**request.env, **self._shipped_env()}
-        return self._answer(self.mailbox.post(request))
+        return self.mailbox.post(request)
 
     def _answer(self, name: str) -> tuple[int, bytes]:
         """The posted request's (exit status, output)."""
@@ -230,9 +234,7 @@ class CMLCommandRunner(CommandRunnerInterface):
         """Ask the head to import this provider with its Python and paths, as its autoscaler
         will (``_check_head_loads_provider`` reads the answer)."""
         module = type(self.provider).__module__
-        check = Request(cmd=f'"${CommandVar.PYTHON}" -c "import {module}"')
-        check.env = {**check.env, **self._shipped_env()}
-        return self.mailbox.post(check)
+        return self._post(Request(cmd=f'"${CommandVar.PYTHON}" -c "import {module}"'))
 
     def _check_head_loads_provider(self, import_check: Future[tuple[int, bytes]]) -> None:
         """A head that could never scale fails ``ray up`` now, not at its first scale-up."""
@@ -302,8 +304,10 @@ class CMLCommandRunner(CommandRunnerInterface):
 
 
 def _in_background(call: Callable[[], T]) -> Future[T]:
-    """``call`` in a thread of its own; its outcome in the future (a failure is kept there,
-    not printed: whoever needs the result sees it, or calls again)."""
+    """``call`` in a daemon thread of its own; its outcome in the future (a failure is kept
+    there, not printed: whoever needs the result sees it, or calls again). Not a
+    ``ThreadPoolExecutor``: its threads are joined at exit, and an import check still
+    polling after `ray start` failed would hold `ray up`'s exit for as long as it polls."""
     future: Future[T] = Future()
 
     def run() -> None:

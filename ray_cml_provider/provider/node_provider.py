@@ -639,10 +639,6 @@ class CMLNodeProvider(NodeProvider):
     def _write_tags(self, node_id: str, app_id: str, tags: dict[str, str]) -> None:
         self.client.update_application(app_id, {"description": encode_tags(tags)})
 
-    def flush_tags(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every tag set here is on CML (a process ending does it by itself)."""
-        return self._tag_writer.flush(timeout_s)
-
     def terminate_node(self, node_id: str) -> dict[str, Any] | None:
         if _is_own_head(node_id):
             self._refuse_own_head_termination(node_id)
