@@ -64,6 +64,22 @@ def test_each_publication_is_a_whole_new_version_and_old_ones_go(tmp_path):
     assert newest_version(tmp_path / "nowhere") is None
 
 
+def test_a_copy_left_half_done_by_a_replica_that_died_is_never_read_and_goes_later(tmp_path):
+    shared = tmp_path / "shared" / "key"
+    half = shared / ".20261204T000000-dead00.tmp"
+    (half / "torch_compile_cache").mkdir(parents=True)
+    assert newest_version(shared) is None  # a reader never starts from half a cache
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "modelinfos.json").write_text("{}")
+    publish(local, shared)
+    assert half.exists()  # it may still be copying: kept for a while
+    long_ago = time.time() - replica_start.STALE_STAGING_S - 60
+    os.utime(half, (long_ago, long_ago))
+    newest = publish(local, shared)
+    assert not half.exists() and newest_version(shared) == newest
+
+
 def test_a_cache_is_published_once_quiet_again_when_it_changes_and_never_while_empty(
     tmp_path,
 ):
