@@ -55,10 +55,8 @@ def test_each_publication_is_a_whole_new_version_and_old_ones_go(tmp_path):
     assert newest_version(shared) == first
     assert (first / "torch_compile_cache" / "abc" / "artifact").read_text() == "one"
     (local / "modelinfos.json").write_text("{}")
-    time.sleep(1.1)  # versions are named by the second they were made
-    second = publish(local, shared)
+    second = publish(local, shared)  # within the same second: still the newer one
     assert newest_version(shared) == second and (second / "modelinfos.json").exists()
-    time.sleep(1.1)
     third = publish(local, shared, keep=2)
     assert sorted(p.name for p in shared.iterdir()) == [second.name, third.name]
     assert newest_version(tmp_path / "nowhere") is None
@@ -66,7 +64,7 @@ def test_each_publication_is_a_whole_new_version_and_old_ones_go(tmp_path):
 
 def test_a_copy_left_half_done_by_a_replica_that_died_is_never_read_and_goes_later(tmp_path):
     shared = tmp_path / "shared" / "key"
-    half = shared / ".20261204T000000-dead00.tmp"
+    half = shared / f".{time.time_ns():020d}-dead00.tmp"
     (half / "torch_compile_cache").mkdir(parents=True)
     assert newest_version(shared) is None  # a reader never starts from half a cache
     local = tmp_path / "local"
@@ -126,7 +124,7 @@ def start(source: str, **kwargs) -> ProjectReplicaStart:
 
 def test_a_project_model_skips_the_download_task_and_gets_the_projects_cache(tmp_path, replica_env):
     folder = a_model(tmp_path)
-    shared = tmp_path / CACHE_DIR / "m" / "0.0-cpu-test" / "20261204T000000-abcdef"
+    shared = tmp_path / CACHE_DIR / "m" / "0.0-cpu-test" / f"{time.time_ns():020d}-abcdef"
     (shared / "modelinfos").mkdir(parents=True)
     (shared / "modelinfos" / "Llama.json").write_text("{}")
     callback = start(str(folder))

@@ -116,7 +116,8 @@ def publish(local: Path, shared: Path, keep: int = KEEP_VERSIONS) -> Path:
     then renamed), and drop the oldest versions past ``keep`` and staging folders left by a
     replica that ended while it copied."""
     shared.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    # Named by the nanosecond it was made: versions sort by age, even two in one second.
+    name = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
     staging = shared / f".{name}.tmp"
     try:
         shutil.copytree(local, staging, symlinks=True)
