@@ -356,6 +356,47 @@ def test_a_command_costs_one_upload_and_its_polls_and_the_node_clears_its_mailbo
     assert len(list((folder / "outbox").glob("*.result"))) == 2
 
 
+def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload(
+    provider, emulator, monkeypatch
+):
+    """Two round trips `ray up` no longer waits on at CML's 100-300 ms a request: Ray's
+    "is SSH up?" probe (`uptime`, run on the host) is answered by the launcher's node.json,
+    and a command's first poll is sent only once the node could have uploaded its answer
+    (one more round trip after the request's own upload)."""
+    [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
+    runner = provider.get_command_runner("", head, {}, "c1", None, True)
+    calls = timed_calls(provider, monkeypatch)
+    assert runner.run("uptime", timeout=10, run_env="host") == ""
+    assert [(method, name) for method, name, _, _ in calls] == [("POST", "node.json:download")]
+    # `ray exec CONFIG uptime` is a command like any other: it runs on the node.
+    assert "load average" in runner.run("uptime", with_output=True)
+
+    emulator.set_faults(latency_ms=200)
+    calls.clear()
+    runner.run("true")
+    (_, upload, sent, answered), (_, poll, first_poll, _) = calls[:2]
+    assert upload == "files" and poll.endswith(".result:download"), calls
+    assert first_poll - answered >= 0.9 * (answered - sent), calls
+
+
+def timed_calls(provider, monkeypatch) -> list[tuple[str, str, float, float]]:
+    """From now on, each CML call the provider makes: (method, last part of the path, sent,
+    answered), by the monotonic clock."""
+    transport = provider.client._transport
+    calls: list[tuple[str, str, float, float]] = []
+    sent = transport.request
+
+    def timed(method: str, path: str, **kwargs):
+        started = time.monotonic()
+        try:
+            return sent(method, path, **kwargs)
+        finally:
+            calls.append((method, path.rsplit("/", 1)[-1], started, time.monotonic()))
+
+    monkeypatch.setattr(transport, "request", timed)
+    return calls
+
+
 def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     provider.client._transport.retry = type(provider.client._transport.retry)(

@@ -59,6 +59,8 @@ ATTACH_HINT = (
 # Node environments not worth a line on every `ray exec` (nothing was installed).
 TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
 # What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
+# What Ray's updater runs (run_env="host") to learn that a node takes commands.
+READY_PROBE = "uptime"
 ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 
 
@@ -91,6 +93,13 @@ class CMLCommandRunner(CommandRunnerInterface):
     ) -> str:
         if cmd is None or cmd.strip() in ATTACH_COMMANDS:
             raise Unsupported(ATTACH_HINT)
+        if cmd.strip() == READY_PROBE and run_env == "host":
+            # Ray's "is SSH up yet?" probe before it sets a node up. On this transport the
+            # answer is the launcher's own record, node.json, which _wait_for_launcher waits
+            # for: sending `uptime` through the mailbox as well would only add its round
+            # trips (~1 s of `ray up` at CML's 300 ms a request).
+            self._wait_for_launcher()
+            return ""
         if cmd.strip() != "ray stop":  # the node's shim stops Ray with no environment
             self._wait_for_launcher()
         env = {

@@ -31,6 +31,7 @@ NOTE_EVERY_S = 15.0
 # command costs a poll every 2 s (at CML's 100-300 ms a poll).
 POLL_CAPS = ((10.0, 0.5), (60.0, 1.0))
 LONG_POLL_S = 2.0
+MAX_FIRST_POLL_WAIT_S = 2.0
 
 
 def poll_cap(running_s: float) -> float:
@@ -54,6 +55,7 @@ class NodeMailbox:
         self.folder = folder
         self.still_there = still_there  # False once the node's application is gone
         self.progress = progress
+        self._upload_s = 0.0  # how long the last request's upload took: one round trip
 
     def ask(self, request: Request, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
         """Post ``request`` and wait for its result. Raises ``NodeGone`` or
@@ -64,7 +66,9 @@ class NodeMailbox:
         """Post ``request`` without waiting (the node runs each request in its own thread);
         its name, for ``wait_for_result``."""
         name = f"{time.time_ns()}-{secrets.token_hex(3)}"
+        sent = time.monotonic()
         self.client.upload_file(self.folder.request(name), request.to_json())
+        self._upload_s = time.monotonic() - sent
         return name
 
     def wait_for_result(self, name: str, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
@@ -73,6 +77,9 @@ class NodeMailbox:
         next_liveness_check = started + LIVENESS_CHECK_S
         next_note = started + NOTE_EVERY_S
         target = self.folder.result(name)
+        # The node answers with an upload of its own: no answer is there sooner than one
+        # more round trip, and a poll sent before it lands is a round trip wasted.
+        time.sleep(min(self._upload_s, MAX_FIRST_POLL_WAIT_S))
         while time.monotonic() - started < timeout_s:
             try:
                 result = Result.from_bytes(self.client.download_file(target))

@@ -448,8 +448,12 @@ class CMLNodeProvider(NodeProvider):
         started = time.monotonic()
         deadline = started + self.launch_timeout_s
         progress = _Progress(started) if show_progress else None
+        listed = time.monotonic()
         while pending:
-            time.sleep(self.poll_interval_s)
+            # One listing every poll_interval_s, start to start: at CML's 100-300 ms a
+            # request, a pause after each answer would see RUNNING that much later.
+            time.sleep(max(0.0, listed + self.poll_interval_s - time.monotonic()))
+            listed = time.monotonic()
             try:
                 current = self._refresh()
             except CMLError as exc:
