@@ -52,6 +52,28 @@ def test_cpu_twin_fits_the_local_cluster():
     assert "llm_cpu_worker can hold it" in str(findings[-1])
 
 
+def test_a_model_that_scales_from_zero_is_advised_to_report_requests_each_second(capsys):
+    """Serve's handles report requests every metrics_interval_s (10 s by default) and, in
+    Ray 2.60, a second scale from zero waits for that report: the shipped configs set 1 s,
+    a config of the user's that does not is told, without failing the preflight."""
+    assert not [f for f in check(VLLM_APP, CML_CLUSTER) if f.advice]
+    config = edited(
+        lambda c: llm_of(c)["deployment_config"]["autoscaling_config"].pop("metrics_interval_s")
+    )
+    [advice] = [f for f in check(config, CML_CLUSTER) if f.advice]
+    assert advice.ok
+    assert str(advice).startswith(
+        "advice: applications[0].args.llm_configs[0].deployment_config.autoscaling_config"
+        ".metrics_interval_s: 10 s;"
+    )
+    kept_warm = edited(
+        lambda c: llm_of(c)["deployment_config"]["autoscaling_config"].update(
+            min_replicas=1, metrics_interval_s=10
+        )
+    )
+    assert not [f for f in check(kept_warm, CML_CLUSTER) if f.advice]
+
+
 def edited(edit) -> dict:
     config = copy.deepcopy(VLLM_APP)
     edit(config)

@@ -28,13 +28,18 @@ from ray_cml_provider.provider.config import node_type_resources
 OPENAI_APP = "ray.serve.llm:build_openai_app"
 
 
+# Serve's default: a handle pushes its request counts to the controller this often.
+SERVE_DEFAULT_METRICS_INTERVAL_S = 10.0
+
+
 @dataclass(frozen=True)
 class Finding:
     ok: bool
     message: str
+    advice: bool = False  # ok, but a setting worth changing
 
     def __str__(self) -> str:
-        return f"{'ok' if self.ok else 'problem'}: {self.message}"
+        return f"{'advice' if self.advice else 'ok' if self.ok else 'problem'}: {self.message}"
 
 
 def replica_bundles(llm_config: dict[str, Any]) -> tuple[list[dict[str, float]], str]:
@@ -181,6 +186,21 @@ def _check_llm(
         ),
     )
     autoscaling = (llm.get("deployment_config") or {}).get("autoscaling_config") or {}
+    interval = float(autoscaling.get("metrics_interval_s", SERVE_DEFAULT_METRICS_INTERVAL_S))
+    if autoscaling.get("min_replicas", 1) == 0 and interval > 1:
+        # Ray 2.60: at zero replicas a handle pushes at once, but the samples it stored,
+        # all 0 once it has served: a second scale from zero waits for the next push.
+        found.append(
+            Finding(
+                True,
+                (
+                    f"{where}.deployment_config.autoscaling_config.metrics_interval_s: "
+                    f"{interval:g} s; after its first time, scaling up from zero waits up to "
+                    "that long for Serve's handles to report the request: set it to 1"
+                ),
+                advice=True,
+            )
+        )
     max_replicas = int(autoscaling.get("max_replicas", 1))
     capacity = sum(int(types[name].get("max_workers", 0)) for name in hosts)
     if max_replicas * nodes_per_replica > capacity:
