@@ -151,7 +151,11 @@ def main() -> None:
             )
             for phase in phases
         }
-        print(f"latency {latency:g} ms: done", flush=True)
+        each = "; ".join(
+            f"{phase.strip()} " + " ".join(f"{life[phase][0]:.1f}" for life in lives)
+            for phase in phases
+        )
+        print(f"latency {latency:g} ms: done (each run, s: {each})", flush=True)
     base = args.latency_ms[0]
     print(f"\nCML API latency and the cluster's life ({args.runs} run(s) each, median):")
     print(

@@ -27,6 +27,7 @@ from ray.autoscaler.tags import (
 
 from ray_cml_provider.cml import ApplicationStatus, CMLClient
 from ray_cml_provider.contract import NodeSpec
+from ray_cml_provider.provider import lookup, workspace_check
 from ray_cml_provider.provider.launches import REQUEST_TIMEOUT_ENV
 from ray_cml_provider.provider.node_provider import TEARDOWN_LOOK_AGAIN_S, CMLNodeProvider
 from tests.conftest import wait_until
@@ -453,6 +454,30 @@ def test_workspace_problems_stop_ray_up_with_one_line(emulator, monkeypatch, cha
     assert not any(
         k.startswith(("POST", "PATCH", "DELETE")) for k in emulator.stats()["requests"]
     ), "nothing was created or changed"
+
+
+def test_the_first_listing_is_asked_beside_the_workspace_check(emulator, monkeypatch):
+    """Every Ray command lists its cluster right after it bootstraps its config: the listing
+    is asked beside the workspace check's two calls (one round trip less at CML's 100-300
+    ms), and the provider's first listing takes it, once and only while fresh."""
+    monkeypatch.setenv("CML_API_KEY", emulator.api_key)
+    config = workspace_config(emulator)
+    [head] = launch(provider_on(emulator, monkeypatch, config["cluster_name"]), tags=HEAD_TAGS)
+
+    def first_listings(fresh_s: float) -> list[tuple[str, str]]:
+        monkeypatch.setattr(workspace_check, "_fit", set())  # the check is once per process
+        monkeypatch.setattr(lookup, "PREFETCH_FRESH_S", fresh_s)
+        CMLNodeProvider.bootstrap_config(config)
+        provider = CMLNodeProvider(config["provider"], config["cluster_name"])
+        calls = count_calls(provider, monkeypatch)
+        assert provider.non_terminated_nodes({}) == [head]
+        listed_first = list(calls)
+        assert provider.non_terminated_nodes({}) == [head]
+        assert calls[len(listed_first) :] == [("GET", "applications")]  # then CML's own
+        return listed_first
+
+    assert first_listings(fresh_s=2.0) == []
+    assert first_listings(fresh_s=0.0) == [("GET", "applications")]  # too old by then
 
 
 def test_a_node_restarted_by_cml_removes_itself_instead_of_rejoining(start_emulator, monkeypatch):

@@ -4,6 +4,8 @@ back with ``contract.parse_application``. The provider, ``ray-cml status``, ``gc
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 from ray_cml_provider.cml import Application, ApplicationStatus, CMLClient
@@ -74,3 +76,38 @@ def cluster_applications(client: CMLClient, cluster: str = "", kind: str = "") -
         elif not cluster or parsed[0].cluster == cluster:
             listing.nodes.append(ClusterApplication(app, parsed[0], parsed[1]))
     return listing
+
+
+# Every Ray command lists its cluster right after it bootstraps its config, whose workspace
+# check asks CML two things side by side: the listing is asked beside them (one round trip
+# less at CML's 100-300 ms), and the provider's first listing in this process takes it.
+PREFETCH_FRESH_S = 2.0
+_prefetched: dict[tuple, tuple[float, Listing]] = {}
+_prefetched_lock = threading.Lock()
+
+
+def _prefetch_key(client: CMLClient, cluster: str) -> tuple:
+    settings = client.settings
+    return (settings.host, settings.project_id, settings.api_key, cluster)
+
+
+def prefetch_cluster_applications(client: CMLClient, cluster: str) -> None:
+    """List ``cluster`` now, for this process's next ``take_prefetched`` (best effort: a
+    failure leaves the provider to list it itself)."""
+    asked = time.monotonic()
+    try:
+        listing = cluster_applications(client, cluster)
+    except Exception:  # noqa: BLE001 - a prefetch never fails its caller
+        return
+    with _prefetched_lock:
+        _prefetched[_prefetch_key(client, cluster)] = (asked, listing)
+
+
+def take_prefetched(client: CMLClient, cluster: str) -> tuple[float, Listing] | None:
+    """The prefetched listing of ``cluster`` and when it was asked (monotonic), once, if it
+    was asked less than ``PREFETCH_FRESH_S`` ago."""
+    with _prefetched_lock:
+        found = _prefetched.pop(_prefetch_key(client, cluster), None)
+    if found is None or time.monotonic() - found[0] > PREFETCH_FRESH_S:
+        return None
+    return found

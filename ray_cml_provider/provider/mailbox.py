@@ -72,7 +72,8 @@ class NodeMailbox:
         return name
 
     def wait_for_result(self, name: str, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
-        """Poll for the result (one download per poll, backing off to ``poll_cap``)."""
+        """Poll for the result (one download per poll, backing off to ``poll_cap``, start to
+        start)."""
         delay, started = 0.2, time.monotonic()
         next_liveness_check = started + LIVENESS_CHECK_S
         next_note = started + NOTE_EVERY_S
@@ -81,6 +82,7 @@ class NodeMailbox:
         # more round trip, and a poll sent before it lands is a round trip wasted.
         time.sleep(min(self._upload_s, MAX_FIRST_POLL_WAIT_S))
         while time.monotonic() - started < timeout_s:
+            polled = time.monotonic()
             try:
                 result = Result.from_bytes(self.client.download_file(target))
                 if result is not None:  # else: still being written
@@ -97,7 +99,9 @@ class NodeMailbox:
                 next_liveness_check = now + LIVENESS_CHECK_S
                 if not self.still_there():
                     raise NodeGone(f"node {self.folder.node_id} went away")
-            time.sleep(delay)
+            # Polls `delay` apart, start to start: at CML's 300 ms a poll, a pause after each
+            # answer would see the result up to that much later.
+            time.sleep(max(0.0, polled + delay - time.monotonic()))
             delay = min(delay * 1.5, poll_cap(now - started))
         raise CommandTimedOut(f"no answer from node {self.folder.node_id} in {timeout_s:.0f} s")
 

@@ -70,7 +70,7 @@ from ray_cml_provider.provider.config import (
     validate_provider_config,
 )
 from ray_cml_provider.provider.launches import Launch, LaunchTracker
-from ray_cml_provider.provider.lookup import cluster_applications
+from ray_cml_provider.provider.lookup import cluster_applications, take_prefetched
 from ray_cml_provider.provider.packages import node_type_packages
 from ray_cml_provider.provider.ray_auth import TOKEN, cluster_mode, ensure_token
 from ray_cml_provider.provider.shipping import BOOTSTRAP_SCRIPT, launcher_files, provider_zip
@@ -186,8 +186,12 @@ class CMLNodeProvider(NodeProvider):
 
     def _refresh(self) -> dict[str, Node]:
         """One application list call: the cluster's applications, whatever their status."""
-        asked_at = time.monotonic()
-        listing = cluster_applications(self.client, self.cluster_name)
+        prefetched = take_prefetched(self.client, self.cluster_name)
+        if prefetched:  # asked beside the workspace check, an instant ago
+            asked_at, listing = prefetched
+        else:
+            asked_at = time.monotonic()
+            listing = cluster_applications(self.client, self.cluster_name)
         nodes = {own.node_id: Node(own.node_id, own.app, own.tags) for own in listing.nodes}
         for node_id, tags in self._tag_writer.newer_than_listing(asked_at).items():
             if node_id in nodes:

@@ -22,6 +22,7 @@ from ray_cml_provider.cml import (
 )
 from ray_cml_provider.cml.settings import DEFAULT_API_KEY_ENV
 from ray_cml_provider.errors import WorkspaceError
+from ray_cml_provider.provider.lookup import prefetch_cluster_applications
 
 
 def explain(exc: CMLError, key_env: str = DEFAULT_API_KEY_ENV) -> str:
@@ -77,10 +78,12 @@ def check_workspace(cluster_config: dict[str, Any]) -> None:
                 project_id=provider.get("project_id"),
                 api_key_env=key_env,
             ) as client,
-            ThreadPoolExecutor(2) as pool,
-        ):  # every Ray command waits on these two
+            ThreadPoolExecutor(3) as pool,
+        ):  # every Ray command waits on these two, then lists its cluster: asked beside
             project = pool.submit(client.get_project)
             listed = pool.submit(client.list_runtimes)
+            if cluster_config.get("cluster_name"):
+                pool.submit(prefetch_cluster_applications, client, cluster_config["cluster_name"])
             project.result()
             runtimes = {r.get("image_identifier") for r in listed.result()}
     except CMLConfigurationError as exc:
