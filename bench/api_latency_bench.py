@@ -134,12 +134,17 @@ def main() -> None:
     if args.save_traces:
         args.save_traces.mkdir(parents=True, exist_ok=True)
     results: dict[float, Figures] = {}
+    # The latencies take turns, run by run: a slow spell of this machine (2 cores, a Ray per
+    # node) then falls on all of them, not on one latency's runs.
+    routes_at: dict[float, list[str]] = {latency: [] for latency in args.latency_ms}
+    lives_at: dict[float, list[Figures]] = {latency: [] for latency in args.latency_ms}
+    for _ in range(args.runs):
+        for latency in args.latency_ms:
+            lives_at[latency].append(
+                one_life(latency, routes_at[latency], args.save_traces, not args.up_down_only)
+            )
     for latency in args.latency_ms:
-        routes: list[str] = []
-        lives = [
-            one_life(latency, routes, args.save_traces, not args.up_down_only)
-            for _ in range(args.runs)
-        ]
+        routes, lives = routes_at[latency], lives_at[latency]
         if args.routes:
             print(f"latency {latency:g} ms, the first run's requests:")
             described = [phase for phase in phases if not phase.startswith(" ")]
