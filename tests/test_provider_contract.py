@@ -358,7 +358,7 @@ def test_a_command_costs_one_upload_and_its_polls_and_the_node_clears_its_mailbo
 
 
 def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload(
-    provider, emulator, monkeypatch
+    provider, make_provider, emulator, monkeypatch, tmp_path
 ):
     """Two round trips `ray up` no longer waits on at CML's 100-300 ms a request: Ray's
     "is SSH up?" probe (`uptime`, run on the host) is answered by the launcher's node.json,
@@ -378,6 +378,16 @@ def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload
     (_, upload, sent, answered), (_, poll, first_poll, _) = calls[:2]
     assert upload == "files" and poll.endswith(".result:download"), calls
     assert first_poll - answered >= 0.9 * (answered - sent), calls
+
+    # A file copy as a first contact (`ray submit`'s script) is posted while node.json is read.
+    runner = make_provider().get_command_runner("", head, {}, "c1", None, True)
+    calls = timed_calls(runner.provider, monkeypatch)
+    source = tmp_path / "script.py"
+    source.write_text("print('hi')")
+    runner.run_rsync_up(str(source), "~/script.py")
+    [(_, _, info_sent, info_answered)] = [c for c in calls if c[1] == "node.json:download"]
+    [(_, _, copy_sent, _)] = [c for c in calls if c[1] == "files" and c[0] == "POST"]
+    assert copy_sent < info_answered and info_sent < copy_sent + 0.1, calls
 
 
 def timed_calls(provider, monkeypatch) -> list[tuple[str, str, float, float]]:

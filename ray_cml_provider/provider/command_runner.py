@@ -212,8 +212,11 @@ class CMLCommandRunner(CommandRunnerInterface):
             }
             for path, remote in pairs
         ]
+        # A copy is harmless on any node, so it is posted while the node is first checked
+        # (`ray submit`'s script is its first contact): one round trip less to wait on.
+        posted = _in_background(partial(self._post, Request(files=files)))
         self._wait_for_launcher()
-        code, output = self._request(Request(files=files))
+        code, output = self._answer(posted.result())
         if code != 0:
             raise ProcessRunnerError(
                 output.decode("utf-8", "replace").strip() or "copying files failed",
