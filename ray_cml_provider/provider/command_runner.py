@@ -59,9 +59,9 @@ ATTACH_HINT = (
 # Node environments not worth a line on every `ray exec` (nothing was installed).
 TRIVIAL_ENVIRONMENTS = ("the runtime already has Ray", "no packages asked for")
 # What `ray attach` asks a runner to run: an interactive shell, which a mailbox cannot carry.
+ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 # What Ray's updater runs (run_env="host") to learn that a node takes commands.
 READY_PROBE = "uptime"
-ATTACH_COMMANDS = {"$SHELL", "tmux new", "tmux attach || tmux new", "screen -L", "screen -L -xRR"}
 
 
 class CMLCommandRunner(CommandRunnerInterface):
