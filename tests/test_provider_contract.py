@@ -765,6 +765,21 @@ def stall(address: tuple[str, int], i: int, key: str) -> socket.socket:
     return sock
 
 
+def test_the_heads_autoscaler_gives_workers_the_code_it_runs_without_a_call(
+    make_provider, monkeypatch
+):
+    """In the head's autoscaler the code to ship is the zip its own Ray was started with (named
+    in its environment by `ray up`'s start command): its first scale-up does not list the
+    cluster's lib folder to find it (a round trip at CML's 100-300 ms)."""
+    shipped = ".ray-cml/c1/lib/ray_cml_provider-0123abcd.zip"
+    monkeypatch.setenv(NodeSpec.var("kind"), "head")
+    monkeypatch.setenv(NodeSpec.var("provider_zip"), shipped)
+    provider = make_provider()
+    calls = count_calls(provider, monkeypatch)
+    assert provider.ship_code() == shipped
+    assert calls == []
+
+
 def test_the_listing_never_waits_on_another_threads_call_to_cml(provider):
     """The head's autoscaler lists the nodes every update. A launch thread uploading the
     launcher or the code, or setting tags, through minutes of API retries must not hold it
