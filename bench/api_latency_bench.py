@@ -138,11 +138,12 @@ def main() -> None:
     # node) then falls on all of them, not on one latency's runs.
     routes_at: dict[float, list[str]] = {latency: [] for latency in args.latency_ms}
     lives_at: dict[float, list[Figures]] = {latency: [] for latency in args.latency_ms}
-    for _ in range(args.runs):
+    for run in range(1, args.runs + 1):
         for latency in args.latency_ms:
-            lives_at[latency].append(
-                one_life(latency, routes_at[latency], args.save_traces, not args.up_down_only)
-            )
+            life = one_life(latency, routes_at[latency], args.save_traces, not args.up_down_only)
+            lives_at[latency].append(life)
+            figures = ", ".join(f"{phase.strip()} {life[phase][0]:.1f} s" for phase in phases)
+            print(f"run {run}, latency {latency:g} ms: {figures}", flush=True)
     for latency in args.latency_ms:
         routes, lives = routes_at[latency], lives_at[latency]
         if args.routes:

@@ -66,6 +66,15 @@ def test_a_model_that_scales_from_zero_is_advised_to_report_requests_each_second
         "advice: applications[0].args.llm_configs[0].deployment_config.autoscaling_config"
         ".metrics_interval_s: 10 s;"
     )
+    broken = edited(
+        lambda c: llm_of(c)["deployment_config"]["autoscaling_config"].update(
+            metrics_interval_s="soon"
+        )
+    )
+    assert (
+        "problem: applications[0].args.llm_configs[0].deployment_config.autoscaling_config"
+        ".metrics_interval_s: 'soon' is not a number of seconds"
+    ) in [str(f) for f in check(broken, CML_CLUSTER)]
     kept_warm = edited(
         lambda c: llm_of(c)["deployment_config"]["autoscaling_config"].update(
             min_replicas=1, metrics_interval_s=10

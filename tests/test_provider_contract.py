@@ -368,15 +368,16 @@ def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload
     runner = provider.get_command_runner("", head, {}, "c1", None, True)
     calls = timed_calls(provider, monkeypatch)
     assert runner.run("uptime", timeout=10, run_env="host") == ""
-    assert [(method, name) for method, name, _, _ in calls] == [("POST", "node.json:download")]
+    # node.json read (again while the launcher has not published it yet), no request posted
+    assert {(method, name) for method, name, _, _ in calls} == {("POST", "node.json:download")}
     # `ray exec CONFIG uptime` is a command like any other: it runs on the node.
     assert "load average" in runner.run("uptime", with_output=True)
 
     emulator.set_faults(latency_ms=200)
     calls.clear()
     runner.run("true")
-    (_, upload, sent, answered), (_, poll, first_poll, _) = calls[:2]
-    assert upload == "files" and poll.endswith(".result:download"), calls
+    [(_, _, sent, answered)] = [c for c in calls if c[:2] == ("POST", "files")]
+    first_poll = min(c[2] for c in calls if c[1].endswith(".result:download"))
     assert first_poll - answered >= 0.9 * (answered - sent), calls
 
     # A file copy as a first contact (`ray submit`'s script) is posted while node.json is read.
@@ -385,9 +386,9 @@ def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload
     source = tmp_path / "script.py"
     source.write_text("print('hi')")
     runner.run_rsync_up(str(source), "~/script.py")
-    [(_, _, info_sent, info_answered)] = [c for c in calls if c[1] == "node.json:download"]
+    [(_, _, _, info_answered)] = [c for c in calls if c[1] == "node.json:download"]
     [(_, _, copy_sent, _)] = [c for c in calls if c[1] == "files" and c[0] == "POST"]
-    assert copy_sent < info_answered and info_sent < copy_sent + 0.1, calls
+    assert copy_sent < info_answered, calls
 
 
 def timed_calls(provider, monkeypatch) -> list[tuple[str, str, float, float]]:
@@ -486,7 +487,7 @@ def test_the_first_listing_is_asked_beside_the_workspace_check(emulator, monkeyp
         assert calls[len(listed_first) :] == [("GET", "applications")]  # then CML's own
         return listed_first
 
-    assert first_listings(fresh_s=2.0) == []
+    assert first_listings(fresh_s=60.0) == []
     assert first_listings(fresh_s=0.0) == [("GET", "applications")]  # too old by then
 
 
@@ -773,11 +774,15 @@ def test_the_heads_autoscaler_gives_workers_the_code_it_runs_without_a_call(
     cluster's lib folder to find it (a round trip at CML's 100-300 ms)."""
     shipped = ".ray-cml/c1/lib/ray_cml_provider-0123abcd.zip"
     monkeypatch.setenv(NodeSpec.var("kind"), "head")
+    monkeypatch.setenv(NodeSpec.var("cluster"), "c1")
     monkeypatch.setenv(NodeSpec.var("provider_zip"), shipped)
     provider = make_provider()
     calls = count_calls(provider, monkeypatch)
     assert provider.ship_code() == shipped
     assert calls == []
+    # A provider of another cluster made there (a job's `ray up`) ships its own code.
+    other = make_provider("c2")
+    assert other.ship_code().startswith(".ray-cml/c2/lib/")
 
 
 def test_the_listing_never_waits_on_another_threads_call_to_cml(provider):

@@ -186,7 +186,17 @@ def _check_llm(
         ),
     )
     autoscaling = (llm.get("deployment_config") or {}).get("autoscaling_config") or {}
-    interval = float(autoscaling.get("metrics_interval_s", SERVE_DEFAULT_METRICS_INTERVAL_S))
+    try:  # Serve's schema does not look inside an app's args: a number is not certain
+        interval = float(autoscaling.get("metrics_interval_s", SERVE_DEFAULT_METRICS_INTERVAL_S))
+    except (TypeError, ValueError):
+        found.append(
+            Finding(
+                False,
+                f"{where}.deployment_config.autoscaling_config.metrics_interval_s: "
+                f"{autoscaling.get('metrics_interval_s')!r} is not a number of seconds",
+            )
+        )
+        interval = SERVE_DEFAULT_METRICS_INTERVAL_S
     if autoscaling.get("min_replicas", 1) == 0 and interval > 1:
         # Ray 2.60: at zero replicas a handle pushes at once, but the samples it stored,
         # all 0 once it has served: a second scale from zero waits for the next push.

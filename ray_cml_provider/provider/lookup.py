@@ -78,9 +78,10 @@ def cluster_applications(client: CMLClient, cluster: str = "", kind: str = "") -
     return listing
 
 
-# Every Ray command lists its cluster right after it bootstraps its config, whose workspace
-# check asks CML two things side by side: the listing is asked beside them (one round trip
-# less at CML's 100-300 ms), and the provider's first listing in this process takes it.
+# Ray's commands list their cluster right after bootstrapping the config (`ray down` without
+# --yes asks its question first), whose workspace check asks CML two things side by side:
+# the listing is asked beside them (one round trip less at CML's 100-300 ms), and the
+# provider's first listing in this process takes it if still fresh (else lists again).
 PREFETCH_FRESH_S = 2.0
 _prefetched: dict[tuple, tuple[float, Listing]] = {}
 _prefetched_lock = threading.Lock()

@@ -55,7 +55,9 @@ class NodeMailbox:
         self.folder = folder
         self.still_there = still_there  # False once the node's application is gone
         self.progress = progress
-        self._upload_s = 0.0  # how long the last request's upload took: one round trip
+        # By request: when its answer can first be there (its upload's end plus one more
+        # upload's time: the node's answer is an upload too).
+        self._answer_not_before: dict[str, float] = {}
 
     def ask(self, request: Request, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
         """Post ``request`` and wait for its result. Raises ``NodeGone`` or
@@ -68,7 +70,8 @@ class NodeMailbox:
         name = f"{time.time_ns()}-{secrets.token_hex(3)}"
         sent = time.monotonic()
         self.client.upload_file(self.folder.request(name), request.to_json())
-        self._upload_s = time.monotonic() - sent
+        done = time.monotonic()
+        self._answer_not_before[name] = done + min(done - sent, MAX_FIRST_POLL_WAIT_S)
         return name
 
     def wait_for_result(self, name: str, timeout_s: float = MAX_COMMAND_WAIT_S) -> Result:
@@ -79,8 +82,8 @@ class NodeMailbox:
         next_note = started + NOTE_EVERY_S
         target = self.folder.result(name)
         # The node answers with an upload of its own: no answer is there sooner than one
-        # more round trip, and a poll sent before it lands is a round trip wasted.
-        time.sleep(min(self._upload_s, MAX_FIRST_POLL_WAIT_S))
+        # more round trip after the request's, and a poll sent before is one wasted.
+        time.sleep(max(0.0, self._answer_not_before.pop(name, 0.0) - time.monotonic()))
         while time.monotonic() - started < timeout_s:
             polled = time.monotonic()
             try:
@@ -100,7 +103,8 @@ class NodeMailbox:
                 if not self.still_there():
                     raise NodeGone(f"node {self.folder.node_id} went away")
             # Polls `delay` apart, start to start: at CML's 300 ms a poll, a pause after each
-            # answer would see the result up to that much later.
+            # answer would see the result up to that much later (a poll slower than `delay`,
+            # retried say, is followed at once: at most one request in flight all the same).
             time.sleep(max(0.0, polled + delay - time.monotonic()))
             delay = min(delay * 1.5, poll_cap(now - started))
         raise CommandTimedOut(f"no answer from node {self.folder.node_id} in {timeout_s:.0f} s")

@@ -177,10 +177,12 @@ class CMLNodeProvider(NodeProvider):
         # In the head's autoscaler, the launcher files are those `ray up` uploaded with this
         # very code (the head runs the provider zip it shipped): a first scale-up does not
         # wait to upload them again.
-        self._launcher_uploaded = _here().is_head
+        here = _here()
+        in_own_head = here.is_head and here.cluster == cluster_name
+        self._launcher_uploaded = in_own_head
         # Likewise the code: its workers run the zip the head's own Ray was started with
         # (`ray up` shipped it and named it in the start command's environment).
-        self._shipped_zip: str | None = (_here().provider_zip or None) if _here().is_head else None
+        self._shipped_zip: str | None = (here.provider_zip or None) if in_own_head else None
         self.ready_nodes: set[str] = set()  # nodes whose environment the runner has seen
         self._refused_head = False  # see _refuse_own_head_termination
 
