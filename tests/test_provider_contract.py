@@ -193,15 +193,23 @@ def test_nodes_are_told_where_the_ray_token_is_never_the_token(
     assert make_provider("c1", ray_auth_mode="disabled").ray_auth_mode == "token"
 
 
-def count_calls(provider, monkeypatch) -> list[tuple[str, str]]:
-    """From now on, each CML call the provider makes: (method, last part of the path)."""
+def count_calls(provider, monkeypatch, timed: bool = False) -> list[tuple]:
+    """From now on, each CML call the provider makes: (method, last part of the path), with
+    ``timed`` also (sent, answered) by the monotonic clock, recorded once answered."""
     transport = provider.client._transport
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple] = []
     sent = transport.request
 
     def counted(method: str, path: str, **kwargs):
-        calls.append((method, path.rsplit("/", 1)[-1]))
-        return sent(method, path, **kwargs)
+        call = (method, path.rsplit("/", 1)[-1])
+        if not timed:
+            calls.append(call)
+            return sent(method, path, **kwargs)
+        started = time.monotonic()
+        try:
+            return sent(method, path, **kwargs)
+        finally:
+            calls.append((*call, started, time.monotonic()))
 
     monkeypatch.setattr(transport, "request", counted)
     return calls
@@ -366,7 +374,7 @@ def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload
     (one more round trip after the request's own upload)."""
     [head] = launch(provider, tags=HEAD_TAGS, config=HEAD_CONFIG)
     runner = provider.get_command_runner("", head, {}, "c1", None, True)
-    calls = timed_calls(provider, monkeypatch)
+    calls = count_calls(provider, monkeypatch, timed=True)
     assert runner.run("uptime", timeout=10, run_env="host") == ""
     # node.json read (again while the launcher has not published it yet), no request posted
     assert {(method, name) for method, name, _, _ in calls} == {("POST", "node.json:download")}
@@ -382,31 +390,13 @@ def test_rays_ready_probe_costs_no_command_and_a_poll_waits_for_the_nodes_upload
 
     # A file copy as a first contact (`ray submit`'s script) is posted while node.json is read.
     runner = make_provider().get_command_runner("", head, {}, "c1", None, True)
-    calls = timed_calls(runner.provider, monkeypatch)
+    calls = count_calls(runner.provider, monkeypatch, timed=True)
     source = tmp_path / "script.py"
     source.write_text("print('hi')")
     runner.run_rsync_up(str(source), "~/script.py")
     [(_, _, _, info_answered)] = [c for c in calls if c[1] == "node.json:download"]
     [(_, _, copy_sent, _)] = [c for c in calls if c[1] == "files" and c[0] == "POST"]
     assert copy_sent < info_answered, calls
-
-
-def timed_calls(provider, monkeypatch) -> list[tuple[str, str, float, float]]:
-    """From now on, each CML call the provider makes: (method, last part of the path, sent,
-    answered), by the monotonic clock."""
-    transport = provider.client._transport
-    calls: list[tuple[str, str, float, float]] = []
-    sent = transport.request
-
-    def timed(method: str, path: str, **kwargs):
-        started = time.monotonic()
-        try:
-            return sent(method, path, **kwargs)
-        finally:
-            calls.append((method, path.rsplit("/", 1)[-1], started, time.monotonic()))
-
-    monkeypatch.setattr(transport, "request", timed)
-    return calls
 
 
 def test_a_cml_outage_does_not_make_the_autoscaler_fail(provider, emulator):

@@ -103,12 +103,18 @@ def signature(folder: Path) -> frozenset[tuple[str, int, float]]:
     return frozenset(found)
 
 
-def newest_version(shared: Path) -> Path | None:
-    """The newest complete version of the project's cache (staging folders start with .)."""
+def versions(shared: Path) -> list[Path]:
+    """The complete versions of the project's cache, oldest first (staging folders start
+    with a dot)."""
     if not shared.is_dir():
-        return None
-    versions = sorted(p for p in shared.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return versions[-1] if versions else None
+        return []
+    return sorted(p for p in shared.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def newest_version(shared: Path) -> Path | None:
+    """The newest complete version of the project's cache."""
+    found = versions(shared)
+    return found[-1] if found else None
 
 
 def publish(local: Path, shared: Path, keep: int = KEEP_VERSIONS) -> Path:
@@ -124,8 +130,7 @@ def publish(local: Path, shared: Path, keep: int = KEEP_VERSIONS) -> Path:
         staging.rename(shared / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    versions = sorted(p for p in shared.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for old in versions[:-keep]:
+    for old in versions(shared)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in shared.glob(".*.tmp"):
         with contextlib.suppress(OSError):

@@ -117,9 +117,9 @@ class NodeMailbox:
             message = f"not a node record: {exc}"
             raise CMLNotFoundError("GET", self.folder.info, 404, message) from None
 
-    def wait_for_launcher(self, timeout_s: float) -> NodeInfo:
+    def wait_for_launcher(self, timeout_s: float, poll_s: float = 1.0) -> NodeInfo:
         """Until the node's launcher has published itself (like waiting for SSH); what it
-        published."""
+        published. Raises the last ``CMLError`` past ``timeout_s``."""
         started = time.monotonic()
         next_note = started + 5
         while True:
@@ -134,4 +134,4 @@ class NodeMailbox:
                     f"waiting for the node launcher of {self.folder.node_id} to start "
                     f"({time.monotonic() - started:.0f} s)"
                 )
-            time.sleep(1.0)
+            time.sleep(poll_s)

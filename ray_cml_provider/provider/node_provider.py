@@ -49,7 +49,6 @@ from ray_cml_provider.contract import (
     CommandVar,
     LedgerEntry,
     NodeFolder,
-    NodeInfo,
     NodeSpec,
     application_name,
     autostop_record_path,
@@ -71,6 +70,7 @@ from ray_cml_provider.provider.config import (
 )
 from ray_cml_provider.provider.launches import Launch, LaunchTracker
 from ray_cml_provider.provider.lookup import cluster_applications, take_prefetched
+from ray_cml_provider.provider.mailbox import NodeMailbox
 from ray_cml_provider.provider.packages import node_type_packages
 from ray_cml_provider.provider.ray_auth import TOKEN, cluster_mode, ensure_token
 from ray_cml_provider.provider.shipping import BOOTSTRAP_SCRIPT, launcher_files, provider_zip
@@ -309,19 +309,19 @@ class CMLNodeProvider(NodeProvider):
         with self._lock:
             if node_id in self._ips:
                 return self._ips[node_id]
-        deadline = time.monotonic() + self.launch_timeout_s
-        path = NodeFolder.of(self.cluster_name, node_id).info
-        while True:
-            try:
-                info = NodeInfo.from_json(self.client.download_file(path))
-                break
-            except (CMLError, ValueError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(self.poll_interval_s)
+        info = self._mailbox(node_id).wait_for_launcher(
+            self.launch_timeout_s, poll_s=self.poll_interval_s
+        )
         with self._lock:
             self._ips[node_id] = info.ip
         return info.ip
+
+    def _mailbox(self, node_id: str) -> NodeMailbox:
+        """The node's folder as the command runner sees it: its ``node.json`` is read there
+        (progress while waiting goes to the debug log: this may be the head's autoscaler)."""
+        return NodeMailbox(
+            self.client, NodeFolder.of(self.cluster_name, node_id), progress=logger.debug
+        )
 
     def external_ip(self, node_id: str) -> str:
         return self.internal_ip(node_id)
@@ -590,10 +590,9 @@ class CMLNodeProvider(NodeProvider):
         deadline = time.monotonic() + HEAD_ADDRESS_WAIT_S
         while True:
             try:
-                folder = NodeFolder.of(self.cluster_name, heads[0])
-                info = NodeInfo.from_json(self.client.download_file(folder.info))
+                info = self._mailbox(heads[0]).node_info()  # a torn record is "not found"
                 return heads[0], info.ip, info.gcs_port, info.app_port
-            except (CMLNotFoundError, ValueError):
+            except CMLNotFoundError:
                 if time.monotonic() > deadline:
                     raise NodeLaunchException(
                         "NoHead",
