@@ -26,7 +26,9 @@ to ``ray up`` for the head and in ``failure.txt`` for a worker; ``ray stop`` sti
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -52,19 +54,67 @@ def log(message: str) -> None:
     print(f"[ray-cml bootstrap {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class CallerSlots:
+    """The connections a ``StatusPage`` serves, oldest first, each cut at its deadline:
+    ``timeout_s`` after it came, for its whole request. A per-byte timeout is not enough: a
+    caller sending one byte every few seconds would hold its slot for ever, and ``most`` of them
+    would keep CML's poll out for the node's whole life. When all ``most`` slots are taken, the
+    oldest caller is cut to let the new one in, so however fast callers come, a poll is let in
+    at once; it sends its request as it connects, long before ``most`` later callers could push
+    it out."""
+
+    def __init__(self, most: int, timeout_s: float):
+        self.most, self.timeout_s = most, timeout_s
+        self.deadlines: dict[socket.socket, float] = {}  # in arrival, hence deadline, order
+        self.lock = threading.Lock()
+
+    def admit(self, conn: socket.socket) -> None:
+        with self.lock:
+            if len(self.deadlines) >= self.most:
+                self.cut(next(iter(self.deadlines)))
+            self.deadlines[conn] = time.monotonic() + self.timeout_s
+
+    def cut_late(self) -> None:
+        """Cut the callers past their deadline (each turn of the server's loop)."""
+        now = time.monotonic()
+        with self.lock:
+            while self.deadlines and next(iter(self.deadlines.values())) <= now:
+                self.cut(next(iter(self.deadlines)))
+
+    def cut_all(self) -> None:
+        """On close: no handler thread is left waiting on a caller."""
+        with self.lock:
+            while self.deadlines:
+                self.cut(next(iter(self.deadlines)))
+
+    def release(self, conn: socket.socket) -> None:
+        """Forget a connection before it is closed: no cut then reaches a closed socket (whose
+        descriptor may be another's by then)."""
+        with self.lock:
+            self.deadlines.pop(conn, None)
+
+    def cut(self, conn: socket.socket) -> None:
+        """End a caller (under the lock): its handler reads the end of the stream, answers
+        nothing and ends; the slot is free at once."""
+        del self.deadlines[conn]
+        with contextlib.suppress(OSError):  # the caller has gone already
+            conn.shutdown(socket.SHUT_RDWR)
+
+
 class StatusPage:
     """What the application's port answers while no real door is open: ``GET /`` (CML's
     status poll) gets ``200`` and one line of state; anything else gets ``503`` with
-    ``Retry-After``. Nothing is proxied and no body is read; a silent caller is dropped after
-    ``timeout_s``, and at most ``most`` callers are served at once (the rest are closed)."""
+    ``Retry-After``. Nothing is proxied and no body is read; a caller has ``timeout_s`` for its
+    whole request, and at most ``most`` callers are served at once, the oldest cut to let a new
+    one in (``CallerSlots``)."""
 
     def __init__(self, host: str, port: int, describe, timeout_s: float = 10.0, most: int = 64):
         page = self
         self.describe = describe  # () -> str, the line the page shows
-        self.slots = threading.BoundedSemaphore(most)
+        self.callers = CallerSlots(most, timeout_s)
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = timeout_s  # seconds a caller may stay silent
+            timeout = timeout_s  # seconds a caller may stay silent (its deadline comes first)
             protocol_version = "HTTP/1.1"
             server_version, sys_version = "ray-cml", ""  # no versions to fingerprint
 
@@ -100,25 +150,30 @@ class StatusPage:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            # Callers beyond the slots queue in order: past a full queue the kernel drops a
+            # connection attempt (a poll's too) and it is tried again a second or more later.
+            request_queue_size = socket.SOMAXCONN
 
             def process_request(self, request, client_address) -> None:
-                if not page.slots.acquire(blocking=False):
-                    self.shutdown_request(request)  # full: close at once
-                    return
+                page.callers.admit(request)
                 super().process_request(request, client_address)
 
-            def process_request_thread(self, request, client_address) -> None:
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    page.slots.release()
+            def shutdown_request(self, request) -> None:
+                page.callers.release(request)
+                super().shutdown_request(request)
+
+            def service_actions(self) -> None:
+                page.callers.cut_late()
 
             def handle_error(self, request, client_address) -> None:
-                pass  # a caller that reset or went silent: no traceback in the node's log
+                pass  # a caller that reset or was cut: no traceback in the node's log
 
         self.server = Server((host, port), Handler)
         self.thread = threading.Thread(
-            target=self.server.serve_forever, name="status-page", daemon=True
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": min(0.5, timeout_s / 10)},  # how late a deadline may be
+            name="status-page",
+            daemon=True,
         )
         self.thread.start()
 
@@ -126,6 +181,7 @@ class StatusPage:
         """Stop answering and free the port (the launcher's door binds it next)."""
         self.server.shutdown()
         self.server.server_close()
+        self.callers.cut_all()
 
 
 def status_line(spec: NodeSpec, state: str) -> str:
