@@ -6,6 +6,7 @@ down`` are in ``test_ray_e2e.py``."""
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,7 @@ from ray_cml_provider.contract import (
 from ray_cml_provider.node import history
 from ray_cml_provider.node.context import NodeContext
 from ray_cml_provider.node.history import Historian, MonitorLog, close_open_run, decision
+from ray_cml_provider.node.redaction import REDACTED, Redactor
 from ray_cml_provider.ops import history as history_command
 from tests.conftest import wait_until
 
@@ -48,6 +50,7 @@ class Dashboard:
         self.requests = 0  # the Serve counter /metrics shows: grows between scrapes
         self.authorized: list[str] = []
         self.log_delay_s = 0.0  # a dashboard that answers slowly
+        self.serve_message = ""  # an application's and its deployment's
         dashboard = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,7 +69,9 @@ class Dashboard:
                     body = json.dumps({"logs": dashboard.logs.get(job, "")})
                 elif path == "/api/serve/applications/":
                     deployment = {"status": "HEALTHY", "replicas": [{"state": "RUNNING"}]}
+                    deployment["message"] = dashboard.serve_message
                     app = {"status": "RUNNING", "deployments": {"Echo": deployment}}
+                    app["message"] = dashboard.serve_message
                     body = json.dumps({"applications": {"echo": app}})
                 elif path == "/metrics":
                     dashboard.requests += 30
@@ -325,17 +330,18 @@ def test_decisions_are_read_as_monitor_log_grows_and_from_a_new_session(tmp_path
     latest = tmp_path / "session_latest"
     latest.symlink_to(session_a)
     log = MonitorLog(latest / "monitor.log")
-    assert log.new_decisions() == []  # no file yet
+    kept = Redactor([]).redact  # nothing to redact here
+    assert log.new_decisions(kept) == []  # no file yet
     (session_a / "monitor.log").write_text("x -- Adding 2 node(s) of type gpu.\nx -- Resiz")
-    assert log.new_decisions() == ["x Adding 2 node(s) of type gpu."]
+    assert log.new_decisions(kept) == ["x Adding 2 node(s) of type gpu."]
     with open(session_a / "monitor.log", "a") as out:
         out.write("ed to 4 CPUs, 1 GPUs.\n")  # the line that was being written
-    assert log.new_decisions() == ["x Resized to 4 CPUs, 1 GPUs."]
+    assert log.new_decisions(kept) == ["x Resized to 4 CPUs, 1 GPUs."]
     (session_b / "monitor.log").write_text("y -- Removing 1 nodes of type gpu (idle).\n")
     latest.unlink()
     latest.symlink_to(session_b)
-    assert log.new_decisions() == ["y Removing 1 nodes of type gpu (idle)."]
-    assert decision("2026-12-03 10:57:50,001\tINFO x.py:1 -- Fetched state") is None
+    assert log.new_decisions(kept) == ["y Removing 1 nodes of type gpu (idle)."]
+    assert decision("2026-12-03 10:57:50,001\tINFO x.py:1 -- Fetched state", kept) is None
 
 
 def test_a_record_that_is_not_one_is_left_alone():
@@ -343,3 +349,34 @@ def test_a_record_that_is_not_one_is_left_alone():
     assert not close_open_run(lambda p: b"[1, 2]", written.__setitem__, "x", "lost")
     assert not close_open_run(lambda p: None, written.__setitem__, "x", "lost")
     assert written == {}
+
+
+def test_a_secret_across_the_300_character_cut_is_redacted_before_it(emulator, client, dashboard):
+    """Serve's messages and the autoscaler's lines are kept to 300 characters: cut first, a
+    token across the cut kept most of itself, which the whole-token match then missed."""
+    ctx = head_context(emulator, dashboard.port)
+    token = secrets.token_hex(32)  # as Ray's token would be: random, 64 characters
+    ctx.token_path.write_text(token)
+    message = "x" * 260 + token + " (from the replica's environment)"
+    dashboard.serve_message = message
+    line = f"2026-12-03 10:57:52,850\tINFO event_logger.py:77 -- Adding {'x' * 240}{token}"
+    # What the cut alone would have kept: 40 and 33 characters of the token.
+    assert token[:40] in message[:300] and token[:33] in decision(line, str)[:300]
+    monitor = Path(ctx.tmp_dir) / "ray/session_latest/logs/monitor.log"
+    monitor.parent.mkdir(parents=True, exist_ok=True)
+    monitor.write_text(line + "\n")
+    historian = Historian(ctx, dashboard.port)
+    record = HistoryRecord("c1", history_run_name(time.time(), "0123abcd"), "0123abcd", 1.0)
+
+    historian.read_serve(record)
+    historian.read_decisions(record)
+    historian.publish(record)
+
+    _, raw = stored(client, record.run)
+    app = record.serve["echo"]
+    [kept_line] = record.autoscaler
+    kept = (app["message"], app["deployments"]["Echo"]["message"], kept_line, raw.decode())
+    for text in kept:
+        assert not any(token[i : i + 16] in text for i in range(len(token) - 15)), text
+    assert app["message"] == "x" * 260 + REDACTED + message[324:][:30]
+    assert kept_line == f"2026-12-03 10:57:52 Adding {'x' * 240}{REDACTED}"

@@ -23,10 +23,13 @@ warning still leaves its last minute. What a record holds, and where it comes fr
 Bounded by construction: at most ``MAX_JOBS`` jobs with ``TAIL_BYTES`` of log each,
 ``MAX_COMMANDS`` commands, ``MAX_EVENTS`` decisions, ``MAX_NODES`` nodes (well under a
 megabyte), and ``MAX_RUNS`` runs per cluster. Every secret the head holds (Ray's token, the
-endpoint and metrics keys, the engine's API key) is replaced by ``[redacted]`` in the text
-before it is written. Starting a run marks the cluster's runs left open (a head lost or
-restarted) as ended, with the time of their last snapshot; ``ray-cml gc`` does the same for
-a cluster it collects.
+endpoint and metrics keys, the engine's API key) is replaced by ``[redacted]``, also in the
+forms a log gives it (base64, hex, escaped, split, cut: ``redaction.py``): in each text from
+Ray, CML or a command as it enters the record, before any cut (a secret cut first leaves
+most of itself, which a search for the whole would miss), and again in the whole record as
+it is written. Starting a run marks the cluster's runs left open (a head lost or restarted)
+as ended, with the time of their last snapshot; ``ray-cml gc`` does the same for a cluster
+it collects.
 
 Standard library at import time (``launcher.py``'s rule); the figures' arithmetic
 (``figures.py``, on ``prometheus_client``) is imported when first needed, in the node's
@@ -46,6 +49,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from ray_cml_provider.contract import (
     TAG_USER_NODE_TYPE,
@@ -59,6 +63,7 @@ from ray_cml_provider.contract import (
 from ray_cml_provider.node.context import NodeContext, log
 from ray_cml_provider.node.dashboard import MOST_BYTES, TIMEOUT_S, Dashboard
 from ray_cml_provider.node.project_api import ProjectAPI, ProjectAPIError, Retries
+from ray_cml_provider.node.redaction import Redactor
 
 MAX_JOBS = 50
 MAX_COMMANDS = 50
@@ -73,7 +78,6 @@ READ_AT_ONCE = 4 << 20  # of monitor.log
 # The history's calls to CML: short, as the last snapshot is what `ray stop` waits for.
 HISTORY_RETRIES = Retries(attempts=2, backoff_s=0.5, backoff_max_s=1.0, timeout_s=10.0)
 SNAPSHOT_BUDGET_S = 30.0  # what one snapshot may take (a job's log read after it, next time)
-REDACTED = "[redacted]"
 # What monitor.log says when the autoscaler decides (ray.autoscaler.v2.event_logger, v1's
 # StandardAutoscaler), and when a launch failed.
 DECISIONS = ("Adding", "Removing", "Terminating", "Resized to", "failed to launch", "ray-cml:")
@@ -86,21 +90,27 @@ def tail(text: str, lines: int = TAIL_LINES, most: int = TAIL_BYTES) -> str:
     return kept[-most:]
 
 
-def decision(line: str) -> str | None:
+def decision(line: str, redact: Callable[[str], str]) -> str | None:
     """``2026-12-03 10:57:52,850\tINFO event_logger.py:77 -- Adding 2 node(s) of type gpu.``
-    -> ``2026-12-03 10:57:52 Adding 2 node(s) of type gpu.``; None for other lines."""
+    -> ``2026-12-03 10:57:52 Adding 2 node(s) of type gpu.``; None for other lines. Redacted
+    before it is cut to 300 characters: cut first, a secret across the cut would be missed."""
     when, sep, what = line.partition(" -- ")
     text = what if sep else line
     if not any(mark in text for mark in DECISIONS):
         return None
-    return f"{when[:19]} {text.strip()}"[:300] if sep else text.strip()[:300]
+    return redact(f"{when[:19]} {text.strip()}" if sep else text.strip())[:300]
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
+def scrubbed(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` (a record as ``dataclasses.asdict`` gives it) with every text in it, keys
+    too, redacted: a Serve application's name is Ray's text as much as its message."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {scrubbed(k, redact): scrubbed(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrubbed(v, redact) for v in value]
+    return value
 
 
 def _epoch(timestamp: str | None) -> float:
@@ -120,7 +130,7 @@ class MonitorLog:
         self.file: str = ""
         self.offset = 0
 
-    def new_decisions(self) -> list[str]:
+    def new_decisions(self, redact: Callable[[str], str]) -> list[str]:
         try:
             real = str(self.path.resolve(strict=True))
             size = os.stat(real).st_size
@@ -138,7 +148,8 @@ class MonitorLog:
         if not complete and len(data) == READ_AT_ONCE:
             complete = data  # one line longer than a read: not a decision, passed over
         self.offset += len(complete)
-        found = (decision(line) for line in complete.decode("utf-8", "replace").splitlines())
+        lines = complete.decode("utf-8", "replace").splitlines()
+        found = (decision(line, redact) for line in lines)
         return [line for line in found if line]
 
 
@@ -167,6 +178,7 @@ class Historian:
         self.monitor_log = MonitorLog(Path(ctx.tmp_dir) / "ray/session_latest/logs/monitor.log")
         self.last_scrape = None  # figures.Scrape
         self.secret_values: dict[Path | str, str] = {}  # every secret read, kept
+        self.redactor_of: tuple[tuple[str, ...], Redactor] = ((), Redactor([]))
 
     # -------------------------------------------------------------- the run's life
 
@@ -230,14 +242,14 @@ class Historian:
         """A command ``ray up``/``exec``/``submit`` ran (``Request.history``)."""
         if not request.cmd or not request.history:
             return
-        secrets = self.secrets()
+        redact = self.redactor().redact
         text = output.decode("utf-8", "replace")
         row = {
-            "cmd": redact(request.cmd, secrets)[:1000],
+            "cmd": redact(request.cmd)[:1000],
             "started_at": round(started_at, 3),
             "ended_at": round(self.clock(), 3),
             "exit_status": code,
-            "output_tail": tail(redact(text, secrets), 50, COMMAND_TAIL_BYTES),
+            "output_tail": tail(redact(text), 50, COMMAND_TAIL_BYTES),
         }
         with self.commands_lock:
             self.commands.append(row)
@@ -280,7 +292,7 @@ class Historian:
                     if left:
                         notes.append(f"{part}: {left} job log(s) not read (out of time)")
                 except Exception as exc:  # each part on its own: the others still count
-                    notes.append(f"{part}: {exc}"[:300])
+                    notes.append(self.redactor().redact(f"{part}: {exc}")[:300])
             now = self.clock()
             jobs = sorted(self.jobs.values(), key=lambda j: j.get("start_time") or 0)
             record.jobs = [{k: v for k, v in j.items() if k != "_logs_at"} for j in jobs]
@@ -296,14 +308,23 @@ class Historian:
 
     def publish(self, record: HistoryRecord) -> None:
         """Write the record, every secret replaced; not at all while a secret the head holds
-        cannot be read (it could not be looked for)."""
-        secrets = self.secrets()
+        cannot be read (it could not be looked for). Each text was redacted as it came in;
+        here every text of the record is, again, and then the JSON as a whole (a secret in
+        the forms only JSON gives it). Should that last pass ever leave the JSON unreadable,
+        the record is not written rather than written broken."""
+        redact = self.redactor().redact
         missing = [str(p) for p in self.secret_files() if p not in self.secret_values]
         if missing:
             log(f"history: not written: cannot read {', '.join(missing)} to keep it out")
             return
-        text = json.dumps(dataclasses.asdict(record), ensure_ascii=False)
-        data = redact(text, secrets).encode()
+        fields = scrubbed(dataclasses.asdict(record), redact)
+        text = redact(json.dumps(fields, ensure_ascii=False))
+        try:
+            json.loads(text)
+        except ValueError:
+            log("history: not written: redacting the record left it unreadable")
+            return
+        data = text.encode()
         path = f"{history_dir(record.cluster)}/{record.run}.json"
         try:
             self.api.delete(path)
@@ -330,12 +351,20 @@ class Historian:
                     self.secret_values[path] = value
         return [s for s in self.secret_values.values() if len(s) >= 8]
 
+    def redactor(self) -> Redactor:
+        """The ``Redactor`` of the secrets as they are now, made again only when they
+        change (a key rotated, a file read at last)."""
+        secrets = tuple(sorted(set(self.secrets())))
+        if secrets != self.redactor_of[0]:
+            self.redactor_of = (secrets, Redactor(secrets))
+        return self.redactor_of[1]
+
     # -------------------------------------------------------------- the parts
 
     def read_jobs(self, record: HistoryRecord, final: bool, deadline: float) -> int:
         """Ray's jobs of this run; a job's log tail once it ended (every job's at the end of
         the run). How many logs were left for lack of time."""
-        left, secrets = 0, self.secrets()
+        left, redact = 0, self.redactor().redact
         listed = self.dashboard.get("/api/jobs/")
         listed = [j for j in listed if isinstance(j, dict)] if isinstance(listed, list) else []
         # A recovered head's GCS still lists the jobs of runs before this one.
@@ -355,9 +384,9 @@ class Historian:
             row = {
                 "id": key,
                 "type": str(job.get("type", "")),
-                "entrypoint": redact(str(job.get("entrypoint", "")), secrets)[:1000],
+                "entrypoint": redact(str(job.get("entrypoint", "")))[:1000],
                 "status": status,
-                "message": redact(str(job.get("message") or ""), secrets)[-1000:],
+                "message": redact(str(job.get("message") or ""))[-1000:],
                 "start_time": (job.get("start_time") or 0) / 1000,
                 "end_time": (job.get("end_time") or 0) / 1000,
                 "log_tail": kept.get("log_tail", ""),
@@ -370,7 +399,7 @@ class Historian:
                 with contextlib.suppress(OSError, ValueError):
                     logs = self.dashboard.get(f"/api/jobs/{urllib.parse.quote(key)}/logs")
                     text = str((logs or {}).get("logs", ""))
-                    row["log_tail"] = tail(redact(text, secrets))
+                    row["log_tail"] = tail(redact(text))
                     row["_logs_at"] = status
             elif fetched:
                 row["_logs_at"] = status
@@ -379,6 +408,9 @@ class Historian:
         return left
 
     def read_serve(self, record: HistoryRecord) -> None:
+        """Each application's and deployment's status, and its message redacted before it is
+        cut to 300 characters."""
+        redact = self.redactor().redact
         answer = self.dashboard.get("/api/serve/applications/")
         apps = (answer or {}).get("applications") or {}
         serve = {}
@@ -388,20 +420,20 @@ class Historian:
                 replicas = dep.get("replicas") or []
                 deployments[dep_name] = {
                     "status": dep.get("status", ""),
-                    "message": str(dep.get("message") or "")[:300],
+                    "message": redact(str(dep.get("message") or ""))[:300],
                     "replicas": len(replicas),
                     "replicas_running": sum(1 for r in replicas if r.get("state") == "RUNNING"),
                 }
             serve[name] = {
                 "status": app.get("status", ""),
-                "message": str(app.get("message") or "")[:300],
+                "message": redact(str(app.get("message") or ""))[:300],
                 "route_prefix": app.get("route_prefix"),
                 "deployments": deployments,
             }
         record.serve = serve
 
     def read_decisions(self, record: HistoryRecord) -> None:
-        record.autoscaler += self.monitor_log.new_decisions()
+        record.autoscaler += self.monitor_log.new_decisions(self.redactor().redact)
         del record.autoscaler[:-MAX_EVENTS]
 
     def read_nodes(self, record: HistoryRecord) -> None:
