@@ -9,7 +9,14 @@ scrape of ``/metrics`` fetches every export listed there at once, parses each wi
 ``prometheus_client``'s parser, adds the node's labels (``ray_cml_node``,
 ``ray_cml_node_kind``, ``ray_cml_node_type``, from the nodes' ``node.json``) and writes one
 exposition with ``prometheus_client`` again. ``ray_cml_scrape_up`` says which exports
-answered. Nothing is kept between scrapes: the cost is the scraper's rhythm.
+answered.
+
+A scrape costs the head's CPU (parsing every export: ~0.5 s for a few workers), so the
+scraper's rhythm must not be the head's: scrapers that ask at once share one render (and
+one fetch of the exports), one render runs at a time, and after a render that took ``t`` the
+next one waits ``t / CPU_SHARE``; meanwhile a scraper gets the newest answer there is. One
+scraper in a loop, or many, thus costs at most a quarter of a core, and the parsing runs in
+a thread beside the event loop that serves ``/v1``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,10 @@ from ray_cml_provider.contract import NodeInfo
 DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 NODES_FRESH_S = 30.0  # how long the node map read from node.json files is kept
 EXPORT_MOST_BYTES = 32 * 1024 * 1024  # one node's export; a bigger one is left out
+CPU_SHARE = 0.25  # of one core, at most, for rendering /metrics, however often it is asked
+FETCH_FRESH_S = 0.5  # the exports fetched for one render serve others started this soon
+MOST_WAITING = 16  # scrapers waiting for a render; past that, refused (503) until one ends
+MOST_KEPT = 16  # answers kept, by the families asked for
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,14 @@ class ClusterMetrics:
         self.timeout_s = timeout_s
         # This process's own figures (the gateway's): (the head's ip, their exposition).
         self.own = own
+        # Sharing renders between scrapers (the module's docstring).
+        self._answers: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
+        self._rendering: dict[tuple[str, ...], asyncio.Future] = {}
+        self._waiting = 0
+        self._next_render_at = 0.0
+        self._lock: asyncio.Lock | None = None
+        self._fetched: tuple[list[str], list[str]] = ([], [])
+        self._fetched_at = float("-inf")
 
     def targets(self) -> list[str]:
         """``host:port`` of every export the head's Ray lists now ([] before Ray runs)."""
@@ -102,23 +122,77 @@ class ClusterMetrics:
             {t for group in groups if isinstance(group, dict) for t in group.get("targets", [])}
         )
 
-    async def render(self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()) -> bytes:
+    async def render(
+        self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()
+    ) -> bytes | None:
         """The exposition; with ``families``, only those metric families (by name, or by
         sample name: ``x_total``, ``x_bucket``...), picked before parsing, so a scraper
-        that needs a few figures often (``ray-cml top``) costs the head little."""
-        targets = self.targets()
-        texts = list(await asyncio.gather(*(self._fetch(session, t) for t in targets)))
+        that needs a few figures often (``ray-cml top``) costs the head little. None when
+        too many scrapers wait already (the gateway answers 503)."""
+        key = tuple(sorted(set(families)))
+        kept = self._answers.get(key)
+        if kept is not None and time.monotonic() < self._next_render_at:
+            return kept  # the newest there is: rendering again now would be over the share
+        pending = self._rendering.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        if self._waiting >= MOST_WAITING:
+            return None
+        self._waiting += 1
+        future = asyncio.get_running_loop().create_future()
+        self._rendering[key] = future
+        body = None
+        try:
+            async with self._one_at_a_time():
+                await asyncio.sleep(max(0.0, self._next_render_at - time.monotonic()))
+                started = time.monotonic()
+                body = await self._render(session, key)
+                spent = time.monotonic() - started
+                self._next_render_at = time.monotonic() + spent * (1 / CPU_SHARE - 1)
+            self._answers[key] = body
+            self._answers.move_to_end(key)
+            while len(self._answers) > MOST_KEPT:
+                self._answers.popitem(last=False)
+            return body
+        finally:
+            self._waiting -= 1
+            del self._rendering[key]
+            future.set_result(body)
+
+    def _one_at_a_time(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()  # made on the gateway's loop, at its first scrape
+        return self._lock
+
+    async def _render(self, session: aiohttp.ClientSession, families: tuple[str, ...]) -> bytes:
+        targets, texts = await self._exports(session)
+        # Parsing and writing a few hundred kB takes tens of milliseconds: off the event loop
+        # that serves /v1 and the dashboard.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.assemble_only, targets, texts, families)
+
+    async def _exports(self, session: aiohttp.ClientSession) -> tuple[list[str], list[str]]:
+        """Every export's text (and this process's own), fetched at most once per
+        ``FETCH_FRESH_S``."""
+        if time.monotonic() - self._fetched_at > FETCH_FRESH_S:
+            targets = self.targets()
+            texts = list(await asyncio.gather(*(self._fetch(session, t) for t in targets)))
+            self._fetched, self._fetched_at = (targets, texts), time.monotonic()
+        targets, texts = self._fetched
+        targets, texts = list(targets), list(texts)
         if self.own is not None:
             ip, exposition = self.own
             targets.append(f"{ip}:gateway")
             texts.append(exposition())
-        # Parsing and writing a few hundred kB takes tens of milliseconds: off the event loop
-        # that serves /v1 and the dashboard.
+        return targets, texts
+
+    def assemble_only(
+        self, targets: list[str], texts: list[str], families: tuple[str, ...]
+    ) -> bytes:
         answered = [bool(text) for text in texts]
         if families:
             texts = [only(text, families) for text in texts]
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.assemble, targets, texts, answered)
+        return self.assemble(targets, texts, answered)
 
     def assemble(
         self, targets: list[str], texts: list[str], answered: list[bool] | None = None

@@ -50,6 +50,7 @@ import contextlib
 import hmac
 import logging
 import resource
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -61,6 +62,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
+
+from ray_cml_provider.node.connections import (
+    ConnectionBook,
+    ConnectionLimits,
+    GuardedServer,
+    OneLineLog,
+    printable,
+)
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as within
+else:  # aiohttp's own dependency below 3.11
+    from async_timeout import timeout as within
 
 ENDPOINT_KEY_HEADER = "X-Endpoint-Key"
 METRICS_KEY_HEADER = "X-Metrics-Key"
@@ -111,12 +125,22 @@ class Limits:
     the times."""
 
     idle_s: float = 60.0  # no complete request head, or no body bytes, for this long: closed
+    crowded_idle_s: float = 5.0  # the same, a quarter full, for a connection that never spoke
     max_line_bytes: int = 16 * 1024  # request line, and each header field
     max_headers: int = 100
+    max_head_bytes: int = 64 * 1024  # one request head, all of it
+    head_budget_bytes: int = 64 * 1024 * 1024  # unfinished heads, all connections together
     max_api_body_bytes: int = 64 * 1024 * 1024  # /v1: prompts, embeddings inputs
     max_dashboard_body_bytes: int = 512 * 1024 * 1024  # a job's working_dir package
+    min_body_bytes_per_s: int = 1024  # after idle_s, a body slower than this on average: cut
     replay_body_bytes: int = 64 * 1024  # read first, so a stale pooled connection is retried
     max_connections: int = 0  # 0: from the file limit (``connection_cap``)
+    pool_wait_s: float = 5.0  # for a free connection to Ray; then 503, try again
+    answer_s: float = 600.0  # Ray's answer to the owner or a keyed caller: headers, each read
+    public_answer_s: float = 30.0  # the same for a caller without a credential
+    # Connections to Ray by who asks: a caller without a credential cannot take the owner's or
+    # the model callers' (``POOLS``).
+    pool_sizes: tuple[tuple[str, int], ...] = (("owner", 64), ("api", 512), ("public", 32))
 
 
 def connection_cap(reserve: int = 128, most: int = 8192) -> int:
@@ -171,16 +195,36 @@ class Upstream:
     port: int
     name: str  # for error messages: "Ray Serve's HTTP proxy", "the Ray dashboard"
 
-    def url(self, raw_target: str) -> URL:
-        # encoded=True: the target goes on exactly as the caller sent it (no dot-segment
-        # folding here: what is judged is what is forwarded).
-        return URL(f"http://{self.host}:{self.port}{raw_target}", encoded=True)
+    def url(self, target: Target) -> URL:
+        """Ray's URL for a request: scheme, host and port are ours, never the caller's; the
+        path and query go on exactly as sent (``encoded``: no dot-segment folding here, so
+        what is judged is what is forwarded)."""
+        return URL.build(
+            scheme="http",
+            host=self.host,
+            port=self.port,
+            path=target.path,
+            query_string=target.query,
+            encoded=True,
+        )
 
 
-def printable(text: object, most: int = 200) -> str:
-    """``text`` safe for a log line: control characters escaped, cut to ``most``."""
-    value = str(text)[:most]
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+@dataclass(frozen=True)
+class Target:
+    """An origin-form request target (``/path?query``), the only form forwarded."""
+
+    path: str
+    query: str
+
+    @classmethod
+    def of(cls, request: web.BaseRequest) -> Target:
+        """Raises ``Refused`` for any other form: ``CONNECT host:port``, an absolute URL or
+        ``*`` would each let a caller choose where the head dials."""
+        raw = request.raw_path
+        if request.method == "CONNECT" or not raw.startswith("/") or "#" in raw:
+            raise Refused(400, "the request target must be a path (/...): nothing else is relayed")
+        path, _, query = raw.partition("?")
+        return cls(path, query)
 
 
 def _bearer(value: str) -> bytes | None:
@@ -215,6 +259,11 @@ METRICS_KEY_NEEDED = (
 )
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 MAX_FAMILIES = 64  # ?family=... filters one /metrics answer takes
+# The request's key where the gateway notes who asked (aiohttp >= 3.12 types such keys).
+CALLER = web.RequestKey("ray_cml_caller", str) if hasattr(web, "RequestKey") else "ray_cml_caller"
+CREDENTIALED = ("owner", "api", "scraper")
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+SWEEP_EVERY_S = 1.0
 
 
 class ClusterMetricsLike(Protocol):
@@ -222,7 +271,7 @@ class ClusterMetricsLike(Protocol):
 
     async def render(
         self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()
-    ) -> bytes: ...
+    ) -> bytes | None: ...
 
 
 class DoorFiguresLike(Protocol):
@@ -250,13 +299,12 @@ class Rules:
         self.keys = keys
 
     @staticmethod
-    def is_api(raw_target: str) -> bool:
+    def route_of(raw_target: str) -> str:
+        """``v1`` (Serve), ``metrics`` (the gateway itself) or ``dashboard``."""
         path = raw_target.split("?", 1)[0]
-        return path == "/v1" or path.startswith("/v1/")
-
-    @staticmethod
-    def is_metrics(raw_target: str) -> bool:
-        return raw_target.split("?", 1)[0] == METRICS_PATH
+        if path == "/v1" or path.startswith("/v1/"):
+            return "v1"
+        return "metrics" if path == METRICS_PATH else "dashboard"
 
     def admit_scraper(self, request: web.BaseRequest) -> bool:
         """``/metrics``: the metrics key (figures only), or Ray's token."""
@@ -270,22 +318,27 @@ class Rules:
             or _same(_bearer(headers.get(RAY_TOKEN_HEADER, "")), token)
         )
 
-    def admit(self, request: web.BaseRequest, api: bool) -> bool:
+    def caller(self, request: web.BaseRequest, api: bool) -> str | None:
+        """Who asks, by the credential the request carries: ``owner`` (Ray's token), ``api``
+        (the endpoint key, ``/v1`` only), ``public`` (none, for the dashboard behind CML's
+        login); None when refused. It picks the request's pool of connections to Ray."""
         headers = request.headers
         token = self.keys.ray_token()
         authorization = _bearer(headers.get("Authorization", ""))
         ray_header = _bearer(headers.get(RAY_TOKEN_HEADER, ""))
         if _same(authorization, token) or _same(ray_header, token):
-            return True
+            return "owner"
         if api:
             key = self.keys.endpoint_key()
-            return _same(authorization, key) or _same(
+            keyed = _same(authorization, key) or _same(
                 _plain(headers.get(ENDPOINT_KEY_HEADER, "")), key
             )
-        if not self.keys.locked:
-            return True  # behind CML's login: the dashboard's API asks for Ray's token itself
+            return "api" if keyed else None
         cookie = request.cookies.get(RAY_TOKEN_COOKIE)
-        return _same(cookie.encode("utf-8", "replace") if cookie else None, token)
+        if _same(cookie.encode("utf-8", "replace") if cookie else None, token):
+            return "owner"
+        # Behind CML's login the dashboard's API asks for Ray's token itself.
+        return None if self.keys.locked else "public"
 
     @staticmethod
     def check_connection_header(request: web.BaseRequest) -> set[str]:
@@ -346,43 +399,42 @@ class Gateway:
         self.log = log
         self.limits = limits or Limits()
         self.refused = 0  # requests answered 401 (tests and the status page read it)
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     # ---------------------------------------------------------------- serving
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
-        response = await self.answer(request, arrived)
+        route = self.rules.route_of(request.raw_path)
+        response = await self.answer(request, route, arrived)
         if self.figures is not None:
-            self.figures.answered(self.route_of(request), response.status)
+            self.figures.answered(route, response.status)
         return response
 
-    def route_of(self, request: web.BaseRequest) -> str:
-        if self.rules.is_api(request.raw_path):
-            return "v1"
-        return "metrics" if self.rules.is_metrics(request.raw_path) else "dashboard"
-
-    async def answer(self, request: web.BaseRequest, arrived: float) -> web.StreamResponse:
+    async def answer(self, request: web.BaseRequest, route: str, arrived: float):
         rules = self.rules
-        api = rules.is_api(request.raw_path)
+        api = route == "v1"
         try:
+            target = Target.of(request)
             named = rules.check_connection_header(request)
-            if self.metrics is not None and rules.is_metrics(request.raw_path):
+            if self.metrics is not None and route == "metrics":
                 return await self.serve_metrics(request)
-            if not rules.admit(request, api):
+            caller = rules.caller(request, api)
+            if caller is None:
                 self.refused += 1
                 raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
+            request[CALLER] = caller
             limit = self.limits.max_api_body_bytes if api else self.limits.max_dashboard_body_bytes
             if (request.content_length or 0) > limit:
                 raise Refused(413, f"the body is over {limit} bytes")
             upstream = self.serve if api else self.dashboard
             headers = rules.outgoing_headers(request, api, named)
             if _asks_websocket(request):
-                return await self.relay_websocket(request, upstream, headers)
+                return await self.relay_websocket(request, upstream, target, headers, caller)
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            route = "v1" if api else "dashboard"
-            return await self.forward(request, upstream, headers, limit, (route, arrived))
+            call = Call(upstream, target, headers, caller, limit, route, arrived)
+            return await self.forward(request, call)
         except Refused as refusal:
             return self.refusal(refusal)
 
@@ -390,52 +442,62 @@ class Gateway:
         if not self.rules.admit_scraper(request):
             self.refused += 1
             raise Refused(401, METRICS_KEY_NEEDED)
+        request[CALLER] = "scraper"
         if request.method not in ("GET", "HEAD") or request.body_exists:
             raise Refused(405, "/metrics answers GET only")
         families = tuple(f for f in request.query.getall("family", []) if f)[:MAX_FAMILIES]
-        body = await self.metrics.render(self.session(), families)
+        body = await self.metrics.render(self.session("scraper"), families)
+        if body is None:
+            raise Refused(503, "too many scrapes of /metrics at once: try again shortly")
         return web.Response(body=body, headers={"Content-Type": PROMETHEUS_TEXT})
 
     def refusal(self, refusal: Refused) -> web.Response:
-        extra = {"WWW-Authenticate": 'Bearer realm="ray-cml"'} if refusal.status == 401 else {}
+        extra = {}
+        if refusal.status == 401:
+            extra["WWW-Authenticate"] = 'Bearer realm="ray-cml"'
+        if refusal.status in (429, 503):
+            extra["Retry-After"] = "1"
         response = web.json_response(
             {"error": refusal.message}, status=refusal.status, headers=extra
         )
         response.force_close()  # the body, if any, is never read
         return response
 
-    async def forward(
-        self,
-        request: web.BaseRequest,
-        upstream: Upstream,
-        headers: CIMultiDict,
-        limit: int,
-        timing: tuple[str, float],
-    ) -> web.StreamResponse:
+    async def forward(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
+        limits = self.limits
         body: bytes | AsyncIterator[bytes] | None = None
         replayable = not request.body_exists
-        stream = CallerBody(request, limit, self.limits.idle_s)
+        stream = CallerBody(request, call.body_limit, limits.idle_s, limits.min_body_bytes_per_s)
         if request.body_exists:
             length = request.content_length
-            if length is not None and length <= self.limits.replay_body_bytes:
+            if length is not None and length <= limits.replay_body_bytes:
                 body = b"".join([piece async for piece in stream])
                 replayable = True
             else:
                 body = stream.__aiter__()
-        session = self.session()
+        upstream = call.upstream
         for attempt in (1, 2):
             try:
-                answer = await session.request(
-                    request.method,
-                    upstream.url(request.raw_path),
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                )
+                # Sending the body and Ray's answer's head, bounded as a whole.
+                async with within(self.answer_s(call.caller)):
+                    answer = await self.session(call.caller).request(
+                        request.method,
+                        upstream.url(call.target),
+                        headers=call.headers,
+                        data=body,
+                        allow_redirects=False,
+                        skip_auto_headers=SKIP_AUTO_HEADERS,
+                    )
                 break
             except Refused:
                 raise
+            except aiohttp.ConnectionTimeoutError:
+                stream.raise_refusal()
+                raise Refused(503, f"{upstream.name} is busy: try again shortly") from None
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                stream.raise_refusal()
+                seconds = self.answer_s(call.caller)
+                raise Refused(504, f"{upstream.name} did not answer in {seconds:.0f} s") from None
             except aiohttp.ClientConnectorError:
                 stream.raise_refusal()
                 raise Refused(
@@ -455,101 +517,170 @@ class Gateway:
                 self.log(f"gateway: {upstream.name} failed a request: {printable(exc)}")
                 raise Refused(502, f"{upstream.name} failed: {printable(exc)}") from None
         async with answer:
-            if answer.status == 101:  # only websocket upgrades, and those go elsewhere
-                raise Refused(502, f"{upstream.name} switched protocols unasked")
-            response = web.StreamResponse(status=answer.status, reason=answer.reason)
-            for name, value in answer.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
-            if answer.content_length is not None and "Content-Encoding" not in answer.headers:
-                response.content_length = answer.content_length
-            await response.prepare(request)
-            streamed = answer.headers.get("Content-Type", "").startswith("text/event-stream")
-            first = True
-            try:
-                async for piece in answer.content.iter_any():
+            return await self.relay_answer(request, call, answer)
+
+    async def relay_answer(
+        self, request: web.BaseRequest, call: Call, answer: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Ray's answer to the caller as it comes. Every wait is bounded: Ray's next bytes by
+        the pool's read limit, the caller's reading by ``idle_s`` (a caller that stops
+        reading is cut, and with it the upstream connection it held)."""
+        upstream = call.upstream
+        if answer.status == 101:  # only websocket upgrades, and those go elsewhere
+            raise Refused(502, f"{upstream.name} switched protocols unasked")
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for name, value in answer.headers.items():
+            if name.lower() not in HOP_BY_HOP:
+                response.headers.add(name, value)
+        if answer.content_length is not None and "Content-Encoding" not in answer.headers:
+            response.content_length = answer.content_length
+        idle_s = self.limits.idle_s
+        streamed = answer.headers.get("Content-Type", "").startswith("text/event-stream")
+        first = True
+        try:
+            async with within(idle_s):
+                await response.prepare(request)
+            async for piece in answer.content.iter_any():
+                async with within(idle_s):
                     await response.write(piece)
-                    if first and self.figures is not None:
-                        first = False
-                        route, arrived = timing
-                        self.figures.first_byte_after(route, streamed, time.monotonic() - arrived)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                # The answer is cut: end the caller's connection so it cannot look whole.
-                self.log(f"gateway: {upstream.name} broke off an answer: {printable(exc)}")
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
+                if first and self.figures is not None:
+                    first = False
+                    self.figures.first_byte_after(
+                        call.route, streamed, time.monotonic() - call.arrived
+                    )
+            async with within(idle_s):
+                await response.write_eof()
+        except asyncio.TimeoutError:
+            # Either side stalled (Ray's read limit, or a caller that stopped reading).
+            if request.transport is not None:
+                request.transport.abort()
+            answer.close()
+        except aiohttp.ClientError as exc:
+            # The answer is cut: end the caller's connection so it cannot look whole.
+            self.log(f"gateway: {upstream.name} broke off an answer: {printable(exc)}")
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
     async def relay_websocket(
-        self, request: web.BaseRequest, upstream: Upstream, headers: CIMultiDict
+        self,
+        request: web.BaseRequest,
+        upstream: Upstream,
+        target: Target,
+        headers: CIMultiDict,
+        caller: str,
     ) -> web.StreamResponse:
+        """A websocket spliced by aiohttp on both sides; the caller's handshake is checked
+        before Ray's side is opened, and Ray's side is closed however the relay ends."""
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            raise Refused(400, "not a valid websocket handshake")
         protocols = [
             p.strip()
             for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
             if p.strip()
         ]
         try:
-            outward = await self.session().ws_connect(
-                upstream.url(request.raw_path), headers=headers, protocols=protocols
-            )
+            async with within(self.answer_s(caller)):
+                outward = await self.session(caller).ws_connect(
+                    upstream.url(target), headers=headers, protocols=protocols
+                )
         except aiohttp.WSServerHandshakeError as exc:
             raise Refused(502, f"{upstream.name} refused the upgrade ({exc.status})") from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ConnectionTimeoutError:
+            raise Refused(503, f"{upstream.name} is busy: try again shortly") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise Refused(502, f"{upstream.name} does not answer: {printable(exc)}") from None
-        inward = web.WebSocketResponse(protocols=[outward.protocol] if outward.protocol else ())
-        await inward.prepare(request)
+        try:
+            inward = web.WebSocketResponse(protocols=[outward.protocol] if outward.protocol else ())
+            await inward.prepare(request)
 
-        async def pump(source, sink) -> None:
-            async for message in source:
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    await sink.send_str(message.data)
-                elif message.type == aiohttp.WSMsgType.BINARY:
-                    await sink.send_bytes(message.data)
-                else:
-                    break
-            await sink.close()
+            async def pump(source, sink) -> None:
+                async for message in source:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        await sink.send_str(message.data)
+                    elif message.type == aiohttp.WSMsgType.BINARY:
+                        await sink.send_bytes(message.data)
+                    else:
+                        break
+                await sink.close()
 
-        with contextlib.suppress(aiohttp.ClientError, ConnectionError):
-            await asyncio.gather(pump(inward, outward), pump(outward, inward))
-        return inward
+            with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+                await asyncio.gather(pump(inward, outward), pump(outward, inward))
+            return inward
+        finally:
+            await outward.close()
 
-    def session(self) -> aiohttp.ClientSession:
-        """One pool of kept-alive connections to Ray for every caller: each request goes on
-        whichever is free, framed by aiohttp, so no caller's bytes frame another's."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+    def answer_s(self, caller: str) -> float:
+        return self.limits.public_answer_s if caller == "public" else self.limits.answer_s
+
+    def session(self, caller: str) -> aiohttp.ClientSession:
+        """Kept-alive connections to Ray, one pool per kind of caller (``POOLS``): each
+        request goes on whichever of its pool's is free, framed by aiohttp, so no caller's
+        bytes frame another's, and callers without a credential can fill only their own."""
+        session = self._sessions.get(caller)
+        if session is None or session.closed:
+            sizes = dict(self.limits.pool_sizes)
+            size = sizes.get(caller, sizes["public"])
+            read_s = self.answer_s(caller)
+            session = self._sessions[caller] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=size, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.limits.pool_wait_s, sock_connect=5, sock_read=read_s
+                ),
                 auto_decompress=False,  # bytes pass as Ray sent them
                 cookie_jar=aiohttp.DummyCookieJar(),  # no caller's cookie outlives its request
             )
-        return self._session
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request on its way to Ray."""
+
+    upstream: Upstream
+    target: Target
+    headers: CIMultiDict
+    caller: str  # "owner", "api" or "public": whose pool it takes
+    body_limit: int
+    route: str  # for the figures: "v1" or "dashboard"
+    arrived: float
 
 
 class CallerBody:
     """The caller's body as it comes: each read bounded by ``idle_s``, the whole by
-    ``limit``. A breach ends the body and is kept in ``refusal`` (aiohttp's client wraps
-    what a body's iterator raises)."""
+    ``limit``, and after the first ``idle_s`` an average of at least ``min_rate`` bytes a
+    second (a body trickled a byte at a time would hold a connection to Ray for ever). A
+    breach ends the body and is kept in ``refusal`` (aiohttp's client wraps what a body's
+    iterator raises)."""
 
-    def __init__(self, request: web.BaseRequest, limit: int, idle_s: float) -> None:
+    def __init__(self, request: web.BaseRequest, limit: int, idle_s: float, min_rate: int):
         self.request = request
         self.limit = limit
         self.idle_s = idle_s
+        self.min_rate = max(1, min_rate)
         self.refusal: Refused | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
+        started = time.monotonic()
         while True:
+            # The next bytes are due within idle_s, and by when the average rate says.
+            due = started + self.idle_s + seen / self.min_rate
+            wait_s = min(self.idle_s, due - time.monotonic())
             try:
-                piece = await asyncio.wait_for(self.request.content.readany(), self.idle_s)
+                if wait_s <= 0:
+                    raise asyncio.TimeoutError
+                piece = await asyncio.wait_for(self.request.content.readany(), wait_s)
             except asyncio.TimeoutError:
-                self.refusal = Refused(408, f"no body bytes for {self.idle_s:.0f} s")
+                self.refusal = Refused(
+                    408,
+                    f"the body stalled (no bytes for {self.idle_s:.0f} s, or under "
+                    f"{self.min_rate} bytes/s)",
+                )
                 raise self.refusal from None
             if not piece:
                 return
@@ -569,68 +700,35 @@ def _asks_websocket(request: web.BaseRequest) -> bool:
     return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
-class CappedServer(web.Server):
-    """aiohttp's low-level server with a bound on open connections: past it a new connection
-    is closed at once, so stalled callers cannot use up the head's file descriptors."""
-
-    def __init__(self, *args, max_connections: int, on_full: Callable[[], None], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_connections = max_connections
-        self.on_full = on_full
-
-    def connection_made(self, handler, transport) -> None:
-        super().connection_made(handler, transport)
-        if len(self.connections) > self.max_connections:
-            self.on_full()
-            transport.close()
-
-
-class OneLineLog(logging.Handler):
-    """aiohttp's server log as one printable line per event, without tracebacks, and at most
-    ``per_minute`` lines a minute: what callers send must not write raw bytes or stacks into
-    the head's log, nor fill it."""
-
-    def __init__(self, log: Callable[[str], None], per_minute: int = 30) -> None:
-        super().__init__(logging.INFO)
-        self.write = log
-        self.per_minute = per_minute
-        self.window_start = 0.0
-        self.in_window = 0
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.created - self.window_start >= 60:
-            if self.dropped:
-                self.write(f"gateway: {self.dropped} more line(s) of the last minute left out")
-            self.window_start, self.in_window, self.dropped = record.created, 0, 0
-        self.in_window += 1
-        if self.in_window > self.per_minute:
-            self.dropped += 1
-            return
-        reason = record.exc_info[1] if record.exc_info else None
-        text = record.getMessage() + (f": {type(reason).__name__}: {reason}" if reason else "")
-        self.write(f"gateway: {printable(text, 300)}")
-
-
 class RunningGateway:
     """The gateway on its own event loop in a daemon thread (the launcher's other work is
-    threads and subprocesses)."""
+    threads and subprocesses), its connections kept in a ``ConnectionBook``."""
 
     def __init__(self, gateway: Gateway, host: str, port: int) -> None:
         self.gateway = gateway
-        self.full = 0  # connections closed at once because the cap was reached
         limits = gateway.limits
         self.max_connections = limits.max_connections or connection_cap()
+        one_line = OneLineLog(gateway.log)
         logger = logging.getLogger(f"ray_cml_provider.gateway.{id(self)}")
         logger.propagate = False
-        logger.addHandler(OneLineLog(gateway.log))
+        logger.addHandler(one_line)
+        self.book = ConnectionBook(
+            ConnectionLimits(
+                max_connections=self.max_connections,
+                idle_s=limits.idle_s,
+                crowded_idle_s=limits.crowded_idle_s,
+                max_head_bytes=limits.max_head_bytes,
+                head_budget_bytes=limits.head_budget_bytes,
+            ),
+            gateway.log,
+        )
         self.loop = asyncio.new_event_loop()
-        server = CappedServer(
-            gateway.handle,
-            max_connections=self.max_connections,
-            on_full=self._count_full,
+        self.loop.set_exception_handler(one_line.loop_errors)
+        server = GuardedServer(
+            self.handle,
+            book=self.book,
             loop=self.loop,
-            keepalive_timeout=limits.idle_s,
+            keepalive_timeout=limits.idle_s,  # aiohttp's own timer stays, as a backstop
             max_line_size=limits.max_line_bytes,
             max_field_size=limits.max_line_bytes,
             max_headers=limits.max_headers,
@@ -646,13 +744,27 @@ class RunningGateway:
         site = web.TCPSite(self.runner, host, port, backlog=512)
         self.loop.run_until_complete(site.start())
         self.port = self.runner.addresses[0][1]
+        self.sweeper = self.loop.create_task(self.sweep())
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
         self.thread.start()
 
-    def _count_full(self) -> None:
-        self.full += 1
-        if self.full in (1, 10, 100) or self.full % 1000 == 0:
-            self.gateway.log(f"gateway: {self.full} connection(s) closed: over the cap")
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The gateway's answer, with the book told when the request starts and ends."""
+        self.book.serving(request.protocol)
+        try:
+            return await self.gateway.handle(request)
+        finally:
+            self.book.served(request.protocol, request.get(CALLER) in CREDENTIALED)
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            self.book.sweep()
+
+    @property
+    def full(self) -> int:
+        """Connections closed because the door was full (to make room, or refused)."""
+        return self.book.counts["evicted"] + self.book.counts["refused_full"]
 
     def open_connections(self) -> int:
         async def count() -> int:
@@ -664,6 +776,7 @@ class RunningGateway:
         """Close the port and every open connection, then end the loop's thread."""
 
         async def close() -> None:
+            self.sweeper.cancel()
             await self.runner.cleanup()
             await self.gateway.close()
 
