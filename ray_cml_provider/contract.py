@@ -372,6 +372,7 @@ class NodeSpec(_Variables):
     metrics_key_file: str = _var("RAY_CML_METRICS_KEY_FILE")  # provider/metrics_key.py
     login_bypassed: bool = _var("RAY_CML_LOGIN_BYPASSED", False, _FLAG)
     gateway_idle_s: float = _var("RAY_CML_GATEWAY_IDLE_S", 60.0, _FLOAT)
+    gateway_max_connections: int = _var("RAY_CML_GATEWAY_MAX_CONNECTIONS", 0, _INT)  # 0: auto
     autoscaler_stuck_s: float = _var("RAY_CML_AUTOSCALER_STUCK_S", 60.0, _FLOAT)
     serve_port: int = _var("RAY_CML_SERVE_PORT", 8000, _INT)
     autostop_minutes: float = _var("RAY_CML_AUTOSTOP_MINUTES", 0.0, _FLOAT)

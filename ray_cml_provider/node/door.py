@@ -99,7 +99,9 @@ class Door:
             **upstreams,
             keys=keys,
             log=log,
-            limits=gateway.Limits(idle_s=spec.gateway_idle_s),
+            limits=gateway.Limits(
+                idle_s=spec.gateway_idle_s, max_connections=spec.gateway_max_connections
+            ),
             metrics=self.cluster_metrics(figures),
             figures=figures,
         )
