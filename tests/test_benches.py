@@ -73,9 +73,12 @@ def test_the_scale_bench_times_a_gpu_join_with_ray():
 
 
 def test_the_metrics_bench_prints_the_heads_share_of_a_core():
-    ran = run_bench("metrics_bench.py", "--workers", "1", "--scrapes", "2", timeout=120)
+    ran = run_bench(
+        "metrics_bench.py", "--workers", "1", "--scrapes", "2", "--load-s", "1", timeout=120
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "per scrape:" in ran.stdout and "% of one core" in ran.stdout, ran.stdout
+    assert "/metrics as a lever" in ran.stdout, ran.stdout
 
 
 def test_the_vllm_bench_reads_a_replicas_start_from_its_logs(tmp_path):
