@@ -29,17 +29,29 @@ connection is closed without reading its body.
 
 HTTP itself is aiohttp's on both sides (its parser, llhttp, frames every request; its client
 frames what goes to Ray): this module never reads or writes a message's framing. What it adds
-are the rules a shared door needs, each tested in ``tests/test_node_gateway.py``:
+are the rules a shared door needs, each tested in ``tests/test_node_gateway.py`` and
+``tests/test_door_attacks.py``:
 
+- only origin-form targets (``/path?query``) are relayed, to Serve's proxy or the dashboard,
+  on a URL built from the gateway's own host and port: ``CONNECT``, absolute URLs and ``*``
+  get 400, so the head is no pivot to its loopback or its network;
 - a ``Connection`` header that names a framing or credential header is refused (400): hop-by-
   hop removal must not unframe a body or drop a key check;
-- time limits: a caller that sends no complete request head for ``idle_s`` is closed (aiohttp's
-  keep-alive timer runs from the connection's first byte), and so is one that stalls
-  inside a body for ``idle_s``;
-- caps: header line and field sizes and header count (aiohttp's parser), body size per route,
-  and open connections (below the process's file limit, with headroom for Ray's side);
-- an upgrade (WebSocket) only when the caller asked for one; a ``101`` nobody asked for is a
-  502;
+- connections to Ray come from one pool per kind of caller (``Limits.pool_sizes``: Ray's
+  token, the endpoint key, no credential), so callers without a credential cannot take the
+  owner's or the model callers'; every wait is bounded: for a pooled connection
+  (``pool_wait_s``, then 503), for Ray's answer (``answer_s``), for a caller to take the
+  next bytes of it (``idle_s``, then the caller is cut);
+- time limits: a caller that sends no complete request head for ``idle_s`` is closed, and so
+  is one that stalls inside a body for ``idle_s`` or sends it slower than
+  ``min_body_bytes_per_s`` on average;
+- caps: header line and field sizes and header count (aiohttp's parser), a head's bytes and
+  all unfinished heads' together, body size per route, and open connections, past which the
+  idle and the anonymous make room (``connections.py``);
+- an upgrade (WebSocket) only when the caller asked for one with a valid handshake, checked
+  before Ray's side is opened; a ``101`` nobody asked for is a 502;
+- ``/metrics`` renders shared between scrapers and spaced to a quarter of a core
+  (``cluster_metrics.py``);
 - no traceback and no raw control character in the log, whatever a caller sends.
 """
 
@@ -264,6 +276,8 @@ CALLER = web.RequestKey("ray_cml_caller", str) if hasattr(web, "RequestKey") els
 CREDENTIALED = ("owner", "api", "scraper")
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 SWEEP_EVERY_S = 1.0
+WEBSOCKET_BYTES = 4 * 1024 * 1024  # one websocket message, each way (aiohttp's default)
+PUBLIC_WEBSOCKET_BYTES = 1024 * 1024
 
 
 class ClusterMetricsLike(Protocol):
@@ -591,7 +605,12 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise Refused(502, f"{upstream.name} does not answer: {printable(exc)}") from None
         try:
-            inward = web.WebSocketResponse(protocols=[outward.protocol] if outward.protocol else ())
+            inward = web.WebSocketResponse(
+                protocols=[outward.protocol] if outward.protocol else (),
+                # One message is held at a time each way: a caller without a credential
+                # gets less room (the dashboard's websockets carry log lines).
+                max_msg_size=PUBLIC_WEBSOCKET_BYTES if caller == "public" else WEBSOCKET_BYTES,
+            )
             await inward.prepare(request)
 
             async def pump(source, sink) -> None:
