@@ -3,8 +3,8 @@ the owner is answered meanwhile, and what the head holds. Prints numbers; assert
 
     .venv/bin/python bench/door_siege.py [--seconds 10] [--classes pivot,pools,...]
 
-``ray up`` (behind CML's login, the default), the echo Serve application (one replica on a
-GPU worker), then each attack for ``--seconds`` from a process of its own, as another engine
+``ray up`` (behind CML's login, the default), the echo Serve application (its replica on
+the head), then each attack for ``--seconds`` from a process of its own, as another engine
 of the workspace dialling the head engine's address and application port directly:
 
 - ``pivot``: ``CONNECT``, absolute URLs and ``@host`` targets aimed at the head's loopback;
@@ -513,7 +513,8 @@ def main() -> int:
             if cluster.up().returncode != 0:
                 print("ray up failed")
                 return 1
-            if cluster.serve_deploy(serve_config(port=serve_port), "echo.yaml").returncode:
+            echo = serve_config(port=serve_port, gpus=0)
+            if cluster.serve_deploy(echo, "echo.yaml").returncode:
                 print("serve deploy failed")
                 return 1
             cluster.wait_for_serve_app("echo", 300)

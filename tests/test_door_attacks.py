@@ -288,7 +288,7 @@ def test_past_the_cap_silent_connections_make_room_for_the_owner(upstream, tmp_p
 
 
 def test_the_newcomer_is_refused_only_when_every_connection_is_busy(upstream, tmp_path):
-    limits = Limits(max_connections=4, idle_s=3.0)
+    limits = Limits(max_connections=4, idle_s=30.0)  # the bodies stay busy for the test
     with door(upstream, key_files(tmp_path, locked=True), limits) as running:
         busy = []
         for _ in range(4):  # keyed bodies still coming: busy, not idle

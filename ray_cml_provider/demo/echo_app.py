@@ -14,11 +14,12 @@ IMPORT_PATH = "ray_cml_provider.demo.echo_app:build"
 
 
 def build(args: dict[str, Any]) -> Any:
-    """Serve's application builder (``import_path``)."""
+    """Serve's application builder (``import_path``); ``args``: ``{"gpus": 0}`` puts the
+    replica on the head instead (a test of the head alone)."""
     import ray
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_gpus": 1, "num_cpus": 0})
+    @serve.deployment(ray_actor_options={"num_gpus": args.get("gpus", 1), "num_cpus": 0})
     class Echo:
         async def __call__(self, request) -> dict:
             return {
@@ -30,7 +31,7 @@ def build(args: dict[str, Any]) -> Any:
     return Echo.bind()
 
 
-def serve_config(port: int = 8000, route_prefix: str = "/v1/echo") -> dict[str, Any]:
+def serve_config(port: int = 8000, route_prefix: str = "/v1/echo", gpus: int = 1) -> dict[str, Any]:
     """The ``serve deploy`` config of this application behind the head's gateway, which
     sends ``/v1`` to Serve's proxy on the head's loopback, ``port`` (``RAY_CML_SERVE_PORT``):
     nothing but the gateway reaches it."""
@@ -38,6 +39,11 @@ def serve_config(port: int = 8000, route_prefix: str = "/v1/echo") -> dict[str, 
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
-            {"name": "echo", "route_prefix": route_prefix, "import_path": IMPORT_PATH}
+            {
+                "name": "echo",
+                "route_prefix": route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": {"gpus": gpus},
+            }
         ],
     }
