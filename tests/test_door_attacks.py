@@ -6,10 +6,12 @@ The same attacks against a real head on the emulator are in ``test_door_under_at
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.client
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -20,10 +22,12 @@ from aiohttp import web
 from ray_cml_provider.node.gateway import Gateway, Keys, Limits, RunningGateway, Upstream
 from tests.test_node_gateway import (
     ENDPOINT_KEY,
+    METRICS_KEY,
     RAY_TOKEN,
     Recorder,
     bearer,
     call,
+    gateway_on,
     key_files,
     raw,
 )
@@ -71,10 +75,12 @@ class AiohttpUpstream:
     async def echo(self, request: web.Request) -> web.Response:
         self.requests += 1
         await request.read()
+        if "slow" in request.path:  # a model thinking: ?s=seconds
+            await asyncio.sleep(float(request.query.get("s", "30")))
         return web.json_response({"path": request.raw_path})
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
@@ -272,13 +278,13 @@ def test_unfinished_request_heads_are_bounded_per_connection_and_in_total(upstre
 
 
 def test_past_the_cap_silent_connections_make_room_for_the_owner(upstream, tmp_path):
-    limits = Limits(max_connections=8, idle_s=30.0, crowded_idle_s=1.0)
+    limits = Limits(max_connections=4, idle_s=30.0, crowded_idle_s=1.0)
     with door(upstream, key_files(tmp_path, locked=True), limits) as running:
-        silent = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(8)]
+        silent = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(4)]
         owner_answers_in(running.port, 2.0)  # evicts the longest-silent one
         assert running.full >= 1
-        # A quarter full: connections that never sent a head go after crowded_idle_s, while
-        # a kept-alive one that did stays.
+        # Over a quarter full (2 of 4, the kept one included): connections that never sent a
+        # head go after crowded_idle_s, while a kept-alive one that did stays.
         kept = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
         assert call(kept, "GET", "/v1/models", None, bearer(ENDPOINT_KEY))[0] == 200
         assert all(closed_within(sock, 4) for sock in silent)
@@ -287,27 +293,103 @@ def test_past_the_cap_silent_connections_make_room_for_the_owner(upstream, tmp_p
             sock.close()
 
 
-def test_the_newcomer_is_refused_only_when_every_connection_is_busy(upstream, tmp_path):
-    limits = Limits(max_connections=4, idle_s=30.0)  # the bodies stay busy for the test
-    with door(upstream, key_files(tmp_path, locked=True), limits) as running:
-        busy = []
-        for _ in range(4):  # keyed bodies still coming: busy, not idle
+@pytest.mark.parametrize("locked", [False, True], ids=["login-no-credential", "locked-key"])
+def test_busy_strangers_make_room_for_the_owner_and_never_take_his_connection(
+    upstream, tmp_path, locked
+):
+    """Heads announcing a body that never comes keep their connections busy for idle_s:
+    past the cap, one of them makes room for the owner; the owner's kept-alive connection
+    is never the one closed for a stranger."""
+    cap = 16
+    limits = Limits(max_connections=cap, crowded_idle_s=1.0)
+    credential = b"X-Endpoint-Key: " + ENDPOINT_KEY.encode() + b"\r\n" if locked else b""
+    path = b"/v1/x" if locked else b"/api/x"
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + credential + b"Content-Length: 5\r\n\r\n"
+    with door(upstream, key_files(tmp_path, locked=locked), limits) as running:
+        kept = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+        assert call(kept, "GET", "/api/jobs/", None, bearer(RAY_TOKEN))[0] == 200
+        strangers = []
+        for _ in range(cap):
             sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
-            sock.sendall(
-                b"POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                + ENDPOINT_KEY.encode()
-                + b"\r\nContent-Length: 100000\r\n\r\nabc"
-            )
-            busy.append(sock)
-        deadline = time.monotonic() + 5
-        while running.book.anonymous or running.book.known:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            sock.sendall(head)
+            strangers.append(sock)
+        wait_until_busy(running, cap - 1)
+        owner_answers_in(running.port, 2.0)
+        assert call(kept, "GET", "/api/jobs/", None, bearer(RAY_TOKEN))[0] == 200
+        assert running.book.counts["evicted"] >= 1
+        for sock in strangers:
+            sock.close()
+
+
+def test_a_busy_owner_is_never_evicted_the_newcomer_is(upstream, tmp_path):
+    limits = Limits(max_connections=4, idle_s=30.0)
+    with door(upstream, key_files(tmp_path, locked=True), limits) as running:
+        answers: list[int] = []
+
+        def slow_owner() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=20)
+            conn.request("GET", "/api/slow?s=3", headers=bearer(RAY_TOKEN))
+            answers.append(conn.getresponse().status)
+
+        owners = [threading.Thread(target=slow_owner) for _ in range(4)]
+        for thread in owners:
+            thread.start()
+        wait_until_busy(running, 4)
         extra = socket.create_connection(("127.0.0.1", running.port), timeout=5)
         assert closed_within(extra, 5)
         assert running.book.counts["refused_full"] >= 1
-        for sock in busy:
-            sock.close()
+        for thread in owners:
+            thread.join(20)
+        assert answers == [200] * 4
+
+
+def wait_until_busy(running: RunningGateway, count: int) -> None:
+    """Until ``count`` connections have a request in flight (no sleep standing in for it)."""
+    deadline = time.monotonic() + 10
+    while sum(1 for c in list(running.book.callers.values()) if c.state != "waiting") < count:
+        assert time.monotonic() < deadline, "the requests did not reach the gateway"
+        time.sleep(0.05)
+
+
+def test_blank_lines_are_no_request_head(upstream, tmp_path):
+    """llhttp skips blank lines before a request line: a connection that sent only those
+    still waits for its head (evicted and swept as such), and what follows is counted."""
+    cap = 16
+    limits = Limits(max_connections=cap, crowded_idle_s=1.0, max_head_bytes=64 * 1024)
+    with door(upstream, key_files(tmp_path, locked=True), limits) as running:
+        blanks = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(cap)]
+        for sock in blanks:
+            sock.sendall(b"\r\n\r\n")
+        owner_answers_in(running.port, 2.0)
+        sock = socket.create_connection(("127.0.0.1", running.port))
+        with contextlib.suppress(OSError):
+            sock.sendall(b"\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            for i in range(90):
+                sock.sendall(b"X-%d: %s\r\n" % (i, b"a" * 16000))
+        assert closed_within(sock, 5), "a 1.4 MB head was held (limit 64 kB)"
+        for held in [sock, *blanks]:
+            held.close()
+
+
+def test_pipelined_heads_behind_a_request_count_against_the_head_limits(upstream, tmp_path):
+    """While a keyed request waits on Serve, heads sent behind it on the same connection are
+    counted like any head (aiohttp queues one at most): past max_head_bytes, closed."""
+    limits = Limits(max_head_bytes=64 * 1024, head_budget_bytes=1024 * 1024)
+    with door(upstream, key_files(tmp_path, locked=True), limits) as running:
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+        key = b"X-Endpoint-Key: " + ENDPOINT_KEY.encode() + b"\r\n"
+        sock.sendall(b"GET /v1/slow?s=5 HTTP/1.1\r\nHost: x\r\n" + key + b"\r\n")
+        wait_until_busy(running, 1)
+        fields = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 16000) for i in range(60))
+        head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"
+        sent = 0
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                sock.sendall(head)
+                sent += len(head)
+        assert closed_within(sock, 5), f"{sent} bytes of pipelined heads were held"
+        assert running.book.counts["head_too_big"] >= 1
+        sock.close()
 
 
 # ------------------------------------------------------------------ 5. websockets
@@ -328,7 +410,83 @@ def test_a_bad_websocket_handshake_never_opens_one_to_ray(upstream, tmp_path):
         assert upstream.websockets == 0
 
 
-# ------------------------------------------------------------------ 6. the log
+def test_a_websocket_without_a_credential_ends_and_one_unanswered_is_cut(upstream, tmp_path):
+    """Behind CML's login a caller without a credential holds one of its few connections to
+    Ray while its websocket lasts: public_answer_s at most; and a caller that answers no
+    ping is cut."""
+    limits = Limits(idle_s=2.0, public_answer_s=1.0)
+    handshake = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        + base64.b64encode(os.urandom(16))
+        + b"\r\n"
+    )
+    for locked, credential in ((False, b""), (True, bearer_line(RAY_TOKEN))):
+        with door(upstream, key_files(tmp_path, locked=locked), limits) as running:
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+            sock.sendall(handshake + credential + b"\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            assert closed_within(sock, 6), ("a silent websocket outlived its limits", locked)
+            sock.close()
+
+
+def bearer_line(key: str) -> bytes:
+    return b"Authorization: Bearer " + key.encode() + b"\r\n"
+
+
+# ------------------------------------------------------------------ 6. the log and the keys
+
+
+@pytest.mark.parametrize(
+    "path,headers",
+    [
+        ("/chat/completions", {"Authorization": f"Bearer {ENDPOINT_KEY}"}),  # base URL w/o /v1
+        ("/metrics/", {"Authorization": f"Bearer {METRICS_KEY}"}),
+        ("/api/x", {"X-Metrics-Key": METRICS_KEY}),
+        ("/v1/models", {"X-Endpoint-Key": ENDPOINT_KEY, "X-Metrics-Key": METRICS_KEY}),
+    ],
+)
+def test_the_callers_keys_reach_neither_serve_nor_the_dashboard(tmp_path, path, headers):
+    serve, dashboard = Recorder("serve"), Recorder("dashboard")
+    try:
+        with gateway_on(serve, dashboard, key_files(tmp_path, locked=False)) as running:
+            conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=5)
+            assert call(conn, "GET", path, None, headers)[0] == 200
+        seen = json.dumps(dashboard.seen + serve.seen)
+        assert len(dashboard.seen + serve.seen) == 1
+        assert ENDPOINT_KEY not in seen and METRICS_KEY not in seen, seen
+    finally:
+        for server in (serve, dashboard):
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_refused_header_line_puts_no_key_in_the_log(upstream, tmp_path):
+    lines: list[str] = []
+    with door(upstream, key_files(tmp_path, locked=True), log=lines.append) as running:
+        for bad, secret in (
+            (b"X-Endpoint-Key : ", ENDPOINT_KEY),
+            (b"Authorization: Bearer \x01", RAY_TOKEN),
+        ):
+            request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad + secret.encode()
+            raw(running.port, request + b"\r\n\r\n", 2)
+    assert not any(ENDPOINT_KEY in line or RAY_TOKEN in line for line in lines), lines
+
+
+def test_callers_hanging_up_mid_body_cannot_flood_the_log(upstream, tmp_path):
+    """Each relay cut by its caller is a line the gateway writes itself: limited like
+    aiohttp's (30 a minute)."""
+    lines: list[str] = []
+    with door(upstream, key_files(tmp_path, locked=False), log=lines.append) as running:
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", running.port))
+            sock.sendall(
+                b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 70000
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+            sock.close()  # a reset, mid-body
+        owner_answers_in(running.port, 2.0)
+    assert len(lines) <= 31, f"{len(lines)} lines for 60 requests"
 
 
 def test_a_flood_past_the_cap_writes_a_few_lines_and_no_traceback(upstream, tmp_path, caplog):

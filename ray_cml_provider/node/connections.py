@@ -5,24 +5,30 @@ Any engine of the workspace can open the head's application port directly and se
 at any rate, with no credential. aiohttp's server parses and frames every request; what it
 does not bound is what many such callers cost together. This module does, per connection:
 
-- **Heads.** The bytes of a request head that has not ended yet are counted as they arrive:
-  past ``max_head_bytes`` on one connection, or past ``head_budget_bytes`` for all of them
-  together (each connection's first ``free_head_bytes`` left out, so an ordinary caller is
-  never the one refused), the connection is closed. aiohttp's own caps (line, field and
-  header count) allow ~1.6 MB per head, ~3 MB in memory: 8,192 of those would be 24 GB.
-- **The cap.** Past ``max_connections`` a new connection does not lock everyone out: the
-  connection that has waited longest for a request head without ever sending a credential is
-  closed to make room, then the longest-idle one that did; only when every connection is busy
-  with a request is the newcomer closed.
+- **Heads.** The bytes of a request head are counted as they arrive, until aiohttp's parser
+  has the head (blank lines before a request line are skipped by the parser, not a head's
+  end), and so are the bytes of a pipelined head sent behind a request whose body was read
+  (aiohttp queues one such request at most, then stops reading): past ``max_head_bytes`` on
+  one connection, or past ``head_budget_bytes`` for all of them together (each connection's
+  first ``free_head_bytes`` left out, so an ordinary caller is never the one refused), the
+  connection is closed. aiohttp's own caps (line, field and header count) allow ~1.6 MB per
+  head, ~3 MB in memory: 8,192 of those would be 24 GB.
+- **The cap.** Past ``max_connections`` a new connection does not lock everyone out: a
+  connection makes room for it, the least trusted first (``EVICTION_ORDER``): one waiting for
+  a head that never sent a credential, then one kept alive by a model caller, then a busy one
+  without a credential (a body that never comes keeps a connection busy), a busy model
+  caller's, and last an owner's idle one. A busy owner's connection never makes room: when
+  every connection is one, the newcomer is closed.
 - **Idle.** A connection waiting for a head is closed after ``idle_s``; while the door is
   more than a quarter full, one that has never sent a complete head gets only
   ``crowded_idle_s`` (silent connections are the cheapest way to fill it).
 - **The log.** One line per kind of event, at most ``per_minute`` a minute, never a
-  traceback: aiohttp's log and the event loop's unhandled errors both go through
-  ``OneLineLog``.
+  traceback nor a caller's bytes: aiohttp's log, the event loop's unhandled errors and the
+  gateway's own lines all go through ``OneLineLog``.
 
-The gateway (``gateway.py``) tells the book when a request starts and ends and whether it
-carried a credential; the rest is seen here, in aiohttp's protocol callbacks.
+The gateway (``gateway.py``) tells the book when a request starts and ends, which credential
+it carried, and when its body was read; the rest is seen here, in aiohttp's protocol
+callbacks.
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ from dataclasses import dataclass
 
 from aiohttp import web, web_protocol
 
-HEAD_END = b"\r\n\r\n"
+# How far each kind of caller is trusted: the cap evicts the least trusted first, and never
+# a busy owner (Ray's token).
+RANK = {None: 0, "public": 0, "api": 1, "scraper": 1, "owner": 2}
+WAITING, BODY, ANSWERING, UPGRADED = "waiting", "body", "answering", "upgraded"
+# Who makes room past the cap, in turn: (state is waiting?, rank). A busy owner never does.
+EVICTION_ORDER = ((True, 0), (True, 1), (False, 0), (False, 1), (True, 2))
 
 
 @dataclass(frozen=True)
@@ -50,17 +61,26 @@ class ConnectionLimits:
 
 
 class Caller:
-    """One connection, as the book sees it."""
+    """One connection, as the book sees it.
 
-    __slots__ = ("handler", "waiting_since", "head_bytes", "heads", "credentialed", "tail")
+    ``state``: ``waiting`` for a request head; ``body``: a request in flight whose body may
+    still be arriving (aiohttp's payload reader bounds what it buffers); ``answering``: the
+    body is read, so what arrives now is a next (pipelined) head, counted like any other;
+    ``upgraded``: a websocket, framed by aiohttp's websocket reader."""
+
+    __slots__ = ("handler", "state", "since", "head_bytes", "heads", "kind")
 
     def __init__(self, handler: GuardedHandler, now: float) -> None:
         self.handler = handler
-        self.waiting_since: float | None = now  # for a request head; None while one is served
-        self.head_bytes = 0  # of the head now arriving
-        self.heads = 0  # complete heads seen on this connection
-        self.credentialed = False  # a request on it carried a key or token the door took
-        self.tail = b""  # the last bytes of the previous read: a head's end may straddle two
+        self.state = WAITING
+        self.since = now  # when the state began
+        self.head_bytes = 0  # of a head not yet parsed (or queued behind the request)
+        self.heads = 0  # requests aiohttp parsed on this connection
+        self.kind: str | None = None  # the most trusted credential it sent
+
+    @property
+    def tier(self) -> tuple[bool, int]:
+        return self.state == WAITING, RANK[self.kind]
 
 
 class ConnectionBook:
@@ -70,10 +90,11 @@ class ConnectionBook:
         self.limits = limits
         self.log = log
         self.callers: dict[GuardedHandler, Caller] = {}
-        # Connections waiting for a request head, oldest wait first: those that never sent a
-        # credential, and those that did (kept alive between requests).
-        self.anonymous: OrderedDict[GuardedHandler, Caller] = OrderedDict()
-        self.known: OrderedDict[GuardedHandler, Caller] = OrderedDict()
+        # The connections by tier (``Caller.tier``), each oldest state first: who makes
+        # room past the cap, and whose wait for a head the sweep looks at.
+        self.tiers: dict[tuple[bool, int], OrderedDict[GuardedHandler, Caller]] = {
+            (waiting, rank): OrderedDict() for waiting in (True, False) for rank in (0, 1, 2)
+        }
         self.head_bytes_held = 0  # past each connection's free allowance, all together
         self.counts = {"evicted": 0, "refused_full": 0, "head_too_big": 0, "idle": 0}
 
@@ -82,33 +103,38 @@ class ConnectionBook:
     def opened(self, handler: GuardedHandler) -> None:
         caller = Caller(handler, time.monotonic())
         self.callers[handler] = caller
-        self.anonymous[handler] = caller
+        self.tiers[caller.tier][handler] = caller
         if len(self.callers) > self.limits.max_connections:
             self.make_room(handler)
 
     def closed(self, handler: GuardedHandler) -> None:
         caller = self.callers.pop(handler, None)
         if caller is not None:
-            self._stop_waiting(caller)
+            self._set_head_bytes(caller, 0)
+            self.tiers[caller.tier].pop(handler, None)
 
-    def received(self, handler: GuardedHandler, data: bytes) -> bool:
-        """Count a read while a head is arriving; False when the connection must close."""
+    def received(self, handler: GuardedHandler, size: int, parsed: bool) -> bool:
+        """A read, after aiohttp's parser took it (``parsed``: it completed a request). The
+        head's bytes are counted until aiohttp parses it, whatever they are (blank lines
+        before a request line are not a head's end), and so are a pipelined head's behind a
+        request whose body was read. False when the connection must close."""
         caller = self.callers.get(handler)
-        if caller is None or caller.waiting_since is None or not data:
+        if caller is None:
             return True
-        seen = caller.tail + data
-        end = seen.find(HEAD_END)
-        if end >= 0:  # the head is whole: aiohttp hands it to the gateway next
-            self._stop_waiting(caller)
+        if caller.state == WAITING and parsed:
             caller.heads += 1
+            self._move(caller, BODY)  # the gateway takes it next (``serving``)
+            self._set_head_bytes(caller, 0)
             return True
-        before = self._held(caller)
-        caller.head_bytes += len(data)
-        caller.tail = seen[-(len(HEAD_END) - 1) :]
-        self.head_bytes_held += self._held(caller) - before
+        if caller.state == BODY and parsed:
+            caller.heads += 1
+            self._move(caller, ANSWERING)  # the body ended and a next head came
+        if caller.state in (BODY, UPGRADED):
+            return True
+        self._set_head_bytes(caller, caller.head_bytes + size)
         limits = self.limits
         if caller.head_bytes > limits.max_head_bytes:
-            self._count("head_too_big", "a request head over the size limit")
+            self._count("head_too_big", "request head(s) over the size limit")
             return False
         if self.head_bytes_held > limits.head_budget_bytes and self._held(caller):
             self._count("head_too_big", "request heads over the memory budget")
@@ -118,30 +144,47 @@ class ConnectionBook:
     # ------------------------------------------------------------ the gateway's side
 
     def serving(self, handler: object) -> None:
+        """A request's head reached the gateway: what was queued is in flight now."""
         caller = self.callers.get(handler)  # type: ignore[arg-type]
         if caller is not None:
-            self._stop_waiting(caller)
+            self._move(caller, BODY)
+            self._set_head_bytes(caller, 0)
 
-    def served(self, handler: object, credentialed: bool) -> None:
-        """A request ended: the connection waits for the next head (if it stays open)."""
+    def identified(self, handler: object, kind: str) -> None:
+        """The gateway took a credential (or none) on this connection."""
         caller = self.callers.get(handler)  # type: ignore[arg-type]
-        if caller is None:
-            return
-        caller.credentialed = caller.credentialed or credentialed
-        self._stop_waiting(caller)
-        caller.waiting_since = time.monotonic()
-        (self.known if caller.credentialed else self.anonymous)[handler] = caller  # type: ignore[index]
+        if caller is not None and RANK[kind] > RANK[caller.kind]:
+            self.tiers[caller.tier].pop(caller.handler, None)
+            caller.kind = kind
+            self.tiers[caller.tier][caller.handler] = caller
+
+    def body_read(self, handler: object) -> None:
+        caller = self.callers.get(handler)  # type: ignore[arg-type]
+        if caller is not None and caller.state == BODY:
+            self._move(caller, ANSWERING)
+
+    def upgraded(self, handler: object) -> None:
+        caller = self.callers.get(handler)  # type: ignore[arg-type]
+        if caller is not None:
+            self._move(caller, UPGRADED)
+
+    def served(self, handler: object) -> None:
+        """A request ended: the connection waits for the next head (if it stays open); bytes
+        of that head already counted stay counted."""
+        caller = self.callers.get(handler)  # type: ignore[arg-type]
+        if caller is not None:
+            self._move(caller, WAITING)
 
     # ------------------------------------------------------------ the rules
 
     def make_room(self, newcomer: GuardedHandler) -> None:
-        for waiting in (self.anonymous, self.known):
-            for handler in waiting:
+        for tier in EVICTION_ORDER:
+            for handler in self.tiers[tier]:
                 if handler is not newcomer:
                     self._count("evicted", "connection(s) closed to make room: over the cap")
                     handler.drop()
                     return
-        self._count("refused_full", "connection(s) refused: over the cap, every one busy")
+        self._count("refused_full", "connection(s) refused: over the cap, every one an owner's")
         newcomer.drop()
 
     def sweep(self, now: float | None = None) -> None:
@@ -150,21 +193,24 @@ class ConnectionBook:
         limits = self.limits
         crowded = len(self.callers) > limits.max_connections / 4
         shortest = limits.crowded_idle_s if crowded else limits.idle_s
-        for waiting in (self.anonymous, self.known):
-            for caller in list(waiting.values()):  # oldest wait first
-                waited = now - (caller.waiting_since or now)
+        for rank in (0, 1, 2):
+            for caller in list(self.tiers[(True, rank)].values()):  # oldest wait first
+                waited = now - caller.since
                 if waited < shortest:
                     break  # the rest waited less still
-                never_sent_a_head = caller.heads == 0
-                if waited >= limits.idle_s or (crowded and never_sent_a_head):
+                if waited >= limits.idle_s or (crowded and caller.heads == 0):
                     self._count("idle", "idle connection(s) closed")
                     caller.handler.drop()
 
-    def _stop_waiting(self, caller: Caller) -> None:
-        self.head_bytes_held -= self._held(caller)
-        caller.head_bytes, caller.tail, caller.waiting_since = 0, b"", None
-        self.anonymous.pop(caller.handler, None)
-        self.known.pop(caller.handler, None)
+    def _move(self, caller: Caller, state: str) -> None:
+        self.tiers[caller.tier].pop(caller.handler, None)
+        caller.state, caller.since = state, time.monotonic()
+        self.tiers[caller.tier][caller.handler] = caller
+
+    def _set_head_bytes(self, caller: Caller, size: int) -> None:
+        before = self._held(caller)
+        caller.head_bytes = size
+        self.head_bytes_held += self._held(caller) - before
 
     def _held(self, caller: Caller) -> int:
         return max(0, caller.head_bytes - self.limits.free_head_bytes)
@@ -180,6 +226,14 @@ class GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's per-connection protocol, telling the book what it sees."""
 
     book: ConnectionBook  # set by GuardedServer
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # aiohttp queues up to 32 pipelined requests; one is enough, and bounds what a
+        # connection holds while a request is in flight (reading pauses until it is taken).
+        if hasattr(self, "_max_msg_queue_size"):
+            self._max_msg_queue_size, self._msg_queue_resume_size = 1, 0
+
     # aiohttp lets go of the transport when it closes a connection, even while the transport
     # still holds an answer the caller does not read: kept here, so ``drop`` can end it.
     own_transport: asyncio.BaseTransport | None = None
@@ -195,10 +249,11 @@ class GuardedHandler(web_protocol.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self.book.received(self, data):
-            self.drop()
-            return
+        parsed_before = getattr(self, "_request_count", 0)
         super().data_received(data)
+        parsed = getattr(self, "_request_count", 0) != parsed_before
+        if not self.book.received(self, len(data), parsed):
+            self.drop()
 
     async def start(self) -> None:
         # A connection closed as it opened (the cap) is gone before this task first runs on
@@ -243,11 +298,13 @@ class OneLineLog(logging.Handler):
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        # The exception's class only: aiohttp's parser errors quote the caller's bytes, and
+        # those may be anything, a key included.
         reason = record.exc_info[1] if record.exc_info else None
-        text = record.getMessage() + (f": {type(reason).__name__}: {reason}" if reason else "")
-        self.line(text, record.created)
+        self.line(record.getMessage() + (f": {type(reason).__name__}" if reason else ""))
 
     def line(self, text: str, when: float | None = None) -> None:
+        """Write ``text`` as one printable line, unless this minute had its lines."""
         when = time.time() if when is None else when
         if when - self.window_start >= 60:
             if self.dropped:
@@ -257,14 +314,14 @@ class OneLineLog(logging.Handler):
         if self.in_window > self.per_minute:
             self.dropped += 1
             return
-        self.write(f"gateway: {printable(text, 300)}")
+        self.write(f"gateway: {printable(text.removeprefix('gateway: '), 300)}")
 
     def loop_errors(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """The event loop's handler for errors nobody caught (a task's, a callback's):
         the same one line, never the stack the default handler prints."""
         reason = context.get("exception")
         text = str(context.get("message") or "unhandled error in the gateway's loop")
-        self.line(text + (f": {type(reason).__name__}: {reason}" if reason else ""))
+        self.line(text + (f": {type(reason).__name__}" if reason else ""))
 
 
 def printable(text: object, most: int = 200) -> str:

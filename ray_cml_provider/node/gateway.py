@@ -144,7 +144,8 @@ class Limits:
     head_budget_bytes: int = 64 * 1024 * 1024  # unfinished heads, all connections together
     max_api_body_bytes: int = 64 * 1024 * 1024  # /v1: prompts, embeddings inputs
     max_dashboard_body_bytes: int = 512 * 1024 * 1024  # a job's working_dir package
-    min_body_bytes_per_s: int = 1024  # after idle_s, a body slower than this on average: cut
+    min_body_bytes_per_s: int = 16 * 1024  # after idle_s, a body slower on average: cut
+    max_body_s: float = 600.0  # a whole body, however fast its bytes come
     replay_body_bytes: int = 64 * 1024  # read first, so a stale pooled connection is retried
     max_connections: int = 0  # 0: from the file limit (``connection_cap``)
     pool_wait_s: float = 5.0  # for a free connection to Ray; then 503, try again
@@ -273,7 +274,6 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 MAX_FAMILIES = 64  # ?family=... filters one /metrics answer takes
 # The request's key where the gateway notes who asked (aiohttp >= 3.12 types such keys).
 CALLER = web.RequestKey("ray_cml_caller", str) if hasattr(web, "RequestKey") else "ray_cml_caller"
-CREDENTIALED = ("owner", "api", "scraper")
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 SWEEP_EVERY_S = 1.0
 WEBSOCKET_BYTES = 4 * 1024 * 1024  # one websocket message, each way (aiohttp's default)
@@ -354,6 +354,12 @@ class Rules:
         # Behind CML's login the dashboard's API asks for Ray's token itself.
         return None if self.keys.locked else "public"
 
+    def is_a_callers_key(self, authorization: str) -> bool:
+        """Whether ``Authorization`` carries the endpoint or the metrics key (which only this
+        door reads)."""
+        offered = _bearer(authorization)
+        return _same(offered, self.keys.endpoint_key()) or _same(offered, self.keys.metrics_key())
+
     @staticmethod
     def check_connection_header(request: web.BaseRequest) -> set[str]:
         """The lower-case names the caller's ``Connection`` header lists; raises ``Refused``
@@ -370,8 +376,9 @@ class Rules:
 
     def outgoing_headers(self, request: web.BaseRequest, api: bool, named: set[str]) -> CIMultiDict:
         """The caller's headers as Ray gets them: no hop-by-hop or framing header (aiohttp
-        frames anew), and on ``/v1`` no credential of ours in any spelling we accept."""
-        drop = HOP_BY_HOP | named | {ENDPOINT_KEY_HEADER.lower()}
+        frames anew); never the endpoint or metrics key, in any header we read them from;
+        and on ``/v1`` not Ray's token either (the dashboard checks it again)."""
+        drop = HOP_BY_HOP | named | {ENDPOINT_KEY_HEADER.lower(), METRICS_KEY_HEADER.lower()}
         if api:
             drop |= {"authorization", RAY_TOKEN_HEADER.lower()}
         headers = CIMultiDict()
@@ -379,6 +386,8 @@ class Rules:
             lower = name.lower()
             if lower in drop or lower in WEBSOCKET_HANDSHAKE:
                 continue
+            if lower == "authorization" and self.is_a_callers_key(value):
+                continue  # e.g. an OpenAI client whose base URL lacks /v1
             if lower == "cookie" and api:
                 value = _without_ray_cookie(value)
                 if not value:
@@ -414,6 +423,8 @@ class Gateway:
         self.limits = limits or Limits()
         self.refused = 0  # requests answered 401 (tests and the status page read it)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # Told who asks on each connection and where its request is (RunningGateway sets it).
+        self.book: ConnectionBook | None = None
 
     # ---------------------------------------------------------------- serving
 
@@ -428,6 +439,9 @@ class Gateway:
     async def answer(self, request: web.BaseRequest, route: str, arrived: float):
         rules = self.rules
         api = route == "v1"
+        book = self.book
+        if book is not None and not request.body_exists:
+            book.body_read(request.protocol)  # what comes next on it is a next request
         try:
             target = Target.of(request)
             named = rules.check_connection_header(request)
@@ -438,6 +452,8 @@ class Gateway:
                 self.refused += 1
                 raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
             request[CALLER] = caller
+            if book is not None:
+                book.identified(request.protocol, caller)
             limit = self.limits.max_api_body_bytes if api else self.limits.max_dashboard_body_bytes
             if (request.content_length or 0) > limit:
                 raise Refused(413, f"the body is over {limit} bytes")
@@ -457,6 +473,8 @@ class Gateway:
             self.refused += 1
             raise Refused(401, METRICS_KEY_NEEDED)
         request[CALLER] = "scraper"
+        if self.book is not None:
+            self.book.identified(request.protocol, "scraper")
         if request.method not in ("GET", "HEAD") or request.body_exists:
             raise Refused(405, "/metrics answers GET only")
         families = tuple(f for f in request.query.getall("family", []) if f)[:MAX_FAMILIES]
@@ -482,6 +500,9 @@ class Gateway:
         body: bytes | AsyncIterator[bytes] | None = None
         replayable = not request.body_exists
         stream = CallerBody(request, call.body_limit, limits.idle_s, limits.min_body_bytes_per_s)
+        stream.limit_s = limits.max_body_s
+        if self.book is not None:
+            stream.on_end = lambda: self.book.body_read(request.protocol)
         if request.body_exists:
             length = request.content_length
             if length is not None and length <= limits.replay_body_bytes:
@@ -604,27 +625,37 @@ class Gateway:
             raise Refused(503, f"{upstream.name} is busy: try again shortly") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise Refused(502, f"{upstream.name} does not answer: {printable(exc)}") from None
+        if self.book is not None:
+            self.book.upgraded(request.protocol)
         try:
             inward = web.WebSocketResponse(
                 protocols=[outward.protocol] if outward.protocol else (),
+                heartbeat=self.limits.idle_s / 2,  # a caller that answers no ping is gone
                 # One message is held at a time each way: a caller without a credential
                 # gets less room (the dashboard's websockets carry log lines).
                 max_msg_size=PUBLIC_WEBSOCKET_BYTES if caller == "public" else WEBSOCKET_BYTES,
             )
             await inward.prepare(request)
 
+            idle_s = self.limits.idle_s
+
             async def pump(source, sink) -> None:
                 async for message in source:
-                    if message.type == aiohttp.WSMsgType.TEXT:
-                        await sink.send_str(message.data)
-                    elif message.type == aiohttp.WSMsgType.BINARY:
-                        await sink.send_bytes(message.data)
-                    else:
-                        break
+                    async with within(idle_s):  # a side that stops reading is cut
+                        if message.type == aiohttp.WSMsgType.TEXT:
+                            await sink.send_str(message.data)
+                        elif message.type == aiohttp.WSMsgType.BINARY:
+                            await sink.send_bytes(message.data)
+                        else:
+                            break
                 await sink.close()
 
-            with contextlib.suppress(aiohttp.ClientError, ConnectionError):
-                await asyncio.gather(pump(inward, outward), pump(outward, inward))
+            # A caller without a credential holds one of its kind's few connections to Ray:
+            # for public_answer_s at most (the dashboard's websockets ask for Ray's token).
+            lifetime = self.limits.public_answer_s if caller == "public" else None
+            with contextlib.suppress(aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+                async with within(lifetime):
+                    await asyncio.gather(pump(inward, outward), pump(outward, inward))
             return inward
         finally:
             await outward.close()
@@ -681,6 +712,8 @@ class CallerBody:
         self.limit = limit
         self.idle_s = idle_s
         self.min_rate = max(1, min_rate)
+        self.limit_s = float("inf")  # the whole body, however it comes
+        self.on_end: Callable[[], None] = lambda: None  # the body was read to its end
         self.refusal: Refused | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -688,7 +721,7 @@ class CallerBody:
         started = time.monotonic()
         while True:
             # The next bytes are due within idle_s, and by when the average rate says.
-            due = started + self.idle_s + seen / self.min_rate
+            due = min(started + self.idle_s + seen / self.min_rate, started + self.limit_s)
             wait_s = min(self.idle_s, due - time.monotonic())
             try:
                 if wait_s <= 0:
@@ -697,11 +730,12 @@ class CallerBody:
             except asyncio.TimeoutError:
                 self.refusal = Refused(
                     408,
-                    f"the body stalled (no bytes for {self.idle_s:.0f} s, or under "
-                    f"{self.min_rate} bytes/s)",
+                    f"the body stalled (no bytes for {self.idle_s:.0f} s, under "
+                    f"{self.min_rate} bytes/s, or over {self.limit_s:.0f} s in all)",
                 )
                 raise self.refusal from None
             if not piece:
+                self.on_end()
                 return
             seen += len(piece)
             if seen > self.limit:
@@ -728,6 +762,9 @@ class RunningGateway:
         limits = gateway.limits
         self.max_connections = limits.max_connections or connection_cap()
         one_line = OneLineLog(gateway.log)
+        # Every line the gateway writes goes through the same limit as aiohttp's: a caller
+        # that makes it log (a failed relay) must not fill the head's log either.
+        gateway.log = one_line.line
         logger = logging.getLogger(f"ray_cml_provider.gateway.{id(self)}")
         logger.propagate = False
         logger.addHandler(one_line)
@@ -739,8 +776,9 @@ class RunningGateway:
                 max_head_bytes=limits.max_head_bytes,
                 head_budget_bytes=limits.head_budget_bytes,
             ),
-            gateway.log,
+            one_line.line,
         )
+        gateway.book = self.book
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(one_line.loop_errors)
         server = GuardedServer(
@@ -773,7 +811,7 @@ class RunningGateway:
         try:
             return await self.gateway.handle(request)
         finally:
-            self.book.served(request.protocol, request.get(CALLER) in CREDENTIALED)
+            self.book.served(request.protocol)
 
     async def sweep(self) -> None:
         while True:
