@@ -11,29 +11,43 @@ scrape of ``/metrics`` fetches every export listed there at once, parses each wi
 exposition with ``prometheus_client`` again. ``ray_cml_scrape_up`` says which exports
 answered.
 
-A scrape costs the head's CPU (parsing every export: ~0.5 s for a few workers), so the
-scraper's rhythm must not be the head's: scrapers that ask at once share one render (and
-one fetch of the exports), one render runs at a time, and after a render that took ``t`` the
-next one waits ``t / CPU_SHARE``; meanwhile a scraper gets the newest answer there is. One
-scraper in a loop, or many, thus costs at most a quarter of a core, and the parsing runs in
-a thread beside the event loop that serves ``/v1``.
+Parsing and writing every export costs the head's CPU (~0.4 s for a few workers), so neither
+the scrapers' rhythm nor the families they ask for (``?family=``) may set the head's:
+
+- one fetch of the exports is a *snapshot*, shared by every scraper and every family set.
+  Its texts are cut, without parsing, into blocks, one per metric family (where the family's
+  ``# HELP``/``# TYPE`` lines start, the parser's own rule), gathered by family across the
+  exports;
+- a family is parsed and written (with its nodes' labels) at most once per snapshot, when a
+  scrape first asks for it, and its bytes are kept. An answer is a selection of families by
+  name prefix and a join of their bytes: however a scraper varies ``?family=``, a snapshot
+  costs at most one parse and one write of everything, and a scraper that needs a few figures
+  often (``ray-cml top``) costs the head those few;
+- scrapers that ask at once share one fetch, and one CPU job (cutting a fetch, or parsing and
+  writing families) runs at a time, in a thread beside the event loop that serves ``/v1``;
+  a job that took ``t`` puts the next fetch ``t / CPU_SHARE`` after its start, and until
+  then a scraper is answered from the newest snapshot.
+
+Scrapers in a loop, one or many, with any families, thus cost the head at most a quarter of
+a core, plus, for each answer, the selection of its families and the copy of its bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 
 from ray_cml_provider.contract import NodeInfo
 
@@ -41,9 +55,20 @@ DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 NODES_FRESH_S = 30.0  # how long the node map read from node.json files is kept
 EXPORT_MOST_BYTES = 32 * 1024 * 1024  # one node's export; a bigger one is left out
 CPU_SHARE = 0.25  # of one core, at most, for rendering /metrics, however often it is asked
-FETCH_FRESH_S = 0.5  # the exports fetched for one render serve others started this soon
-MOST_WAITING = 16  # scrapers waiting for a render; past that, refused (503) until one ends
-MOST_KEPT = 16  # answers kept, by the families asked for
+FETCH_FRESH_S = 0.5  # a snapshot answers every scrape for this long at least
+MOST_KEPT = 16  # answers kept per snapshot, by the families asked for (least recent out first)
+KEPT_MOST_BYTES = 64 * 1024 * 1024  # ... and all of them together at most this big
+UP = "ray_cml_scrape_up"
+# A line that may start a metric family: ``# HELP name ...`` or ``# TYPE name type``.
+HEADER = re.compile(r"^[ \t]*#[ \t]+(HELP|TYPE)[ \t]+(\S+)[ \t]*(\S*)", re.MULTILINE)
+# The names a family's samples take besides its own, by its type (what ?family= matches).
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("_count", "_sum", "_created"),
+    "info": ("_info",),
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,132 @@ class NodeMap:
         self._by_ip, self._read_at = by_ip, time.monotonic()
 
 
+@dataclass
+class Family:
+    """One metric family in a snapshot: its blocks in the exports' texts, and its exposition
+    once written."""
+
+    names: set[str]  # its name and its samples' names: what ``?family=`` prefixes match
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (export, start, end)
+    written: bytes | None = None
+
+
+class Snapshot:
+    """One fetch of every export: cut into families at once, each family parsed and written
+    when first asked for (``write``), and answers joined from them (``answer``)."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        texts: list[str],
+        node_of: Callable[[str], NodeLabels],
+        taken_at: float = 0.0,
+    ):
+        self.taken_at = taken_at
+        self.texts = texts
+        self.labels = [
+            {**node_of(target.rsplit(":", 1)[0]).as_labels(), "instance": target}
+            for target in targets
+        ]
+        self.families: dict[str, Family] = {}  # by name, in the order the exports show them
+        for export, text in enumerate(texts):
+            self._cut(export, text)
+        up = Metric(UP, "1 when the node's export answered this scrape", "gauge")
+        for labels, text in zip(self.labels, texts, strict=True):
+            up.add_sample(UP, labels, float(bool(text)))
+        self.up = generate_latest(_Fixed([up]))
+        self.parsed = 0  # blocks parsed so far
+        self.answers: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
+        self._kept_bytes = 0
+
+    def _cut(self, export: int, text: str) -> None:
+        """Gather ``text``'s blocks by family, without parsing it: a family starts at a
+        ``# HELP``/``# TYPE`` line naming another one than the lines before (so a block never
+        cuts a family, though it may hold a few, which parsing it finds)."""
+        starts: list[list] = []  # [start, name, type]
+        for header in HEADER.finditer(text):
+            name = header[2].strip('"')
+            if not starts or name != starts[-1][1]:
+                starts.append([header.start(), name, ""])
+            if header[1] == "TYPE":
+                starts[-1][2] = header[3]
+        first = starts[0][0] if starts else len(text)
+        if text[:first].strip():  # samples before any header: untyped, named by the first
+            names = [
+                (line.split("{", 1)[0].split() or [""])[0]
+                for line in text[:first].splitlines()
+                if line.strip() and not line.lstrip().startswith("#")
+            ] or [""]
+            self._block(export, 0, first, names[0], "", tuple(names))
+        ends = [start for start, _, _ in starts[1:]] + [len(text)]
+        for (start, name, kind), end in zip(starts, ends, strict=False):
+            self._block(export, start, end, name, kind)
+
+    def _block(
+        self, export: int, start: int, end: int, name: str, kind: str, names: tuple[str, ...] = ()
+    ) -> None:
+        key = name[: -len("_total")] if kind == "counter" and name.endswith("_total") else name
+        family = self.families.get(key)
+        if family is None:
+            family = self.families[key] = Family({key})
+        family.names.add(name)
+        family.names.update(names)
+        family.names.update(key + suffix for suffix in SUFFIXES.get(kind, ()))
+        family.blocks.append((export, start, end))
+
+    def pick(self, prefixes: tuple[str, ...]) -> list[Family]:
+        """The families whose name, or a sample's name, starts with one of ``prefixes``
+        (all of them without)."""
+        if not prefixes:
+            return list(self.families.values())
+        return [
+            family
+            for family in self.families.values()
+            if any(name.startswith(prefixes) for name in family.names)
+        ]
+
+    def write(self, families: list[Family]) -> None:
+        """Parse the blocks of those of ``families`` not written yet, label each sample with
+        its node (the export's own labels of the same name give way), and write them."""
+        for family in families:
+            if family.written is not None:
+                continue
+            merged: dict[str, Metric] = {}
+            for export, start, end in family.blocks:
+                self.parsed += 1
+                try:
+                    parsed = list(text_string_to_metric_families(self.texts[export][start:end]))
+                except (ValueError, IndexError):
+                    continue  # not Prometheus' text format: left out, ray_cml_scrape_up says 1
+                labels = self.labels[export]
+                for one in parsed:
+                    into = merged.get(one.name)
+                    if into is None:
+                        into = Metric(one.name, one.documentation, one.type, one.unit)
+                        merged[one.name] = into
+                    into.samples.extend(
+                        s._replace(labels={**s.labels, **labels}) for s in one.samples
+                    )
+            family.written = generate_latest(_Fixed(list(merged.values())))
+
+    def answer(self, prefixes: tuple[str, ...], families: list[Family]) -> bytes:
+        """The exposition of ``families`` (written) and ``ray_cml_scrape_up``, kept as the
+        answer to ``prefixes`` (``MOST_KEPT`` answers at most, ``KEPT_MOST_BYTES`` in all)."""
+        body = b"".join([*(family.written or b"" for family in families), self.up])
+        if prefixes not in self.answers and len(body) <= KEPT_MOST_BYTES:
+            self.answers[prefixes] = body
+            self._kept_bytes += len(body)
+            while len(self.answers) > MOST_KEPT or self._kept_bytes > KEPT_MOST_BYTES:
+                self._kept_bytes -= len(self.answers.popitem(last=False)[1])
+        return body
+
+    def kept(self, prefixes: tuple[str, ...]) -> bytes | None:
+        body = self.answers.get(prefixes)
+        if body is not None:
+            self.answers.move_to_end(prefixes)
+        return body
+
+
 class ClusterMetrics:
     """Gather every live node's export into one exposition."""
 
@@ -103,14 +254,13 @@ class ClusterMetrics:
         self.timeout_s = timeout_s
         # This process's own figures (the gateway's): (the head's ip, their exposition).
         self.own = own
-        # Sharing renders between scrapers (the module's docstring).
-        self._answers: OrderedDict[tuple[str, ...], bytes] = OrderedDict()
-        self._rendering: dict[tuple[str, ...], asyncio.Future] = {}
-        self._waiting = 0
-        self._next_render_at = 0.0
+        self.fetches = 0  # of every export: one per snapshot
+        # Sharing the work between scrapers (the module's docstring).
+        self._snapshot: Snapshot | None = None
+        self._fetching: asyncio.Task | None = None
+        self._next_fetch_at = 0.0
         self._lock: asyncio.Lock | None = None
-        self._fetched: tuple[list[str], list[str]] = ([], [])
-        self._fetched_at = float("-inf")
+        self._jobs: set[asyncio.Task] = set()
 
     def targets(self) -> list[str]:
         """``host:port`` of every export the head's Ray lists now ([] before Ray runs)."""
@@ -122,93 +272,99 @@ class ClusterMetrics:
             {t for group in groups if isinstance(group, dict) for t in group.get("targets", [])}
         )
 
-    async def render(
-        self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()
-    ) -> bytes | None:
-        """The exposition; with ``families``, only those metric families (by name, or by
-        sample name: ``x_total``, ``x_bucket``...), picked before parsing, so a scraper
-        that needs a few figures often (``ray-cml top``) costs the head little. None when
-        too many scrapers wait already (the gateway answers 503)."""
-        key = tuple(sorted(set(families)))
-        kept = self._answers.get(key)
-        if kept is not None and time.monotonic() < self._next_render_at:
-            return kept  # the newest there is: rendering again now would be over the share
-        pending = self._rendering.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self._waiting >= MOST_WAITING:
-            return None
-        self._waiting += 1
-        future = asyncio.get_running_loop().create_future()
-        self._rendering[key] = future
-        body = None
+    async def render(self, session: aiohttp.ClientSession, families: tuple[str, ...] = ()) -> bytes:
+        """The exposition; with ``families``, only the metric families whose name (or a
+        sample's name: ``x_total``, ``x_bucket``...) starts with one of them, and
+        ``ray_cml_scrape_up``: a scraper that needs a few figures often (``ray-cml top``)
+        costs the head those few. Every family set is answered from the newest snapshot,
+        whose families are each parsed once, whoever asks: no scraper is refused."""
+        prefixes = tuple(sorted(set(families)))
+        snapshot = await self._newest(session)
+        kept = snapshot.kept(prefixes)
+        if kept is not None:
+            return kept
+        picked = snapshot.pick(prefixes)
+        if any(family.written is None for family in picked):
+            await asyncio.shield(self._job(self._write(snapshot, picked)))
+        return snapshot.answer(prefixes, picked)
+
+    async def _newest(self, session: aiohttp.ClientSession) -> Snapshot:
+        """The newest snapshot, or a new one once the spacing and ``FETCH_FRESH_S`` are over
+        (fetched once for every scraper that asks meanwhile)."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            fresh_until = max(self._next_fetch_at, snapshot.taken_at + FETCH_FRESH_S)
+            if time.monotonic() < fresh_until:
+                return snapshot
+        if self._fetching is None:
+            self._fetching = self._job(self._take(session))
+        return await asyncio.shield(self._fetching)
+
+    def _job(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """``work`` in a task of its own: a scraper that leaves does not stop it halfway."""
+        task = asyncio.ensure_future(work)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return task
+
+    async def _take(self, session: aiohttp.ClientSession) -> Snapshot:
         try:
+            started = time.monotonic()
+            targets, texts = await self._exports(session)
+            fetched = time.monotonic() - started
             async with self._one_at_a_time():
-                await asyncio.sleep(max(0.0, self._next_render_at - time.monotonic()))
-                started = time.monotonic()
-                body = await self._render(session, key)
-                spent = time.monotonic() - started
-                self._next_render_at = time.monotonic() + spent * (1 / CPU_SHARE - 1)
-            self._answers[key] = body
-            self._answers.move_to_end(key)
-            while len(self._answers) > MOST_KEPT:
-                self._answers.popitem(last=False)
-            return body
+                cut_at = time.monotonic()
+                loop = asyncio.get_running_loop()
+                try:
+                    snapshot = await loop.run_in_executor(
+                        None, Snapshot, targets, texts, self.node_of, started
+                    )
+                finally:
+                    self._charge(started, fetched + time.monotonic() - cut_at)
+            self._snapshot = snapshot
+            return snapshot
         finally:
-            self._waiting -= 1
-            del self._rendering[key]
-            future.set_result(body)
+            self._fetching = None
+
+    async def _write(self, snapshot: Snapshot, families: list[Family]) -> None:
+        async with self._one_at_a_time():
+            missing = [family for family in families if family.written is None]
+            if missing:  # unless a job before this one wrote them
+                started = time.monotonic()
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(None, snapshot.write, missing)
+                finally:
+                    self._charge(started, time.monotonic() - started)
+
+    def _charge(self, started: float, spent: float) -> None:
+        """A job that took ``spent``: the next fetch waits until the head's CPU spent on
+        ``/metrics`` is back under ``CPU_SHARE``."""
+        self._next_fetch_at = max(self._next_fetch_at, started) + spent / CPU_SHARE
 
     def _one_at_a_time(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()  # made on the gateway's loop, at its first scrape
         return self._lock
 
-    async def _render(self, session: aiohttp.ClientSession, families: tuple[str, ...]) -> bytes:
-        targets, texts = await self._exports(session)
-        # Parsing and writing a few hundred kB takes tens of milliseconds: off the event loop
-        # that serves /v1 and the dashboard.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.assemble_only, targets, texts, families)
-
     async def _exports(self, session: aiohttp.ClientSession) -> tuple[list[str], list[str]]:
-        """Every export's text (and this process's own), fetched at most once per
-        ``FETCH_FRESH_S``."""
-        if time.monotonic() - self._fetched_at > FETCH_FRESH_S:
-            targets = self.targets()
-            texts = list(await asyncio.gather(*(self._fetch(session, t) for t in targets)))
-            self._fetched, self._fetched_at = (targets, texts), time.monotonic()
-        targets, texts = self._fetched
-        targets, texts = list(targets), list(texts)
+        """Every export's text, and this process's own."""
+        targets = self.targets()
+        texts = list(await asyncio.gather(*(self._fetch(session, t) for t in targets)))
+        self.fetches += 1
         if self.own is not None:
             ip, exposition = self.own
             targets.append(f"{ip}:gateway")
             texts.append(exposition())
         return targets, texts
 
-    def assemble_only(
-        self, targets: list[str], texts: list[str], families: tuple[str, ...]
-    ) -> bytes:
-        answered = [bool(text) for text in texts]
-        if families:
-            texts = [only(text, families) for text in texts]
-        return self.assemble(targets, texts, answered)
-
-    def assemble(
-        self, targets: list[str], texts: list[str], answered: list[bool] | None = None
-    ) -> bytes:
-        """One exposition of the exports' texts, each sample labelled with its node."""
-        answered = answered if answered is not None else [bool(text) for text in texts]
-        families: dict[str, Metric] = {}
-        up = Metric("ray_cml_scrape_up", "1 when the node's export answered this scrape", "gauge")
-        for target, text, ok in zip(targets, texts, answered, strict=True):
-            labels = self.node_of(target.rsplit(":", 1)[0]).as_labels()
-            up.add_sample("ray_cml_scrape_up", {**labels, "instance": target}, float(ok))
-            if text:
-                self._merge(families, text, {**labels, "instance": target})
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Fixed([*families.values(), up]))
-        return generate_latest(registry)
+    def assemble(self, targets: list[str], texts: list[str]) -> bytes:
+        """One exposition of the exports' texts, each sample labelled with its node (at once,
+        without sharing: for tools and tests)."""
+        snapshot = Snapshot(targets, texts, self.node_of)
+        families = snapshot.pick(())
+        snapshot.write(families)
+        return snapshot.answer((), families)
 
     async def _fetch(self, session: aiohttp.ClientSession, target: str) -> str:
         try:
@@ -226,37 +382,6 @@ class ClusterMetrics:
                 return body.decode("utf-8", "replace")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return ""
-
-    @staticmethod
-    def _merge(families: dict[str, Metric], text: str, labels: dict[str, str]) -> None:
-        """Add one export's families, each sample with the node's labels (the export's own
-        labels of the same name give way)."""
-        try:
-            parsed = list(text_string_to_metric_families(text))
-        except ValueError:
-            return  # not Prometheus' text format: left out, ray_cml_scrape_up still says 1
-        for family in parsed:
-            merged = families.get(family.name)
-            if merged is None:
-                merged = Metric(family.name, family.documentation, family.type, family.unit)
-                families[family.name] = merged
-            for sample in family.samples:
-                merged.samples.append(sample._replace(labels={**sample.labels, **labels}))
-
-
-def only(text: str, families: tuple[str, ...]) -> str:
-    """The lines of ``families`` in an exposition: their samples and their ``# HELP`` and
-    ``# TYPE`` lines (a line's metric name ends at ``{`` or a space)."""
-    kept = []
-    for line in text.splitlines():
-        if line.startswith("# "):
-            parts = line.split(" ", 3)
-            name = parts[2] if len(parts) > 2 else ""
-        else:
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name.startswith(families):
-            kept.append(line)
-    return "\n".join(kept) + "\n" if kept else ""
 
 
 class _Fixed:
