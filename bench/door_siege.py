@@ -8,8 +8,8 @@ the head), then each attack for ``--seconds`` from a process of its own, as anot
 of the workspace dialling the head engine's address and application port directly:
 
 - ``pivot``: ``CONNECT``, absolute URLs and ``@host`` targets aimed at the head's loopback;
-- ``pools``: callers without a credential fetching the dashboard's biggest page and never
-  reading it, and keyed callers trickling /v1 bodies a byte a second;
+- ``pools``: 48 callers without a credential fetching the dashboard's biggest page and never
+  reading it, and 300 keyed callers trickling /v1 bodies a byte a second;
 - ``heads``: request heads that never end, 16 kB fields one after another;
 - ``cap``: silent connections past the gateway's cap (the head's is set to 512 here);
 - ``websocket``: websocket handshakes without a key, with Ray's token;
@@ -139,7 +139,8 @@ def biggest_page(door: Door) -> str:
 
 
 def pools(attack: Attack) -> None:
-    """48 callers without a credential that never read; 64 keyed callers trickling bodies."""
+    """48 callers without a credential that never read; 300 keyed callers trickling bodies
+    (more than the 256 connections to Ray that every caller once shared)."""
     page = biggest_page(attack.door).encode()
     key = attack.door.endpoint_key.encode()
     readers: list[socket.socket] = []
@@ -155,7 +156,7 @@ def pools(attack: Attack) -> None:
                 sock.sendall(b"GET " + page + b" HTTP/1.1\r\nHost: x\r\n\r\n")
                 attack.sent += 1
             readers.append(sock)
-        while len(tricklers) < 64:
+        while len(tricklers) < 300:
             sock = attack.connect()
             if sock is None:
                 break
