@@ -10,6 +10,7 @@ import hashlib
 import json
 import secrets
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -171,6 +172,129 @@ def test_several_secrets_and_forms_in_one_text():
     )
 
 
+def test_hex_with_a_separator_between_bytes(secret):
+    data = secret.encode()
+    for form in (data.hex(":"), data.hex(":").upper(), data.hex("-")):  # bytes.hex, a MAC's
+        assert redacted(f"key {form} end", secret) == f"key {REDACTED} end"
+    rows = [", ".join(f"0x{b:02x}" for b in data[i : i + 12]) for i in range(0, len(data), 12)]
+    xxd = "unsigned char key[] = {\n  " + ",\n  ".join(rows) + "\n};"  # as `xxd -i` writes
+    assert redacted(xxd, secret) == f"unsigned char key[] = {{\n  0x{REDACTED}\n}};"
+
+
+def test_c_octal_and_percent_u_escapes_also_as_json_writes_them(secret):
+    data = secret.encode()
+    c_hex = "".join(f"\\x{b:02x}" for b in data)  # printf, a C string, Python's bytes repr
+    octal = "".join(f"\\{b:03o}" for b in data)
+    percent_u = "".join(f"%u{b:04X}" for b in data)  # JavaScript's escape()
+    for form in (c_hex, octal, percent_u):
+        assert redacted(f'printf "{form}"', secret) == f'printf "{REDACTED}"'
+        dumped = json.dumps({"command": f'printf "{form}"'})
+        assert json.loads(redacted(dumped, secret)) == {"command": f'printf "{REDACTED}"'}
+
+
+def test_html_entities_decimal_hex_and_mixed(secret):
+    data = secret.encode()
+    decimal = "".join(f"&#{b};" for b in data)
+    mixed = "".join(f"&#x{b:X};" if i % 2 else chr(b) for i, b in enumerate(data))
+    page = f'<input name="key" value="{decimal}"><p>&lt;{mixed}&gt; &amp; more</p>'
+    out = redacted(page, secret)
+    assert out == f'<input name="key" value="{REDACTED}"><p>&lt;{REDACTED}&gt; &amp; more</p>'
+
+
+def test_percent_encoded_twice_or_three_times(secret):
+    once = "".join(f"%{b:02X}" for b in secret.encode())
+    twice = urllib.parse.quote(once, safe="")  # %2541: a URL inside a URL's query
+    thrice = urllib.parse.quote(twice, safe="")
+    for form in (twice, twice.lower(), thrice):
+        url = f"https://host/login?next=%2Fapi%3Fkey%3D{form}&page=2"
+        assert redacted(url, secret) == f"https://host/login?next=%2Fapi%3Fkey%3D{REDACTED}&page=2"
+
+
+def test_json_escaped_slashes_in_base64_as_php_writes_them():
+    pairs = secrets.token_urlsafe(21)  # 28 characters
+    key = "".join(f"{a}{b}?" for a, b in zip(pairs[::2], pairs[1::2], strict=True))
+    encoded = b64(key)  # each group of three ends in "?": each fourth character is a slash
+    assert encoded.count("/") == len(key) // 3
+    escaped = encoded.replace("/", "\\/")
+    assert redacted(f'{{"token": "{escaped}"}}', key) == f'{{"token": "{REDACTED}"}}'
+
+
+def test_base32_at_any_alignment_in_either_case(secret):
+    for prefix in ("", "u", "us", "use", "user", "user:"):  # each place in a group of five
+        encoded = base64.b32encode(f"{prefix}{secret} and what follows".encode()).decode()
+        start, end = -(-8 * len(prefix) // 5), 8 * (len(prefix) + len(secret)) // 5
+        for form in (encoded, encoded.lower()):
+            out = redacted(f"blob {form} end", secret)
+            assert out == f"blob {form[:start]}{REDACTED}{form[end:]} end", prefix
+
+
+def test_base64_of_base64_as_a_kubernetes_secret_holds_a_registry_login(secret):
+    # `kubectl get secret -o yaml` of a .dockerconfigjson: its "auth" is base64("user:KEY"),
+    # and the whole of it base64 again; each of three places in the inner base64, each of
+    # three in the outer.
+    for user in ("u", "us", "usr"):
+        auth = b64(f"{user}:{secret}")
+        inner = -(-8 * (len(user) + 1) // 6), 8 * (len(user) + 1 + len(secret)) // 6
+        for registry in ("r.io", "re.io", "reg.io"):
+            config = json.dumps({"auths": {registry: {"auth": auth}}})
+            outer, at = b64(config), config.index(auth)
+            start, end = -(-8 * (at + inner[0]) // 6), 8 * (at + inner[1]) // 6
+            out = redacted(f"  .dockerconfigjson: {outer}\n", secret)
+            assert out == f"  .dockerconfigjson: {outer[:start]}{REDACTED}{outer[end:]}\n"
+
+
+@pytest.mark.parametrize(
+    "mark",
+    ["\u00ad", "\u2062", "\u2064", "\u034f", "\ufe0f", "\U000e0100", "\u3164", "\u0301"],
+    ids=[
+        "soft-hyphen",
+        "invisible-times",
+        "invisible-plus",
+        "cgj",
+        "vs16",
+        "vs17",
+        "filler",
+        "acute",
+    ],
+)
+def test_characters_that_show_nothing_between_every_two(secret, mark):
+    assert redacted(f"key: {mark.join(secret)}{mark} end", secret) == f"key: {REDACTED}{mark} end"
+
+
+def test_fullwidth_and_other_compatibility_letters(secret):
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in secret)  # ａ for a, ＿ for _
+    assert redacted(f"「{fullwidth}」", secret) == f"「{REDACTED}」"
+    assert redacted(f"key {fullwidth[:20]}{secret[20:]}.", secret) == f"key {REDACTED}."
+    # Characters that read as several (ﷺ as 18) around it: worked back one at a time.
+    assert redacted(f"ﬁ ① ﷺ{fullwidth}ﬀ ½", secret) == f"ﬁ ① ﷺ{REDACTED}ﬀ ½"
+
+    def sans_bold(c: str) -> str:  # 𝗮 𝗔 𝟬: mathematical letters, as NFKC has them
+        if c.isdigit():
+            return chr(0x1D7EC + int(c))
+        if c.isalpha():
+            return chr((0x1D5EE if c.islower() else 0x1D5D4) + ord(c.lower()) - ord("a"))
+        return c
+
+    bold = "".join(map(sans_bold, secret))
+    assert redacted(f"key {bold}\n", secret) == f"key {REDACTED}\n"
+
+
+def test_backspace_overstrike_as_man_prints_bold_and_underline(secret):
+    bold = "".join(f"{c}\b{c}" for c in secret)
+    underline = "".join(f"_\b{c}" for c in secret)
+    for form in (bold, underline):
+        assert redacted(f"K\bKE\bEY\bY: {form}\n", secret) == f"K\bKE\bEY\bY: {REDACTED}\n"
+
+
+def test_charset_escapes_and_colours_as_cat_v_shows_them(secret):
+    pieces = [secret[i : i + 8] for i in range(0, len(secret), 8)]
+    sgr0 = "\x1b(B\x1b[m"  # what `tput sgr0` prints for xterm
+    text = f"{sgr0}key: {sgr0.join(pieces)}{sgr0}\n"
+    assert redacted(text, secret) == f"{sgr0}key: {REDACTED}{sgr0}\n"
+    caret = "^[[31m".join(pieces)  # a coloured log through `cat -v`
+    assert redacted(f"key: {caret}^[[0m", secret) == f"key: {REDACTED}^[[0m"
+
+
 # -------------------------------------------------------------- nothing else
 
 
@@ -186,6 +310,24 @@ def test_ordinary_text_hashes_and_short_ids_are_left_alone():
         "progress 100%|██████████| 50/50 [00:12<00:00, 4.01it/s] %20 %zz \\u00 \\n \x1b[0m",
         "\x1b[32mINFO\x1b[0m ok\t\tdone\r\n" + "ä ö ü 日本語 " * 10 + "\\\\server\\share\\new",
         json.dumps({"status": "RUNNING", "message": "Deployment 'Echo' is healthy."}),
+    ]
+    for text in texts:
+        assert redactor.redact(text) == text
+
+
+def test_ordinary_text_in_other_scripts_emoji_html_and_dumps_is_left_alone():
+    redactor = Redactor([TOKEN, KEY, secrets.token_hex(32), secrets.token_urlsafe(32)])
+    other = secrets.token_urlsafe(32)
+    texts = [
+        "Grüße aus Köln — naïve café, Ærøskøbing, 東京都渋谷区，（株）テスト　ＡＢＣ１２３\n" * 50,
+        "नमस्ते दुनिया, สวัสดีชาวโลก, مرحبا بالعالم, שלום עולם\u200f, Привет, мир\n" * 20,
+        "done ✔️ ❤️ 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ☀︎ #️⃣ 1️⃣ ﬁle ﬀ ① ™ ½ ㎏ Å é\n" * 20,
+        "<p>Tom &amp; Jerry &lt;3 &quot;caf&#233;&quot; &#x1F600; &#128512; &copy; 2026 &#8212;"
+        ' <a href="/?a=1&amp;b=2">next</a> &#99999999;</p>',
+        f"fingerprint {secrets.token_bytes(16).hex(':')} mac 00:1A:2B:3C:4D:5E 2026-12-03",
+        f"{base64.b32encode(other.encode()).decode()} {b64(b64(other))} {other.encode().hex(':')}",
+        "man: N\bNA\bAM\bME\bE _\bl_\bs; printf '\\x1b[0m\\101\\102\\/' %2520 %u00e9 &#10; \b",
+        "\x1b(B\x1b[m\x1b)0\x1b7\x1b8 ^[[31mred^[[0m ^[a-z]+$",
     ]
     for text in texts:
         assert redactor.redact(text) == text
@@ -207,6 +349,11 @@ def test_a_megabyte_takes_well_under_a_second():
     ordinary = (line * (1_000_000 // len(line)))[:1_000_000]
     hiding = (f"> Authorization: Basic {b64(keys[2] + ':')}\n" * 10_000)[:1_000_000]
     adversarial = ["\\" * 1_000_000, "\x1b[" + "1" * 999_998, "%41" * 333_333, " \n" * 500_000]
+    adversarial += ["%25" * 333_333, "&#97;" * 200_000, "a\b" * 500_000, "\u00ad" * 1_000_000]
+    adversarial += ["\uff11" * 1_000_000]  # fullwidth 1: a megabyte of 1 as it reads
+    beyond = [chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000]
+    adversarial.append("".join(beyond)[:1_000_000])  # every character beyond ASCII, once
+    redactor.redact("\u00e9")  # the table of characters beyond ASCII: once a process
     for text in [ordinary, hiding, *adversarial]:
         started = time.perf_counter()
         out = redactor.redact(text)
