@@ -239,6 +239,41 @@ def test_a_body_trickled_a_byte_at_a_time_is_cut(upstream, tmp_path):
         owner_answers_in(running.port, 2.0)
 
 
+def test_serve_sees_a_v1_request_only_once_its_body_has_come(tmp_path):
+    """A keyed caller trickling its body holds no connection to Serve, nor a place in its
+    queue: the gateway reads /v1 bodies of a known length whole first (up to
+    whole_api_body_bytes, and held_bodies_bytes for all of them)."""
+    serve, dashboard = Recorder("serve"), Recorder("dashboard")
+    try:
+        with gateway_on(serve, dashboard, key_files(tmp_path, locked=True)) as running:
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            body = b"x" * 200_000
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + bearer_line(ENDPOINT_KEY)
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body[:100_000]
+            )
+            wait_until_busy(running, 1)
+            assert serve.seen == []  # half the body came: nothing of it went on
+            sock.sendall(body[100_000:])
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            [seen] = serve.seen
+            assert len(seen["body"]) == len(body)
+            deadline = time.monotonic() + 5  # let go once the answer is relayed
+            while running.gateway.bodies_held:
+                assert time.monotonic() < deadline, running.gateway.bodies_held
+                time.sleep(0.05)
+            sock.close()
+    finally:
+        for server in (serve, dashboard):
+            server.shutdown()
+            server.server_close()
+
+
 # ------------------------------------------------------------------ 3. memory
 
 

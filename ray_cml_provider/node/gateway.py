@@ -147,6 +147,10 @@ class Limits:
     min_body_bytes_per_s: int = 16 * 1024  # after idle_s, a body slower on average: cut
     max_body_s: float = 600.0  # a whole body, however fast its bytes come
     replay_body_bytes: int = 64 * 1024  # read first, so a stale pooled connection is retried
+    # /v1 bodies (with a length) up to this are read whole before Serve sees the request:
+    # a body trickled by a caller then holds no connection to Serve, nor a place in its queue.
+    whole_api_body_bytes: int = 16 * 1024 * 1024
+    held_bodies_bytes: int = 256 * 1024 * 1024  # all such bodies at once; past it they stream
     max_connections: int = 0  # 0: from the file limit (``connection_cap``)
     pool_wait_s: float = 5.0  # for a free connection to Ray; then 503, try again
     answer_s: float = 600.0  # Ray's answer to the owner or a keyed caller: headers, each read
@@ -423,6 +427,7 @@ class Gateway:
         self.limits = limits or Limits()
         self.refused = 0  # requests answered 401 (tests and the status page read it)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self.bodies_held = 0  # bytes of /v1 bodies read whole, not yet sent on to Serve
         # Told who asks on each connection and where its request is (RunningGateway sets it).
         self.book: ConnectionBook | None = None
 
@@ -501,13 +506,46 @@ class Gateway:
         stream.limit_s = limits.max_body_s
         if self.book is not None:
             stream.on_end = lambda: self.book.body_read(request.protocol)
+        held = 0
         if request.body_exists:
             length = request.content_length
             if length is not None and length <= limits.replay_body_bytes:
                 body = b"".join([piece async for piece in stream])
                 replayable = True
+            elif length is not None and self.may_hold(call, length):
+                held = length
+                self.bodies_held += held
+                try:
+                    body = b"".join([piece async for piece in stream])
+                except BaseException:
+                    self.bodies_held -= held
+                    raise
+                replayable = True
             else:
                 body = stream.__aiter__()
+        try:
+            return await self.relay(request, call, body, replayable, stream)
+        finally:
+            self.bodies_held -= held
+
+    def may_hold(self, call: Call, length: int) -> bool:
+        limits = self.limits
+        return (
+            call.route == "v1"
+            and length <= limits.whole_api_body_bytes
+            and self.bodies_held + length <= limits.held_bodies_bytes
+        )
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        call: Call,
+        body: bytes | AsyncIterator[bytes] | None,
+        replayable: bool,
+        stream: CallerBody,
+    ) -> web.StreamResponse:
+        """The request to Ray (once more on a stale kept-alive connection, when its body can
+        be sent again), then Ray's answer to the caller."""
         upstream = call.upstream
         for attempt in (1, 2):
             try:
