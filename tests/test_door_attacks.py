@@ -91,21 +91,9 @@ def upstream():
     server.close()
 
 
-@contextlib.contextmanager
 def door(upstream: AiohttpUpstream, keys: Keys, limits: Limits | None = None, log=None):
     """The gateway with ``upstream`` as both Serve and the dashboard."""
-    gateway = Gateway(
-        Upstream("127.0.0.1", upstream.port, "Ray Serve's HTTP proxy"),
-        Upstream("127.0.0.1", upstream.port, "the Ray dashboard"),
-        keys,
-        log=log if log is not None else (lambda _: None),
-        limits=limits,
-    )
-    running = RunningGateway(gateway, "127.0.0.1", 0)
-    try:
-        yield running
-    finally:
-        running.close()
+    return gateway_on(upstream, upstream, keys, limits, log=log)
 
 
 def owner_answers_in(port: int, seconds: float) -> None:
