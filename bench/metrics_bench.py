@@ -8,7 +8,7 @@ agent exports ~520 kB, each worker's ~180 kB, plus the autoscaler's and the dash
 ``--workers`` sets how many workers). One scraper asks ``/metrics`` ``--scrapes`` times;
 the gateway process's CPU time per scrape (``/proc/<pid>/stat``) becomes its share of one
 core when a Prometheus scrapes every ``--every-s`` seconds. The target is under 2%. (The
-gateway spaces fetches to a quarter of a core and keeps each for at least 0.5 s, giving the
+gateway spaces fetches to a quarter of a core and keeps each for at least 0.1 s, giving the
 newest answer in between: each scrape here waits for the next fetch.) Then ``/metrics`` as
 a lever: 8 callers of ``/v1`` (an upstream standing in for Serve) for ``--load-s`` seconds,
 alone and while one scraper asks ``/metrics`` in a loop: their p50, and the gateway's share

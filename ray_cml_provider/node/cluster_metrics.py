@@ -55,7 +55,9 @@ DISCOVERY_FILE = "prom_metrics_service_discovery.json"
 NODES_FRESH_S = 30.0  # how long the node map read from node.json files is kept
 EXPORT_MOST_BYTES = 32 * 1024 * 1024  # one node's export; a bigger one is left out
 CPU_SHARE = 0.25  # of one core, at most, for rendering /metrics, however often it is asked
-FETCH_FRESH_S = 0.5  # a snapshot answers every scrape for this long at least
+# A snapshot answers every scrape for this long at least; short, because a scraper dates
+# what it gets by its own clock (``ray-cml top`` divides by it: an old snapshot skews rates).
+FETCH_FRESH_S = 0.1
 MOST_KEPT = 16  # answers kept per snapshot, by the families asked for (least recent out first)
 KEPT_MOST_BYTES = 64 * 1024 * 1024  # ... and all of them together at most this big
 UP = "ray_cml_scrape_up"
