@@ -10,7 +10,6 @@ import http.client
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import aiohttp
 import pytest
@@ -19,46 +18,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_cml_provider.node import cluster_metrics
 from ray_cml_provider.node.cluster_metrics import UNKNOWN, ClusterMetrics, NodeMap, Snapshot
 from ray_cml_provider.node.gateway import Gateway, RunningGateway, Upstream
-from tests.test_node_gateway import METRICS_KEY, RAY_TOKEN, Recorder, bearer, key_files
+from tests.test_node_gateway import (
+    METRICS_KEY,
+    RAY_TOKEN,
+    Exporter,
+    Recorder,
+    bearer,
+    key_files,
+)
 
 OWNER_WITHIN_S = 2.0  # the owner's scrape, however a scraper varies ?family=
-
-
-class Export(ThreadingHTTPServer):
-    """A node's export, counting how often it is fetched."""
-
-    daemon_threads = True
-
-    def __init__(self, text: str) -> None:
-        outer = self
-        self.text = text
-        self.fetched = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802
-                outer.fetched += 1
-                body = outer.text.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 def gauges(count: int, samples: int, value: float = 1.0) -> str:
@@ -114,7 +83,7 @@ def test_a_filtered_answer_comes_from_the_shared_parse(tmp_path, parses):
     """Each family of each export is parsed once per fetch, whichever family sets ask for it
     and in whatever order; a filtered answer is a selection of the families already parsed
     (the same bytes as in the full answer), with ray_cml_scrape_up."""
-    exports = [Export(MIXED), Export(gauges(20, 3))]
+    exports = [Exporter("127.0.0.1", MIXED), Exporter("127.0.0.1", gauges(20, 3))]
     discovery = tmp_path / "discovery.json"
     discovery.write_text(json.dumps([{"targets": [e.target for e in exports]}]))
     try:
@@ -151,7 +120,7 @@ def test_a_filtered_answer_comes_from_the_shared_parse(tmp_path, parses):
 def test_many_family_sets_at_once_share_one_fetch_and_one_parse(tmp_path, parses):
     """100 scrapes at once, each with its own family set, each matching nearly everything by
     prefix: one fetch, each block parsed once, every answer complete."""
-    export = Export(gauges(100, 5))
+    export = Exporter("127.0.0.1", gauges(100, 5))
     discovery = tmp_path / "discovery.json"
     discovery.write_text(json.dumps([{"targets": [export.target]}]))
 
@@ -204,7 +173,7 @@ def test_answers_kept_per_family_set_are_bounded():
 
 def test_a_new_fetch_follows_once_the_snapshot_is_old(tmp_path):
     """Family sets do not keep a snapshot alive: past its freshness a scrape fetches again."""
-    export = Export(gauges(3, 2, value=1.0))
+    export = Exporter("127.0.0.1", gauges(3, 2, value=1.0))
     discovery = tmp_path / "discovery.json"
     discovery.write_text(json.dumps([{"targets": [export.target]}]))
 
@@ -231,7 +200,7 @@ def test_f7_many_family_sets_cannot_keep_the_owners_scrape_out(tmp_path, parses)
     while the owner (Ray's token) scrapes everything: each of the owner's scrapes is answered
     (200) within OWNER_WITHIN_S; the export is fetched at most once per FETCH_FRESH_S, and
     each of its families parsed at most once per fetch."""
-    export = Export(gauges(300, 40))
+    export = Exporter("127.0.0.1", gauges(300, 40))
     discovery = tmp_path / "discovery.json"
     discovery.write_text(json.dumps([{"targets": [export.target]}]))
     metrics = ClusterMetrics(discovery, NodeMap(tmp_path / "nodes"), timeout_s=2)

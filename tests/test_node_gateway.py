@@ -572,9 +572,13 @@ class Exporter(ThreadingHTTPServer):
     def __init__(self, ip: str, text: str) -> None:
         outer = self
         self.text = text
+        self.fetched = 0  # how often it was asked for
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:  # noqa: N802
+                outer.fetched += 1
                 body = outer.text.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -591,6 +595,10 @@ class Exporter(ThreadingHTTPServer):
     @property
     def target(self) -> str:
         return f"{self.server_address[0]}:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 def export(node: str, requests: float) -> str:
