@@ -170,29 +170,29 @@ def test_a_trickling_caller_is_cut_at_its_deadline_not_kept_by_each_byte(page):
     assert held < 2.0  # the deadline (1 s), a server turn late at most, on a busy machine
 
 
+def polls_under_attack(page, flood: bool) -> tuple[list[float], int]:
+    """CML's poll for 2.5 s while 8 tricklers hold the 8 slots (and, with ``flood``, open
+    new ones all the time): each poll's wait, and how many connections the attacker opened."""
+    attack = Trickle(port_of(page), hold=8, every_s=0.25, flood=flood)
+    try:
+        assert attack.holding.wait(5)
+        waits = cmls_polls(port_of(page), for_s=2.5, within_s=1.0)
+        return waits, attack.opened
+    finally:
+        attack.end()
+
+
 def test_callers_trickling_into_every_slot_cannot_keep_cmls_poll_out(page_of_8):
     # 8 callers take the 8 slots and send a byte every quarter of timeout_s (1 s), opening
     # another as soon as one is cut. CML's poll, for more than two deadlines, is answered within
     # timeout_s every time (at once, in fact: it takes the oldest caller's slot).
-    attack = Trickle(port_of(page_of_8), hold=8, every_s=0.25)
-    try:
-        assert attack.holding.wait(5)
-        waits = cmls_polls(port_of(page_of_8), for_s=2.5, within_s=1.0)
-        opened = attack.opened
-    finally:
-        attack.end()
+    waits, opened = polls_under_attack(page_of_8, flood=False)
     assert max(waits) < 1.0 and opened >= 16, (waits, opened)  # cut at deadlines, and back
 
 
 def test_an_attacker_opening_new_trickling_callers_cannot_keep_cmls_poll_out(page_of_8, capfd):
     threads = threading.active_count()
-    attack = Trickle(port_of(page_of_8), hold=8, every_s=0.25, flood=True)
-    try:
-        assert attack.holding.wait(5)
-        waits = cmls_polls(port_of(page_of_8), for_s=2.5, within_s=1.0)
-        opened = attack.opened
-    finally:
-        attack.end()
+    waits, opened = polls_under_attack(page_of_8, flood=True)
     assert max(waits) < 1.0 and opened > 100, (waits, opened)  # each slot taken a dozen times
     # Every cut caller's thread ends: nothing is left behind per connection, nor in the log.
     assert wait_until(lambda: threading.active_count() <= threads, 5)
