@@ -48,7 +48,8 @@ class AiohttpUpstream:
         app.router.add_get("/big", self.big)
         app.router.add_get("/ws", self.ws)
         app.router.add_route("*", "/{tail:.*}", self.echo)
-        self.runner = web.AppRunner(app, access_log=None)
+        # In-flight handlers (a slow answer) get 1 s at the end, not aiohttp's 60.
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())

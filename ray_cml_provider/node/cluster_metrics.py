@@ -360,14 +360,6 @@ class ClusterMetrics:
             texts.append(exposition())
         return targets, texts
 
-    def assemble(self, targets: list[str], texts: list[str]) -> bytes:
-        """One exposition of the exports' texts, each sample labelled with its node (at once,
-        without sharing: for tools and tests)."""
-        snapshot = Snapshot(targets, texts, self.node_of)
-        families = snapshot.pick(())
-        snapshot.write(families)
-        return snapshot.answer((), families)
-
     async def _fetch(self, session: aiohttp.ClientSession, target: str) -> str:
         try:
             timeout = aiohttp.ClientTimeout(total=self.timeout_s)

@@ -276,8 +276,6 @@ METRICS_KEY_NEEDED = (
 )
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 MAX_FAMILIES = 64  # ?family=... filters one /metrics answer takes
-# The request's key where the gateway notes who asked (aiohttp >= 3.12 types such keys).
-CALLER = web.RequestKey("ray_cml_caller", str) if hasattr(web, "RequestKey") else "ray_cml_caller"
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 SWEEP_EVERY_S = 1.0
 WEBSOCKET_BYTES = 4 * 1024 * 1024  # one websocket message, each way (aiohttp's default)
@@ -456,7 +454,6 @@ class Gateway:
             if caller is None:
                 self.refused += 1
                 raise Refused(401, API_KEY_NEEDED if api else TOKEN_NEEDED)
-            request[CALLER] = caller
             if book is not None:
                 book.identified(request.protocol, caller)
             limit = self.limits.max_api_body_bytes if api else self.limits.max_dashboard_body_bytes
@@ -477,7 +474,6 @@ class Gateway:
         if not self.rules.admit_scraper(request):
             self.refused += 1
             raise Refused(401, METRICS_KEY_NEEDED)
-        request[CALLER] = "scraper"
         if self.book is not None:
             self.book.identified(request.protocol, "scraper")
         if request.method not in ("GET", "HEAD") or request.body_exists:
