@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,7 +371,7 @@ def rss_mb(pid: int | None) -> float:
 class Owner:
     """What the cluster's owner asks while the door is attacked, each answer timed."""
 
-    def __init__(self, door: Door, status: callable, echo_path: str = "/v1/echo") -> None:
+    def __init__(self, door: Door, status: Callable[[], None], echo_path: str = "/v1/echo") -> None:
         self.door = door
         self.status = status  # () -> None: what `ray-cml status` asks
         self.echo_path = echo_path
